@@ -1,0 +1,240 @@
+"""The routing core: router probabilities -> `RoutingInstructions`.
+
+Every mixture variant (SiRA's sparse top-k, MoLoRA's dense softmax mixture,
+SMoE-Dropout's fixed random router with a growing number of active experts)
+is one call of `top_k_routing` with different arguments, and every expert
+computation form in `sira_jax.experts` consumes the same instructions without
+knowing which router made them (the flaxformer design, REFERENCE.md section 2).
+
+Shapes: G groups of T tokens, E experts, K choices per token, C capacity slots
+per expert and group.
+
+Conventions (documented defaults, every one a config field in
+`sira_jax.adapters.AdapterConfig`):
+  * Gates are the softmax probabilities of the top-K experts, not renormalised
+    unless asked (flaxformer and MoLoRA default).
+  * Capacity: `C = min(T, max(min_capacity, ceil(K * capacity_factor * T / E)))`;
+    `capacity_factor=None` means no token is ever dropped (C = T).
+  * Priority: all first choices outrank all second choices; within a choice,
+    earlier tokens first, or, with batch-prioritised routing (encoder only),
+    tokens with the larger top-1 probability first.
+  * Padding tokens (token_mask == 0) are never routed, never take a slot and are
+    never counted in any statistic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class RoutingInstructions:
+  """Index form of a routing decision; the mask form is derived from it.
+
+  Attributes:
+    expert_index: [G, T, K] int32, the expert of each choice.
+    slot: [G, T, K] int32, the position of the token in that expert's buffer:
+      -1 for an inactive choice (padding, removed by expert dropout, beyond the
+      active number of experts); >= capacity for a choice dropped by capacity.
+    weight: [G, T, K] float32 combine weight; 0 wherever the choice is not
+      dispatched.
+    capacity: C, slots per expert and group (static).
+    num_experts: E (static).
+  """
+  expert_index: Array
+  slot: Array
+  weight: Array
+  capacity: int = flax.struct.field(pytree_node=False)
+  num_experts: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def active(self) -> Array:
+    """[G, T, K] bool: the choice asked for its expert (before capacity)."""
+    return self.slot >= 0
+
+  @property
+  def dispatched(self) -> Array:
+    """[G, T, K] bool: the choice is processed by its expert."""
+    return (self.slot >= 0) & (self.slot < self.capacity)
+
+  def dispatch_mask(self, dtype=jnp.float32) -> Array:
+    """[G, T, E, C] one-hot dispatch mask (slot >= C one-hots to zeros)."""
+    experts = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=dtype)
+    slots = jax.nn.one_hot(self.slot, self.capacity, dtype=dtype)  # -1, >=C: 0
+    return jnp.einsum('gtke,gtkc->gtec', experts, slots)
+
+  def combine_array(self, dtype=jnp.float32) -> Array:
+    """[G, T, E, C] combine weights: weight at each dispatched (expert, slot)."""
+    experts = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=dtype)
+    slots = jax.nn.one_hot(self.slot, self.capacity, dtype=dtype)
+    slots = slots * self.weight.astype(dtype)[..., None]
+    return jnp.einsum('gtke,gtkc->gtec', experts, slots)
+
+  def expert_gates(self, dtype=jnp.float32) -> Array:
+    """[G, T, E] per-token weight of each expert (0 where not dispatched)."""
+    experts = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=dtype)
+    return jnp.einsum('gtke,gtk->gte', experts, self.weight.astype(dtype))
+
+
+def num_groups(num_tokens: int, max_group_size: int) -> int:
+  """Smallest G >= ceil(num_tokens / max_group_size) that divides num_tokens."""
+  if num_tokens <= 0:
+    raise ValueError(f'num_tokens must be positive, got {num_tokens}.')
+  if max_group_size <= 0:
+    raise ValueError(f'max_group_size must be positive, got {max_group_size}.')
+  g = max(1, math.ceil(num_tokens / max_group_size))
+  while num_tokens % g:
+    g += 1
+  return g
+
+
+def expert_capacity(group_size: int, num_experts: int, num_selected: int,
+                    capacity_factor: Optional[float],
+                    min_capacity: int) -> int:
+  """C = min(T, max(min_capacity, ceil(K * capacity_factor * T / E))).
+
+  `capacity_factor=None` gives C = T: every choice fits (no-drop routing).
+  """
+  if capacity_factor is None:
+    return group_size
+  if capacity_factor <= 0:
+    raise ValueError(
+        f'capacity_factor must be > 0 (or None for no-drop routing), got '
+        f'{capacity_factor}.')
+  c = math.ceil(num_selected * capacity_factor * group_size / num_experts)
+  return min(group_size, max(min_capacity, c))
+
+
+def assign_slots(expert_index: Array, active: Array, num_experts: int,
+                 capacity: int, priority_order: Optional[Array] = None
+                 ) -> Array:
+  """Positions of each choice in its expert's buffer, in priority order.
+
+  All first choices outrank all second choices, and so on; within a choice
+  level tokens are taken in `priority_order` (default: position order).
+
+  Args:
+    expert_index: [G, T, K] int.
+    active: [G, T, K] bool; inactive choices take no slot.
+    num_experts: E.
+    capacity: C (slots >= C are dropped by the caller's consumers).
+    priority_order: optional [G, T] permutation of token positions, most
+      important first.
+
+  Returns:
+    [G, T, K] int32 slot; -1 for inactive choices, >= C when over capacity.
+  """
+  g, t, k = expert_index.shape
+  if priority_order is not None:
+    expert_index = jnp.take_along_axis(expert_index, priority_order[..., None], 1)
+    active = jnp.take_along_axis(active, priority_order[..., None], 1)
+  # Choice-major flattening: [G, K*T], first choices of every token first.
+  flat_index = jnp.swapaxes(expert_index, 1, 2).reshape(g, k * t)
+  flat_active = jnp.swapaxes(active, 1, 2).reshape(g, k * t)
+  one_hot = jax.nn.one_hot(flat_index, num_experts, dtype=jnp.int32)
+  one_hot = one_hot * flat_active[..., None].astype(jnp.int32)
+  position = jnp.sum(jnp.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
+  slot = jnp.swapaxes(position.reshape(g, k, t), 1, 2)
+  if priority_order is not None:
+    inverse = jnp.argsort(priority_order, axis=1)
+    slot = jnp.take_along_axis(slot, inverse[..., None], 1)
+    active = jnp.take_along_axis(active, inverse[..., None], 1)
+  return jnp.where(active, slot, -1).astype(jnp.int32)
+
+
+def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
+                  capacity: int, renormalize: bool = False,
+                  choice_keep: Optional[Array] = None,
+                  num_active: Optional[Array] = None,
+                  batch_prioritized: bool = False) -> RoutingInstructions:
+  """Top-K routing with capacity: the one router every mixture variant uses.
+
+  Args:
+    probs: [G, T, E] float32 router probabilities.
+    token_mask: [G, T] bool, False for padding.
+    num_selected: K, choices per token (K = E gives a dense mixture).
+    capacity: C slots per expert and group (see `expert_capacity`).
+    renormalize: rescale the active gates of each token to sum to 1.
+    choice_keep: optional [G, T, K] bool; False removes that choice before
+      slots are assigned (expert dropout on gate values).
+    num_active: optional int scalar (may be traced); only choices ranked
+      below it are active (SMoE-Dropout's growing number of experts).
+    batch_prioritized: give slots to tokens with larger top-1 probability
+      first (breaks autoregressive decoding: encoder only).
+
+  Returns:
+    RoutingInstructions; weights are the gates, 0 where not dispatched.
+  """
+  num_experts = probs.shape[-1]
+  if not 1 <= num_selected <= num_experts:
+    raise ValueError(
+        f'num_selected (top_k) must be in [1, num_experts={num_experts}], got '
+        f'{num_selected}.')
+  gates, expert_index = jax.lax.top_k(probs, num_selected)
+  active = jnp.broadcast_to(token_mask[..., None], gates.shape)
+  if num_active is not None:
+    active = active & (jnp.arange(num_selected) < num_active)
+  if choice_keep is not None:
+    active = active & choice_keep
+  gates = jnp.where(active, gates, 0.0)
+  if renormalize:
+    gates = gates / jnp.maximum(jnp.sum(gates, -1, keepdims=True), 1e-9)
+  order = None
+  if batch_prioritized:
+    score = jnp.where(token_mask, gates[..., 0], -1.0)
+    order = jnp.argsort(-score, axis=1, stable=True)
+  slot = assign_slots(expert_index, active, num_experts, capacity, order)
+  weight = jnp.where((slot >= 0) & (slot < capacity), gates, 0.0)
+  return RoutingInstructions(expert_index=expert_index.astype(jnp.int32),
+                             slot=slot, weight=weight.astype(jnp.float32),
+                             capacity=capacity, num_experts=num_experts)
+
+
+def routing_statistics(logits: Array, probs: Array,
+                       instructions: RoutingInstructions,
+                       token_mask: Array) -> dict[str, Array]:
+  """Losses and statistics over real tokens only.
+
+  Args:
+    logits: [G, T, E] float32 router logits before any expert dropout.
+    probs: [G, T, E] float32 probabilities the routing used.
+    instructions: the routing decision.
+    token_mask: [G, T] bool.
+
+  Returns:
+    aux_loss: load balancing, `E * sum_e f_e * P_e`, where f_e is the fraction
+      of active choices sent to expert e (before capacity) and P_e the mean
+      router probability of e. 1 at perfect balance; E when every token goes
+      to one expert with probability 1 (K=1). Equals flaxformer's loss / K.
+    router_z_loss: mean over tokens of logsumexp(logits)^2.
+    dropped_fraction: active choices dropped by capacity / active choices.
+    expert_usage: [E] dispatched choices per expert / active choices.
+    gate_entropy: mean entropy (nats) of the router distribution.
+    router_confidence: mean total combine weight a token receives.
+  """
+  e = probs.shape[-1]
+  m = token_mask.astype(jnp.float32)
+  n_tokens = jnp.maximum(jnp.sum(m), 1.0)
+  act = instructions.active.astype(jnp.float32)
+  n_active = jnp.maximum(jnp.sum(act), 1.0)
+  choice_onehot = jax.nn.one_hot(instructions.expert_index, e)  # [G,T,K,E]
+  f = jnp.einsum('gtke,gtk->e', choice_onehot, act) / n_active
+  p = jnp.einsum('gte,gt->e', probs, m) / n_tokens
+  aux = e * jnp.sum(f * p)
+  z = jnp.sum(jax.nn.logsumexp(logits, -1) ** 2 * m) / n_tokens
+  dispatched = instructions.dispatched.astype(jnp.float32)
+  dropped = jnp.sum(act - dispatched) / n_active
+  usage = jnp.einsum('gtke,gtk->e', choice_onehot, dispatched) / n_active
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), -1)
+  entropy = jnp.sum(entropy * m) / n_tokens
+  confidence = jnp.sum(jnp.sum(instructions.weight, -1) * m) / n_tokens
+  return dict(aux_loss=aux, router_z_loss=z, dropped_fraction=dropped,
+              expert_usage=usage, gate_entropy=entropy,
+              router_confidence=confidence)
