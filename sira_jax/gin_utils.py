@@ -1,0 +1,112 @@
+"""T5X-style gin command lines: `--gin_file=a.gin --gin_file=b.gin --gin.NAME=value`.
+
+`--gin.NAME=value` is rewritten to `--gin_bindings=NAME = value` before absl parses flags (as T5X
+does). The value is a gin literal; a bare word that is not one (e.g. a path) is quoted for you, so
+`--gin.MODEL_DIR=/tmp/run` and `--gin.MODEL_DIR="'/tmp/run'"` mean the same.
+Gin files are searched in `--gin_search_paths` (default: the current directory, then the project's
+`gin/` directory), so `--gin_file=runs/finetune.gin` works from anywhere.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+from typing import Sequence
+
+import gin
+from absl import flags
+
+PROJECT_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin')
+
+
+def define_gin_flags():
+  if 'gin_file' in flags.FLAGS:
+    return
+  flags.DEFINE_multi_string('gin_file', [], 'Gin config files, applied in order.')
+  flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (NAME=value), applied after files.')
+  flags.DEFINE_list('gin_search_paths', ['.', PROJECT_GIN_DIR],
+                    'Directories searched for gin files and gin `include`s.')
+
+
+def _quote_if_needed(value: str) -> str:
+  v = value.strip()
+  if not v:
+    return "''"
+  if v.startswith(('@', '%', '(', '[', '{', '"', "'")) or v in ('None', 'True', 'False'):
+    return v
+  try:
+    ast.literal_eval(v)
+    return v
+  except (ValueError, SyntaxError):
+    return repr(v)
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """['--gin.A=1', '--gin.B', 'x'] -> ['--gin_bindings=A = 1', '--gin_bindings=B = 'x'']."""
+  out = []
+  i = 0
+  argv = list(argv)
+  while i < len(argv):
+    a = argv[i]
+    m = re.match(r'^--?gin\.([^=]+)(?:=(.*))?$', a, re.S)
+    if m:
+      name, value = m.group(1), m.group(2)
+      if value is None:
+        i += 1
+        if i >= len(argv):
+          raise ValueError(f'{a} needs a value')
+        value = argv[i]
+      out.append(f'--gin_bindings={name} = {_quote_if_needed(value)}')
+    else:
+      out.append(a)
+    i += 1
+  return out
+
+
+def flags_parser(argv: Sequence[str]) -> list[str]:
+  """absl `flags_parser` for app.run that understands `--gin.NAME=value`."""
+  return flags.FLAGS(rewrite_gin_args(argv))
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              search_paths: Sequence[str] = ('.', PROJECT_GIN_DIR), *,
+              finalize: bool = True) -> None:
+  """Parses files then bindings; errors (a typo, an unknown name) name the culprit and the files."""
+  for p in search_paths:
+    if p and os.path.isdir(p):
+      gin.add_config_file_search_path(os.path.abspath(p))
+  files = []
+  for f in gin_files:
+    files.append(_resolve(f, search_paths))
+  try:
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=finalize)
+  except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:
+    raise GinConfigError(
+        f'gin configuration error: {e}\n  files: {files}\n  bindings: {list(gin_bindings)}') from e
+
+
+def _resolve(path: str, search_paths: Sequence[str]) -> str:
+  if os.path.isabs(path) and os.path.exists(path):
+    return path
+  for p in search_paths:
+    cand = os.path.join(p, path)
+    if os.path.exists(cand):
+      return os.path.abspath(cand)
+  raise GinConfigError(f'gin file {path!r} not found in search paths {list(search_paths)}')
+
+
+class GinConfigError(ValueError):
+  pass
+
+
+def run(main, argv=None):
+  """`absl.app.run(main)` with gin flags defined and `--gin.X=v` rewriting."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  define_gin_flags()
+  app.run(main, argv=argv if argv is not None else sys.argv, flags_parser=flags_parser)
+
+
+def parse_gin_from_flags(finalize: bool = True):
+  FLAGS = flags.FLAGS
+  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths, finalize=finalize)
