@@ -1,0 +1,469 @@
+"""Load pretrained T5-family weights into the Flax `Transformer` (adapters created fresh).
+
+    model, params = sira_jax.load_pretrained('/path/to/flan-t5-base')          # HF directory
+    model, params = sira_jax.load_pretrained('/path/to/t5x/checkpoint_1000000')  # T5X checkpoint
+    model, params = sira_jax.load_pretrained(path, adapter=AdapterConfig(kind='sira', ...),
+                                             adapter_targets=('*/query', '*/value'))
+    logits = model.apply({'params': params}, enc_tokens, dec_inputs, dec_targets,
+                         enable_dropout=False)
+
+Formats:
+  (a) Hugging Face: `config.json` (model_type t5 / mt5 / umt5-less T5 family, T5ForConditionalGeneration
+      or MT5ForConditionalGeneration) + `model.safetensors`, or sharded safetensors listed in
+      `model.safetensors.index.json`. Read with the `safetensors` numpy API (no torch).
+  (b) T5X: an orbax checkpoint directory whose tree holds T5X example-network names (under
+      'target', 'params' or at the root; optimizer state is ignored), or a legacy T5X checkpoint
+      directory (a msgpack file named `checkpoint` whose leaves are tensorstore specs of
+      `target.<path>` arrays). The architecture comes from `config=` or, if absent, from a
+      `config.json` / `config.gin`-free inference over the parameter shapes (see `_infer_t5x_config`).
+
+If the models' variables hold non-params collections (e.g. the SMoE-Dropout 'schedule'), use
+`load_pretrained_variables`, which returns them all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+import flax.linen as nn
+
+from sira_jax.adapters import AdapterConfig
+from sira_jax.t5.config import T5Config, as_dtype
+from sira_jax.t5.network import Transformer
+
+Params = dict
+
+
+class CheckpointError(ValueError):
+  """Raised for a missing file, unknown architecture or a shape/name mismatch."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+def load_pretrained(path: str | os.PathLike, adapter: AdapterConfig | None = None, *,
+                    config: T5Config | None = None, rng: jax.Array | int = 0,
+                    **config_overrides) -> tuple[Transformer, Params]:
+  """(model, params) from a Hugging Face T5 directory or a T5X checkpoint directory.
+
+  Args:
+    path: the directory.
+    adapter: AdapterConfig for the adapted sites (default: none, the plain pretrained model).
+    config: a T5Config to use instead of the one read/inferred from the checkpoint (its shapes
+      must match the weights).
+    rng: PRNG key or seed for the fresh adapter params.
+    **config_overrides: further T5Config fields, e.g. adapter_targets=('*',), dtype='bfloat16',
+      dropout_rate=0.0, param_dtype='bfloat16'.
+  Returns:
+    (Transformer, params): params is a plain nested dict (no partitioning boxes).
+  """
+  model, variables = load_pretrained_variables(path, adapter, config=config, rng=rng,
+                                               **config_overrides)
+  return model, variables['params']
+
+
+def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **config_overrides):
+  """Like `load_pretrained` but returns (model, all variables) including e.g. 'schedule'."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'checkpoint path {path!r} does not exist')
+  fmt = detect_format(path)
+  if fmt == 'hf':
+    reader = HFReader(path)
+    file_cfg = hf_config_to_t5(read_json(os.path.join(path, 'config.json')),
+                               os.path.join(path, 'config.json'), reader)
+  else:
+    reader = T5XReader(path)
+    file_cfg = reader.config_from_shapes()
+  cfg = config if config is not None else file_cfg
+  if adapter is not None:
+    config_overrides['adapter'] = adapter
+  if config_overrides:
+    cfg = cfg.replace(**config_overrides)
+  model = Transformer(cfg)
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+
+  shapes = jax.eval_shape(lambda r: nn.unbox(_init(model, r)), rng)
+  flat_shapes = traverse_util.flatten_dict(shapes['params'], sep='/')
+  loaded = reader.read(cfg, flat_shapes)
+  missing = [k for k in flat_shapes if k not in loaded]
+
+  def init_rest(r):
+    v = nn.unbox(_init(model, r))
+    flat = traverse_util.flatten_dict(v['params'], sep='/')
+    rest = {k: flat[k] for k in missing}
+    others = {c: x for c, x in v.items() if c != 'params'}
+    return rest, others
+
+  # jit drops the (discarded) random init of every loaded kernel.
+  rest, others = jax.jit(init_rest)(rng)
+  flat = {k: jnp.asarray(loaded[k], flat_shapes[k].dtype) for k in loaded}
+  flat.update(rest)
+  variables = {'params': traverse_util.unflatten_dict(flat, sep='/'), **others}
+  return model, variables
+
+
+def _init(model: Transformer, rng):
+  tokens = jnp.ones((1, 2), jnp.int32)
+  return model.init({'params': rng, 'dropout': rng}, tokens, tokens, tokens,
+                    enable_dropout=False)
+
+
+def detect_format(path: str) -> str:
+  """'hf' or 't5x' for a checkpoint directory; raises CheckpointError otherwise."""
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path!r} is not a directory (expected a HF model directory or a '
+                          f'T5X checkpoint directory)')
+  names = set(os.listdir(path))
+  if 'config.json' in names and any(n.endswith('.safetensors') or n.endswith('.safetensors.index.json')
+                                    for n in names):
+    return 'hf'
+  if T5XReader.is_t5x(path):
+    return 't5x'
+  if 'config.json' in names:
+    raise CheckpointError(
+        f'{path!r} has config.json but neither model.safetensors nor '
+        f'model.safetensors.index.json (PyTorch .bin weights are not read: convert them with '
+        f'`save_pretrained(..., safe_serialization=True)`)')
+  raise CheckpointError(
+      f'{path!r} is neither a Hugging Face model directory (config.json + model.safetensors) nor '
+      f'a T5X checkpoint (orbax metadata or a `checkpoint` file); found {sorted(names)[:10]}')
+
+
+def read_json(filename: str) -> dict:
+  if not os.path.exists(filename):
+    raise CheckpointError(f'missing file {filename!r}')
+  with open(filename) as f:
+    return json.load(f)
+
+
+def _check_shape(param: str, want: tuple, got: tuple, source: str):
+  if tuple(want) != tuple(got):
+    raise CheckpointError(f'shape mismatch for parameter {param!r}: the model config expects '
+                          f'{tuple(want)}, but {source} has {tuple(got)}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face
+# ----------------------------------------------------------------------------------------------
+_HF_ARCHS = ('T5ForConditionalGeneration', 'MT5ForConditionalGeneration')
+_HF_ACTS = {'relu': 'relu', 'gelu_new': 'gelu', 'gelu': 'gelu_exact',
+            'gelu_pytorch_tanh': 'gelu', 'silu': 'silu', 'swish': 'silu'}
+
+
+def hf_config_to_t5(c: Mapping[str, Any], source: str = 'config.json',
+                    reader: 'HFReader | None' = None) -> T5Config:
+  """T5Config from a HF T5/mT5 config.json dict (and the weight files, for tying).
+
+  Tying: untied when the files hold an `lm_head.weight` that the config declares untied or that
+  differs from `shared.weight` (what transformers does); tied otherwise. Logit scaling follows
+  `scale_decoder_outputs` when present (transformers>=5 T5), else `tie_word_embeddings` (T5 and
+  transformers<5), and is off for MT5 saved by transformers>=5 (that class never scales).
+  """
+  model_type = c.get('model_type')
+  archs = c.get('architectures') or []
+  if model_type not in ('t5', 'mt5') or (archs and not any(a in _HF_ARCHS for a in archs)):
+    raise CheckpointError(
+        f'{source}: unknown architecture (model_type={model_type!r}, architectures={archs}); '
+        f'supported: model_type t5/mt5 with {_HF_ARCHS}')
+  proj = c.get('feed_forward_proj', 'relu')
+  gated = proj.startswith('gated-')
+  act_name = c.get('dense_act_fn') or proj.split('-')[-1]
+  if act_name == 'gelu' and gated:
+    act_name = 'gelu_new'  # HF maps 'gated-gelu' to gelu_new.
+  if act_name not in _HF_ACTS:
+    raise CheckpointError(f'{source}: unsupported feed_forward_proj/dense_act_fn {proj!r}/{act_name!r}')
+  act = _HF_ACTS[act_name]
+  n_enc = int(c['num_layers'])
+  declared_tie = c.get('tie_word_embeddings', True)
+  has_lm = reader is not None and 'lm_head.weight' in reader.files
+  if has_lm:
+    tie = declared_tie is not False and reader.same_tensor('lm_head.weight', 'shared.weight')
+  else:
+    if declared_tie is False and reader is not None:
+      raise CheckpointError(f'{source} declares tie_word_embeddings=false but parameter '
+                            f"'lm_head.weight' is missing from the weights in {reader.path!r}")
+    tie = True
+  if 'scale_decoder_outputs' in c:
+    scale = bool(c['scale_decoder_outputs'])
+  elif model_type == 'mt5' and int(str(c.get('transformers_version', '4')).split('.')[0]) >= 5:
+    scale = False
+  else:
+    scale = declared_tie is not False
+  return T5Config(
+      vocab_size=int(c['vocab_size']), d_model=int(c['d_model']), d_ff=int(c['d_ff']),
+      num_heads=int(c['num_heads']), d_kv=int(c['d_kv']), num_encoder_layers=n_enc,
+      num_decoder_layers=int(c.get('num_decoder_layers') or n_enc),
+      dropout_rate=float(c.get('dropout_rate', 0.1)),
+      mlp_activations=(act, 'linear') if gated else (act,),
+      tie_word_embeddings=tie, scale_logits=scale,
+      relative_attention_num_buckets=int(c.get('relative_attention_num_buckets', 32)),
+      relative_attention_max_distance=int(c.get('relative_attention_max_distance', 128)),
+      layer_norm_epsilon=float(c.get('layer_norm_epsilon', 1e-6)))
+
+
+def hf_name_map(cfg: T5Config) -> dict[str, tuple[str, bool]]:
+  """{flax path: (HF tensor name, transpose)} for the base params of `cfg`."""
+  m: dict[str, tuple[str, bool]] = {'token_embedder/embedding': ('shared.weight', False)}
+  attn = {'query': 'q', 'key': 'k', 'value': 'v', 'out': 'o'}
+  acts = cfg.mlp_activations
+  wis = ['wi'] if len(acts) == 1 else [f'wi_{i}' for i in range(len(acts))]
+
+  def mlp(prefix_flax, prefix_hf):
+    for w in wis + ['wo']:
+      m[f'{prefix_flax}/mlp/{w}/kernel'] = (f'{prefix_hf}.DenseReluDense.{w}.weight', True)
+
+  for side, n in (('encoder', cfg.num_encoder_layers), ('decoder', cfg.num_decoder_layers)):
+    m[f'{side}/relpos_bias/rel_embedding'] = (
+        f'{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', True)
+    m[f'{side}/{side}_norm/scale'] = (f'{side}.final_layer_norm.weight', False)
+    for i in range(n):
+      f, h = f'{side}/layers_{i}', f'{side}.block.{i}.layer'
+      if side == 'encoder':
+        m[f'{f}/pre_attention_layer_norm/scale'] = (f'{h}.0.layer_norm.weight', False)
+        for p, q in attn.items():
+          m[f'{f}/attention/{p}/kernel'] = (f'{h}.0.SelfAttention.{q}.weight', True)
+        m[f'{f}/pre_mlp_layer_norm/scale'] = (f'{h}.1.layer_norm.weight', False)
+        mlp(f, f'{h}.1')
+      else:
+        m[f'{f}/pre_self_attention_layer_norm/scale'] = (f'{h}.0.layer_norm.weight', False)
+        for p, q in attn.items():
+          m[f'{f}/self_attention/{p}/kernel'] = (f'{h}.0.SelfAttention.{q}.weight', True)
+        m[f'{f}/pre_cross_attention_layer_norm/scale'] = (f'{h}.1.layer_norm.weight', False)
+        for p, q in attn.items():
+          m[f'{f}/encoder_decoder_attention/{p}/kernel'] = (f'{h}.1.EncDecAttention.{q}.weight', True)
+        m[f'{f}/pre_mlp_layer_norm/scale'] = (f'{h}.2.layer_norm.weight', False)
+        mlp(f, f'{h}.2')
+  if not cfg.tie_word_embeddings:
+    m['decoder/logits_dense/kernel'] = ('lm_head.weight', True)
+  return m
+
+
+# Tensors in HF files that duplicate others (tied copies) or are buffers.
+_HF_IGNORABLE = re.compile(r'^(encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight|'
+                           r'lm_head\.weight)$')
+
+
+class HFReader:
+  """Reads base params from a HF T5 directory's safetensors files (numpy, no torch)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    index = os.path.join(path, 'model.safetensors.index.json')
+    single = os.path.join(path, 'model.safetensors')
+    if os.path.exists(index):
+      weight_map = read_json(index).get('weight_map')
+      if not weight_map:
+        raise CheckpointError(f'{index!r} has no weight_map')
+      self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+      for f in sorted(set(self.files.values())):
+        if not os.path.exists(f):
+          raise CheckpointError(f'missing file {f!r} (listed in {index!r})')
+    elif os.path.exists(single):
+      from safetensors import safe_open
+      with safe_open(single, framework='numpy') as f:
+        self.files = {k: single for k in f.keys()}
+    else:
+      raise CheckpointError(f'missing file {single!r} (and no model.safetensors.index.json)')
+
+  def _tensor(self, name: str) -> np.ndarray:
+    from safetensors import safe_open
+    with safe_open(self.files[name], framework='numpy') as f:
+      return f.get_tensor(name)
+
+  def same_tensor(self, a: str, b: str) -> bool:
+    if b not in self.files:
+      return False
+    x, y = self._tensor(a), self._tensor(b)
+    return x.shape == y.shape and bool(np.array_equal(x, y))
+
+  def _shape(self, name: str) -> tuple:
+    from safetensors import safe_open
+    with safe_open(self.files[name], framework='numpy') as f:
+      return tuple(f.get_slice(name).get_shape())
+
+  def read(self, cfg: T5Config, flat_shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    names = hf_name_map(cfg)
+    for flax_name, (hf_name, transpose) in names.items():
+      if flax_name not in flat_shapes:
+        raise CheckpointError(f'internal: model has no parameter {flax_name!r}')
+      if hf_name == 'shared.weight' and hf_name not in self.files:
+        hf_name = 'encoder.embed_tokens.weight'
+      if hf_name not in self.files:
+        raise CheckpointError(
+            f'parameter {hf_name!r} (for {flax_name!r}, shape '
+            f'{tuple(flat_shapes[flax_name].shape)}) is missing from the checkpoint in '
+            f'{self.path!r}')
+      want = tuple(flat_shapes[flax_name].shape)
+      got = self._shape(hf_name)
+      got_as_flax = got[::-1] if transpose else got
+      _check_shape(flax_name, want, got_as_flax,
+                   f'{self.files[hf_name]!r} tensor {hf_name!r} (stored {got}'
+                   f'{", transposed" if transpose else ""})')
+      arr = self._tensor(hf_name)
+      out[flax_name] = np.ascontiguousarray(arr.T) if transpose else arr
+    used = {hf for hf, _ in names.values()} | {'shared.weight'}
+    unexpected = [k for k in self.files if k not in used and not _HF_IGNORABLE.match(k)]
+    if unexpected:
+      raise CheckpointError(f'checkpoint {self.path!r} has tensors the config does not use '
+                            f'(wrong layer count or architecture?): {sorted(unexpected)[:8]}')
+    if cfg.tie_word_embeddings is False and 'lm_head.weight' not in self.files:
+      raise CheckpointError(f'{self.path!r}: config is untied but lm_head.weight is missing')
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# T5X
+# ----------------------------------------------------------------------------------------------
+class T5XReader:
+  """Reads T5X example-network params from an orbax or legacy (msgpack + tensorstore) checkpoint."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._flat = None
+
+  @staticmethod
+  def is_t5x(path: str) -> bool:
+    names = set(os.listdir(path))
+    return bool(names & {'_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint',
+                         '_sharding'}) or any(n.startswith('ocdbt.process') for n in names)
+
+  def _load(self) -> dict[str, np.ndarray]:
+    if self._flat is None:
+      if os.path.isfile(os.path.join(self.path, 'checkpoint')) and not os.path.exists(
+          os.path.join(self.path, '_METADATA')):
+        tree = _read_legacy_t5x(self.path)
+      else:
+        tree = _read_orbax(self.path)
+      self._flat = _find_params(tree, self.path)
+    return self._flat
+
+  def config_from_shapes(self) -> T5Config:
+    return _infer_t5x_config(self._load(), self.path)
+
+  def read(self, cfg: T5Config, flat_shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    flat = self._load()
+    out = {}
+    for name, arr in flat.items():
+      if name not in flat_shapes:
+        raise CheckpointError(f'T5X checkpoint {self.path!r} has parameter {name!r} '
+                              f'{tuple(np.shape(arr))} that the model does not have')
+      _check_shape(name, flat_shapes[name].shape, np.shape(arr),
+                   f'T5X checkpoint {self.path!r}')
+      out[name] = np.asarray(arr)
+    base_missing = [k for k in flat_shapes if k not in out and k.endswith(
+        ('/kernel', '/scale', '/embedding', '/rel_embedding'))]
+    if base_missing:
+      raise CheckpointError(f'T5X checkpoint {self.path!r} lacks parameters '
+                            f'{base_missing[:6]} (shape {tuple(flat_shapes[base_missing[0]].shape)})')
+    return out
+
+
+def _read_orbax(path: str) -> Any:
+  import orbax.checkpoint as ocp
+  try:
+    return ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+  except Exception as e:  # pragma: no cover - message passthrough
+    raise CheckpointError(f'could not read orbax checkpoint {path!r}: {e}') from e
+
+
+def _read_legacy_t5x(path: str) -> Any:
+  """T5X's pre-orbax format: msgpack `checkpoint` with tensorstore-spec leaves."""
+  import tensorstore as ts
+  from flax import serialization
+  fname = os.path.join(path, 'checkpoint')
+  with open(fname, 'rb') as f:
+    tree = serialization.msgpack_restore(f.read())
+
+  def visit(x):
+    if isinstance(x, dict) and 'driver' in x and 'kvstore' in x:
+      spec = json.loads(json.dumps(x))
+      kv = spec['kvstore']
+      if kv.get('driver') == 'file' and not os.path.isabs(kv.get('path', '')):
+        kv['path'] = os.path.join(path, kv['path'])
+      try:
+        return ts.open(spec, open=True).result().read().result()
+      except Exception as e:
+        raise CheckpointError(f'{fname!r}: cannot read tensorstore array {kv.get("path")!r}: {e}')
+    if isinstance(x, dict):
+      return {k: visit(v) for k, v in x.items()}
+    return x
+  return visit(tree)
+
+
+_T5X_TOP = ('token_embedder', 'encoder', 'decoder')
+
+
+def _find_params(tree: Any, path: str) -> dict[str, np.ndarray]:
+  """Locates the T5X param tree (root, 'target', 'params', 'optimizer/target', 'state/params')."""
+  def looks_like_params(t):
+    return isinstance(t, Mapping) and 'encoder' in t and 'decoder' in t
+
+  stack = [tree]
+  while stack:
+    t = stack.pop(0)
+    if looks_like_params(t):
+      flat = traverse_util.flatten_dict(dict(t), sep='/')
+      return {k: np.asarray(v) for k, v in flat.items()}
+    if isinstance(t, Mapping):
+      for key in ('target', 'params', 'optimizer', 'state', 'model'):
+        if key in t:
+          stack.append(t[key])
+  raise CheckpointError(f'{path!r}: no T5X parameter tree (with encoder/decoder) found; top-level '
+                        f'keys: {list(tree)[:10] if isinstance(tree, Mapping) else type(tree)}')
+
+
+def _infer_t5x_config(flat: Mapping[str, np.ndarray], path: str) -> T5Config:
+  """Architecture from T5X param shapes (num_heads from a config.json beside it if present)."""
+  need = ['token_embedder/embedding', 'encoder/relpos_bias/rel_embedding',
+          'encoder/layers_0/attention/query/kernel']
+  for n in need:
+    if n not in flat:
+      raise CheckpointError(f'T5X checkpoint {path!r} lacks {n!r}: unknown architecture')
+  vocab, d_model = flat['token_embedder/embedding'].shape
+  heads, buckets = flat['encoder/relpos_bias/rel_embedding'].shape
+  inner = flat['encoder/layers_0/attention/query/kernel'].shape[1]
+  n_enc = len({k.split('/')[1] for k in flat if k.startswith('encoder/layers_')})
+  n_dec = len({k.split('/')[1] for k in flat if k.startswith('decoder/layers_')})
+  mlp = {k.split('/')[-2] for k in flat if k.startswith('encoder/layers_0/mlp/')}
+  gated = 'wi_0' in mlp
+  d_ff = flat['encoder/layers_0/mlp/' + ('wi_0' if gated else 'wi') + '/kernel'].shape[1]
+  kw = {}
+  side = os.path.join(path, 'config.json')
+  if os.path.exists(side):
+    kw = {k: v for k, v in read_json(side).items() if k in T5Config.__dataclass_fields__}
+    if 'mlp_activations' in kw:
+      kw['mlp_activations'] = tuple(kw['mlp_activations'])
+  base = dict(vocab_size=int(vocab), d_model=int(d_model), d_ff=int(d_ff), num_heads=int(heads),
+              d_kv=int(inner // heads), num_encoder_layers=n_enc, num_decoder_layers=n_dec,
+              mlp_activations=('gelu', 'linear') if gated else ('relu',),
+              tie_word_embeddings='decoder/logits_dense/kernel' not in flat,
+              relative_attention_num_buckets=int(buckets))
+  base.update(kw)
+  return T5Config(**base)
+
+
+def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | None = None,
+                   step: int = 0) -> None:
+  """Writes `{'target': params, 'state': {'step': step}}` as an orbax checkpoint (T5X layout)."""
+  import orbax.checkpoint as ocp
+  tree = {'target': jax.tree.map(np.asarray, nn.unbox(dict(params))),
+          'state': {'step': np.asarray(step, np.int64)}}
+  ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
+  if config is not None:
+    cfg = {k: getattr(config, k) for k in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'd_kv',
+                                           'num_encoder_layers', 'num_decoder_layers',
+                                           'mlp_activations', 'tie_word_embeddings',
+                                           'relative_attention_num_buckets',
+                                           'relative_attention_max_distance',
+                                           'layer_norm_epsilon')}
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+      json.dump(cfg, f, indent=1)
