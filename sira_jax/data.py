@@ -23,22 +23,29 @@ def registered_names() -> list[str]:
 
 
 def import_task_modules():
-  """Registers the project's tasks (bundled suite, XTREME-UP) with seqio; idempotent."""
+  """Registers the project's tasks (bundled suite, XTREME-UP when configured) with seqio."""
   import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  try:
-    import tasks.bundled  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    pass
+
+
+def register_after_gin():
+  """Re-registers tasks with the gin-configured vocabulary / data dirs (`tasks.register_all`)."""
+  import tasks  # pylint: disable=import-outside-toplevel
+  if hasattr(tasks, 'register_all'):
+    tasks.register_all()
 
 
 def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
-  """seqio lookup with an error that lists the closest registered names."""
+  """seqio lookup; an unknown name raises ValueError listing the closest registered names."""
   import_task_modules()
+  import tasks  # pylint: disable=import-outside-toplevel
+  if hasattr(tasks, 'get_task_or_mixture'):
+    try:
+      return tasks.get_task_or_mixture(name)
+    except KeyError as e:
+      raise ValueError(e.args[0] if e.args else str(e)) from None
   names = registered_names()
   if name not in names:
     close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
-    if not close:
-      close = [n for n in names if name.split('_')[0] in n][:8]
     hint = ', '.join(close) if close else f'(none close; {len(names)} registered)'
     raise ValueError(f'unknown task or mixture {name!r}; closest registered names: {hint}')
   return seqio.get_mixture_or_task(name)

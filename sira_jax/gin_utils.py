@@ -110,3 +110,5 @@ def run(main, argv=None):
 def parse_gin_from_flags(finalize: bool = True):
   FLAGS = flags.FLAGS
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths, finalize=finalize)
+  from sira_jax import data  # pylint: disable=import-outside-toplevel
+  data.register_after_gin()

@@ -124,9 +124,9 @@ def load_base_into(variables: dict, cfg: T5Config, path: str) -> dict:
       raise ckpt_lib.CheckpointError(
           f'base checkpoint {base_dir} was written for another model config ({lines})')
   elif os.path.exists(path):
-    import sira_jax  # pylint: disable=import-outside-toplevel
+    from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
     try:
-      _, base = sira_jax.load_pretrained(path)
+      _, base = loading.load_pretrained(path, config=cfg)
     except Exception as e:  # pylint: disable=broad-except
       raise ckpt_lib.CheckpointError(f'cannot load pretrained weights from {path}: {e}') from e
   else:
@@ -261,7 +261,10 @@ class TrainResult:
   state: Any = None
 
 
-@gin.configurable(denylist=['overwrite'])
+_STEP_CACHE: dict = {}
+
+
+@gin.configurable(denylist=['overwrite', 'on_step'])
 def train(
     *,
     model_dir: str = gin.REQUIRED,
@@ -290,6 +293,7 @@ def train(
     progress_bar: bool = True,
     tensorboard: bool = True,
     overwrite: bool = False,
+    on_step: Any = None,
 ) -> TrainResult:
   """Trains and checkpoints; returns when `train_steps` are done or on SIGTERM (after saving).
 
@@ -371,6 +375,8 @@ def train(
 
   def save_fn(s, force):
     step = int(s.step)
+    if on_step is not None and not force:
+      on_step(step)
     if mngr.save(step, saved_tree(s), meta, force=force) and progress_bar is False:
       logging.info('saved checkpoint at step %d', step)
 
@@ -383,8 +389,12 @@ def train(
       mixture_or_task_name, task_feature_lengths, batch_size // n_proc,
       seed=seed if data_seed is None else data_seed, start_step=start_step, pack=pack,
       shard_index=proc, num_shards=n_proc)
-  step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config, train_steps),
-                    donate_argnums=(0,))
+  step_key = (model_config, optimizer_name, learning_rate, schedule, warmup_steps, weight_decay,
+              clip_grad_norm, loss_config, train_steps)
+  step_fn = _STEP_CACHE.get(step_key)
+  if step_fn is None:  # reuse compiled steps across runs of one process (tests, main job)
+    step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config, train_steps))
+    _STEP_CACHE[step_key] = step_fn
   with placement.mesh:
     result = trainer_lib.train_loop(
         state, step_fn, batches, total_steps=train_steps, put_batch=placement.put_batch,
