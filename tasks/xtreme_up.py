@@ -1,0 +1,534 @@
+"""XTREME-UP v1.1 text tasks as seqio Tasks and Mixtures.
+
+Data: the official release `xtreme-up-v1.1.jsonl.tgz`
+(https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz, described
+at https://github.com/google-research/xtreme-up), unpacked to a directory with
+one folder per task, `<task>/<split>/<file>.jsonl`, split in
+{train, validation, test}:
+
+| family (folder)        | file stem per language | JSONL fields read             |
+|------------------------|------------------------|-------------------------------|
+| translation            | en2{lang}              | input, target                 |
+| transliteration        | {src}2{tgt}.{lang}     | input, target                 |
+| ner                    | {lang}                 | text, spans[start_byte, limit_byte, label] |
+| semantic_parsing       | {lang}                 | input, target                 |
+| qa_in_lang             | {lang}                 | question, title, context, target |
+| qa_cross_lang          | {lang}                 | question, title, context, target |
+| retrieval_in_lang      | {lang} (+ index.jsonl) | id, title, context, question  |
+| retrieval_cross_lang   | {lang} (+ index.jsonl) | id, title, context, question  |
+| autocomplete           | {lang}                 | context, target               |
+
+Preprocessing into (inputs, targets) follows the official baseline
+(`baseline/jsonl_to_seqio_tsv_lib.py` and the `*_tasks.py` files):
+- translation, semantic parsing: input -> target.
+- QA: `question: {question} title: {title} context: {context}` -> target.
+- NER: text (tabs -> spaces) -> `LABEL: entity $$ LABEL: entity`, entities cut
+  from the UTF-8 bytes [start_byte, limit_byte) of the text.
+- transliteration: `{lang}-{src}-{tgt} {input}` -> target (e.g. `hi-Latn-Deva`).
+- autocomplete: `{lang}-{context}$` -> target (the `$` marks a partial word).
+- retrieval: training pairs lower(question) -> lower(title + ' ' + context);
+  query tasks lower(question) -> id and one index task
+  lower(title + ' ' + context) -> id per family, lowercased ASCII-only as
+  `tf.strings.lower` does in the baseline.
+We read the JSONL directly instead of the baseline's TSV round trip, so a tab
+or newline inside a field cannot shift columns.
+
+Task names (no model suffix: the vocabulary is a registration argument):
+`xtreme_up_translation_en_{lang}`, `xtreme_up_transliteration_{lang}_{src}_{tgt}`,
+`xtreme_up_{family}_{lang}` for the others, `xtreme_up_retrieval_{in,cross}_lang_{lang}`
+(train pairs), `..._{lang}_query` and `..._index` (inference, MRR).
+Mixtures: `xtreme_up_{family}` (all languages), `xtreme_up_{family}_ul` (the
+under-represented languages the official scorer reports), and
+`xtreme_up_multitask` (every registered generation task, rate 1 each).
+
+Registration is explicit: `register_xtreme_up(data_dir)`, also reached through
+gin (`tasks.xtreme_up.register_xtreme_up.data_dir = '...'`) or the
+XTREME_UP_DATA_DIR variable (read when `tasks` is imported, and when
+`tasks.get_task_or_mixture('xtreme_up_...')` is first called). A missing or
+incomplete directory raises `XtremeUpDataError` naming the missing paths and
+the release URL; nothing is registered then.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import gin
+import seqio
+import tensorflow as tf
+
+from tasks import metrics
+from tasks import registry
+from tasks import vocab as vocab_lib
+
+RELEASE_URL = 'https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz'
+PROJECT_URL = 'https://github.com/google-research/xtreme-up'
+ENV_VAR = 'XTREME_UP_DATA_DIR'
+SPLITS = ('train', 'validation', 'test')
+
+# Languages per task in the v1.1 release (evaluation/constants.py there).
+_LANGS = {
+    'translation': (
+        'af am ar as az be bg bn bs ca ceb ckb cs cy da de el es et fa ff fi '
+        'fil fr ga gl gu ha he hi hr hu hy id ig is it ja jv ka kk km kn ko ky '
+        'lb lg ln lo lt lv mi mk ml mn mr ms mt my ne nl no nso ny om or pa pl '
+        'ps pt ro ru sd sk sl sn so sr sv sw ta te tg th tr uk ur uz vi xh yo '
+        'zh zu'),
+    'ner': 'am bm bbj ee ha ig rw lg luo mos ny pcm sn sw tn tw wo xh yo zu',
+    'semantic_parsing': (
+        'am be bn fi ha hu ja pt_br ru sw ta tr yo zu de_localized '
+        'en de es fr hi th'),
+    'semantic_parsing_code_switched': 'bn_cs hi_cs ta_cs',
+    'qa_in_lang': 'ar bn fi id ko ru sw te en',
+    'qa_cross_lang': (
+        'ar bn fi ko ru te as bho brx gbm gom gu hi hne kn mai ml mni mr mwr '
+        'or pa ps sa ta ur'),
+    'autocomplete': (
+        'be lv is et el ug ga ro pcm he id bg sl uk sk gl eu ur hy gd en lt da'),
+}
+LANGUAGES: dict[str, tuple[str, ...]] = {k: tuple(v.split())
+                                         for k, v in _LANGS.items()}
+LANGUAGES['retrieval_in_lang'] = LANGUAGES['qa_in_lang']
+LANGUAGES['retrieval_cross_lang'] = LANGUAGES['qa_cross_lang']
+
+# (source script, target script) pairs per language; tasks run both ways.
+TRANSLITERATION_SCRIPTS: dict[str, tuple[tuple[str, str], ...]] = {
+    'am': (('Latn', 'Ethi'),), 'bn': (('Latn', 'Beng'),),
+    'gu': (('Latn', 'Gujr'),), 'hi': (('Latn', 'Deva'),),
+    'kn': (('Latn', 'Knda'),), 'ml': (('Latn', 'Mlym'),),
+    'mr': (('Latn', 'Deva'),),
+    'pa': (('Latn', 'Guru'), ('Arab', 'Guru'), ('Latn', 'Arab')),
+    'sd': (('Latn', 'Arab'),), 'si': (('Latn', 'Sinh'),),
+    'ta': (('Latn', 'Taml'),), 'te': (('Latn', 'Telu'),),
+    'ur': (('Latn', 'Arab'),),
+}
+LANGUAGES['transliteration'] = tuple(TRANSLITERATION_SCRIPTS)
+
+# The benchmark's high-resource languages; every other task language is
+# under-represented (matches `constants.is_under_represented` on all task
+# languages: locale suffixes such as pt_br / hi_cs are stripped first).
+HIGH_RESOURCE = frozenset(
+    'en ar ca zh hr cs nl fi fr de hi hu it ja ko fa pl pt ru sr es sv tr vi '
+    'cmn'.split())
+
+
+def is_under_represented(lang: str) -> bool:
+  return lang.split('_')[0] not in HIGH_RESOURCE
+
+
+FAMILIES = ('translation', 'transliteration', 'ner', 'semantic_parsing',
+            'qa_in_lang', 'qa_cross_lang', 'retrieval_in_lang',
+            'retrieval_cross_lang', 'autocomplete')
+
+
+class XtremeUpDataError(FileNotFoundError):
+  """The XTREME-UP data directory is missing, incomplete or malformed."""
+
+
+# ---------------------------------------------------------------------------
+# Official preprocessing: one JSON dict -> {'inputs': str, 'targets': str}
+# ---------------------------------------------------------------------------
+
+_ASCII_LOWER = str.maketrans('ABCDEFGHIJKLMNOPQRSTUVWXYZ',
+                             'abcdefghijklmnopqrstuvwxyz')
+
+
+def ascii_lower(text: str) -> str:
+  """Lowercases A-Z only, like `tf.strings.lower` without an encoding."""
+  return text.translate(_ASCII_LOWER)
+
+
+def preprocess_default(ex: Mapping[str, Any], stem: str) -> dict[str, str]:
+  del stem
+  return {'inputs': ex['input'], 'targets': ex['target']}
+
+
+def preprocess_qa(ex: Mapping[str, Any], stem: str) -> dict[str, str]:
+  del stem
+  return {'inputs': (f"question: {ex['question']} title: {ex['title']} "
+                     f"context: {ex['context']}"),
+          'targets': ex['target']}
+
+
+def preprocess_ner(ex: Mapping[str, Any], stem: str) -> dict[str, str]:
+  del stem
+  text = ex['text']
+  raw = text.encode('utf-8')
+  spans = [f"{s['label']}: {raw[s['start_byte']:s['limit_byte']].decode('utf-8')}"
+           for s in ex['spans']]
+  return {'inputs': text.replace('\t', ' '),
+          'targets': metrics.NER_DELIMITER.join(spans).replace('\t', ' ')}
+
+
+def preprocess_transliteration(ex: Mapping[str, Any],
+                               stem: str) -> dict[str, str]:
+  scripts, lang = stem.split('.')
+  src, tgt = scripts.split('2')
+  return {'inputs': f"{lang}-{src}-{tgt} {ex['input']}",
+          'targets': ex['target']}
+
+
+def preprocess_autocomplete(ex: Mapping[str, Any],
+                            stem: str) -> dict[str, str]:
+  return {'inputs': f"{stem}-{ex['context']}$", 'targets': ex['target']}
+
+
+def _passage(ex: Mapping[str, Any]) -> str:
+  return ascii_lower(f"{ex['title']} {ex['context']}")
+
+
+def preprocess_retrieval_train(ex: Mapping[str, Any],
+                               stem: str) -> dict[str, str]:
+  del stem
+  return {'inputs': ascii_lower(str(ex['question'])), 'targets': _passage(ex)}
+
+
+def preprocess_retrieval_query(ex: Mapping[str, Any],
+                               stem: str) -> dict[str, str]:
+  del stem
+  return {'inputs': ascii_lower(str(ex['question'])), 'targets': str(ex['id'])}
+
+
+def preprocess_retrieval_index(ex: Mapping[str, Any],
+                               stem: str) -> dict[str, str]:
+  del stem
+  return {'inputs': _passage(ex), 'targets': str(ex['id'])}
+
+
+# ---------------------------------------------------------------------------
+# Per-family specification
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SubTask:
+  """One seqio Task: a family, a language (or script pair) and its files."""
+  family: str
+  name: str        # registered task name
+  stem: str        # file name without '.jsonl'
+  lang: str        # language code (for the under-represented mixture)
+
+
+def subtasks(family: str, languages: Iterable[str] | None = None,
+             include_code_switching: bool = False) -> list[SubTask]:
+  """The (task, language) units of one family, in official order."""
+  if family not in FAMILIES:
+    raise ValueError(f'Unknown XTREME-UP family {family!r}; known: {FAMILIES}')
+  langs = list(LANGUAGES[family])
+  if family == 'semantic_parsing' and include_code_switching:
+    langs += LANGUAGES['semantic_parsing_code_switched']
+  if languages is not None:
+    wanted = set(languages)
+    langs = [l for l in langs if l in wanted]
+  out = []
+  for lang in langs:
+    if family == 'translation':
+      out.append(SubTask(family, f'xtreme_up_translation_en_{lang}',
+                         f'en2{lang}', lang))
+    elif family == 'transliteration':
+      for a, b in TRANSLITERATION_SCRIPTS[lang]:
+        for src, tgt in ((a, b), (b, a)):
+          out.append(SubTask(
+              family, f'xtreme_up_transliteration_{lang}_{src}_{tgt}',
+              f'{src}2{tgt}.{lang}', lang))
+    else:
+      out.append(SubTask(family, f'xtreme_up_{family}_{lang}', lang, lang))
+  return out
+
+
+_PREPROCESS: dict[str, Callable[[Mapping[str, Any], str], dict[str, str]]] = {
+    'translation': preprocess_default,
+    'semantic_parsing': preprocess_default,
+    'transliteration': preprocess_transliteration,
+    'ner': preprocess_ner,
+    'qa_in_lang': preprocess_qa,
+    'qa_cross_lang': preprocess_qa,
+    'autocomplete': preprocess_autocomplete,
+    'retrieval_in_lang': preprocess_retrieval_train,
+    'retrieval_cross_lang': preprocess_retrieval_train,
+}
+
+_METRICS: dict[str, list[Callable[..., Mapping[str, float]]]] = {
+    'translation': [metrics.chrf_seqio],
+    'semantic_parsing': [metrics.sequence_accuracy_seqio],
+    'transliteration': [metrics.cer_seqio],
+    'ner': [metrics.span_f1_seqio],
+    'qa_in_lang': [metrics.squad_seqio],
+    'qa_cross_lang': [metrics.squad_seqio],
+    'autocomplete': [metrics.top3_accuracy_seqio],
+    'retrieval_in_lang': [],   # training pairs; MRR is on the query tasks
+    'retrieval_cross_lang': [],
+}
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: str, stem: str, kind: str, mtime: float,
+                 size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  del mtime, size  # Cache keys: a rewritten file is read again.
+  fn = _preprocess_fn(kind)
+  inputs, targets = [], []
+  with open(path, encoding='utf-8') as f:
+    for i, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        ex = fn(json.loads(line), stem)
+      except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise XtremeUpDataError(
+            f'Bad XTREME-UP example at {path}:{i}: {type(e).__name__}: {e}. '
+            f'Expected the official v1.1 JSONL format ({PROJECT_URL}).') from e
+      inputs.append(ex['inputs'])
+      targets.append(ex['targets'])
+  return tuple(inputs), tuple(targets)
+
+
+def _preprocess_fn(kind: str):
+  if kind == 'retrieval_query':
+    return preprocess_retrieval_query
+  if kind == 'retrieval_index':
+    return preprocess_retrieval_index
+  return _PREPROCESS[kind]
+
+
+def read_examples(path: str, kind: str) -> list[dict[str, str]]:
+  """Preprocessed examples of one JSONL file (kind: family or retrieval_*)."""
+  stem = os.path.basename(path)[:-len('.jsonl')]
+  st = os.stat(path)
+  inputs, targets = _read_cached(path, stem, kind, st.st_mtime, st.st_size)
+  return [{'inputs': i, 'targets': t} for i, t in zip(inputs, targets)]
+
+
+def _make_dataset_fn(paths: Mapping[str, str], kind: str):
+  """dataset_fn(split, shuffle_files, seed) over preprocessed examples."""
+
+  def dataset_fn(split: str, shuffle_files: bool = False,
+                 seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # One file per split; seqio shuffles examples.
+    path = paths[split]
+    stem = os.path.basename(path)[:-len('.jsonl')]
+    st = os.stat(path)
+    inputs, targets = _read_cached(path, stem, kind, st.st_mtime, st.st_size)
+    return tf.data.Dataset.from_tensor_slices({
+        'inputs': tf.constant(list(inputs), dtype=tf.string, shape=[len(inputs)]),
+        'targets': tf.constant(list(targets), dtype=tf.string,
+                               shape=[len(targets)]),
+    })
+
+  return dataset_fn
+
+
+_PREPROCESSORS = [
+    seqio.preprocessors.tokenize,
+    seqio.CacheDatasetPlaceholder(),
+    seqio.preprocessors.append_eos_after_trim,
+]
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {'data_dir': None, 'names': []}
+
+
+def registered_data_dir() -> str | None:
+  """The data dir of the last successful registration (None if none)."""
+  return _STATE['data_dir']
+
+
+def registered_names() -> list[str]:
+  """Task and mixture names registered by the last `register_xtreme_up`."""
+  return list(_STATE['names'])
+
+
+def unregister() -> None:
+  """Removes every task and mixture of the last registration."""
+  registry.remove(_STATE['names'])
+  _STATE['names'], _STATE['data_dir'] = [], None
+
+
+def expected_files(data_dir: str, families: Sequence[str] | None = None,
+                   languages: Iterable[str] | None = None,
+                   splits: Sequence[str] = SPLITS,
+                   include_code_switching: bool = False) -> list[str]:
+  """Every path registration needs, in the official layout."""
+  paths = []
+  for family in families or FAMILIES:
+    for sub in subtasks(family, languages, include_code_switching):
+      paths += [os.path.join(data_dir, family, s, f'{sub.stem}.jsonl')
+                for s in splits]
+    if family.startswith('retrieval'):
+      paths.append(os.path.join(data_dir, family, 'index.jsonl'))
+  return paths
+
+
+def _error(msg: str, missing: Sequence[str] = ()) -> XtremeUpDataError:
+  shown = ''.join(f'\n  {p}' for p in missing[:25])
+  more = (f'\n  ... and {len(missing) - 25} more' if len(missing) > 25 else '')
+  return XtremeUpDataError(
+      f'{msg}{shown}{more}\nExpected the XTREME-UP v1.1 JSONL release laid '
+      'out as <data_dir>/<task>/<split>/<file>.jsonl (split in train, '
+      'validation, test; retrieval also <task>/index.jsonl). Download '
+      f'{RELEASE_URL} (see {PROJECT_URL}), unpack it and pass its directory '
+      f'to tasks.xtreme_up.register_xtreme_up(data_dir), or set ${ENV_VAR} '
+      "or gin 'tasks.xtreme_up.register_xtreme_up.data_dir'. Use "
+      '`families=`/`languages=` to register a subset, `required_splits=` if a '
+      'split is absent.')
+
+
+@gin.configurable
+def register_xtreme_up(
+    data_dir: str | None = None,
+    families: Sequence[str] | None = None,
+    languages: Iterable[str] | None = None,
+    required_splits: Sequence[str] = SPLITS,
+    vocabulary: seqio.Vocabulary | None = None,
+    include_code_switching: bool = False,
+) -> list[str]:
+  """Registers XTREME-UP tasks and mixtures; returns the registered names.
+
+  Args:
+    data_dir: the unpacked `xtreme-up-v1.1.jsonl` directory; default
+      $XTREME_UP_DATA_DIR.
+    families: task families (folders) to register; default all nine text
+      families in FAMILIES.
+    languages: restrict to these language codes (default: every official
+      language of each family).
+    required_splits: splits each (task, language) must have; other splits are
+      registered when their file exists.
+    vocabulary: seqio vocabulary (default `tasks.vocab.get_vocabulary()`:
+      bytes unless gin gives a SentencePiece path).
+    include_code_switching: also semantic parsing bn_cs / hi_cs / ta_cs.
+
+  Raises:
+    XtremeUpDataError: data dir not given or not found, or any required file
+      missing or empty. Nothing is registered in that case.
+  """
+  data_dir = data_dir or os.environ.get(ENV_VAR)
+  if not data_dir:
+    raise _error(f'No XTREME-UP data directory given (argument, gin, or '
+                 f'${ENV_VAR}).')
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  if not os.path.isdir(data_dir):
+    raise _error(f'XTREME-UP data directory {data_dir} does not exist.')
+  explicit_families = families is not None
+  families = tuple(families or FAMILIES)
+  for family in families:
+    if family not in FAMILIES:
+      raise ValueError(f'Unknown XTREME-UP family {family!r}; known: '
+                       f'{FAMILIES} (ASR is speech and not registered).')
+  if languages is not None:
+    languages = set(languages)
+  vocabulary = vocabulary if vocabulary is not None else (
+      vocab_lib.get_vocabulary())
+  output_features = vocab_lib.get_output_features(vocabulary)
+
+  # Check everything before registering anything.
+  missing, empty = [], []
+  plan = []  # (SubTask, {split: path})
+  kept_families = []
+  for family in families:
+    subs = subtasks(family, languages, include_code_switching)
+    if not subs:
+      if explicit_families:
+        raise ValueError(f'None of the languages {sorted(languages)} belongs '
+                         f'to XTREME-UP family {family!r}.')
+      continue
+    kept_families.append(family)
+    for sub in subs:
+      paths = {}
+      for split in SPLITS:
+        path = os.path.join(data_dir, family, split, f'{sub.stem}.jsonl')
+        if os.path.isfile(path):
+          if os.path.getsize(path) == 0:
+            empty.append(path)
+          paths[split] = path
+        elif split in required_splits:
+          missing.append(path)
+      if not paths and not required_splits:
+        missing.append(os.path.join(data_dir, family, '<any split>',
+                                    f'{sub.stem}.jsonl'))
+      plan.append((sub, paths))
+    if family.startswith('retrieval'):
+      index = os.path.join(data_dir, family, 'index.jsonl')
+      if not os.path.isfile(index):
+        missing.append(index)
+      elif os.path.getsize(index) == 0:
+        empty.append(index)
+  if not kept_families:
+    raise ValueError(f'None of the languages {sorted(languages)} belongs to '
+                     'an XTREME-UP family.')
+  families = tuple(kept_families)
+  if missing:
+    raise _error(f'XTREME-UP data directory {data_dir} is incomplete: '
+                 f'{len(missing)} expected file(s) missing:', missing)
+  if empty:
+    raise _error(f'XTREME-UP data directory {data_dir} has empty file(s):',
+                 empty)
+
+  # Drop a previous registration (another dir or vocabulary) first.
+  unregister()
+  names: list[str] = []
+  by_family: dict[str, list[SubTask]] = {f: [] for f in families}
+  query_tasks: dict[str, list[str]] = {f: [] for f in families}
+  for sub, paths in plan:
+    registry.add_task(
+        sub.name,
+        source=seqio.FunctionDataSource(
+            _make_dataset_fn(paths, sub.family), splits=tuple(paths)),
+        preprocessors=list(_PREPROCESSORS),
+        output_features=output_features,
+        metric_fns=list(_METRICS[sub.family]))
+    names.append(sub.name)
+    by_family[sub.family].append(sub)
+    if sub.family.startswith('retrieval'):
+      eval_paths = {s: p for s, p in paths.items() if s != 'train'}
+      if eval_paths:
+        registry.add_task(
+            f'{sub.name}_query',
+            source=seqio.FunctionDataSource(
+                _make_dataset_fn(eval_paths, 'retrieval_query'),
+                splits=tuple(eval_paths)),
+            preprocessors=list(_PREPROCESSORS),
+            output_features=output_features,
+            metric_fns=[metrics.mrr_seqio])
+        names.append(f'{sub.name}_query')
+        query_tasks[sub.family].append(f'{sub.name}_query')
+
+  multitask = []
+  for family in families:
+    subs = by_family[family]
+    family_names = [s.name for s in subs]
+    registry.add_mixture(f'xtreme_up_{family}', family_names)
+    names.append(f'xtreme_up_{family}')
+    multitask += family_names
+    ul = [s.name for s in subs if is_under_represented(s.lang)]
+    if ul:
+      registry.add_mixture(f'xtreme_up_{family}_ul', ul)
+      names.append(f'xtreme_up_{family}_ul')
+    if family.startswith('retrieval'):
+      index = os.path.join(data_dir, family, 'index.jsonl')
+      registry.add_task(
+          f'xtreme_up_{family}_index',
+          source=seqio.FunctionDataSource(
+              _make_dataset_fn({'index': index}, 'retrieval_index'),
+              splits=('index',)),
+          preprocessors=list(_PREPROCESSORS),
+          output_features=output_features,
+          metric_fns=[])
+      names.append(f'xtreme_up_{family}_index')
+      if query_tasks[family]:
+        registry.add_mixture(f'xtreme_up_{family}_query', query_tasks[family])
+        names.append(f'xtreme_up_{family}_query')
+  registry.add_mixture('xtreme_up_multitask', multitask)
+  names.append('xtreme_up_multitask')
+  _STATE['names'], _STATE['data_dir'] = names, data_dir
+  return names
