@@ -77,8 +77,21 @@ def build_model(cfg: T5Config):
   return network.Transformer(cfg)
 
 
-def init_variables(model, cfg: T5Config, seed: int = 0, lengths=(8, 8)) -> dict:
-  """Fresh variables (params with adapters, plus e.g. 'schedule'), unboxed to plain arrays."""
+def init_variables(model, cfg: T5Config, seed: int = 0) -> dict:
+  """Fresh variables (params with adapters, plus e.g. 'schedule'), unboxed to plain arrays.
+
+  Cached per (config, seed) within a process: XLA compiles of the init are slow on CPU.
+  """
+  key = (cfg, seed)
+  if key not in _INIT_CACHE:
+    _INIT_CACHE[key] = _init_variables(model, seed)
+  return dict(_INIT_CACHE[key])
+
+
+_INIT_CACHE: dict = {}
+
+
+def _init_variables(model, seed: int, lengths=(8, 8)) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   enc = jnp.ones((1, lengths[0]), jnp.int32)
   dec = jnp.ones((1, lengths[1]), jnp.int32)
@@ -390,10 +403,10 @@ def train(
       seed=seed if data_seed is None else data_seed, start_step=start_step, pack=pack,
       shard_index=proc, num_shards=n_proc)
   step_key = (model_config, optimizer_name, learning_rate, schedule, warmup_steps, weight_decay,
-              clip_grad_norm, loss_config, train_steps)
+              clip_grad_norm, loss_config, None if schedule == 'constant' else train_steps)
   step_fn = _STEP_CACHE.get(step_key)
   if step_fn is None:  # reuse compiled steps across runs of one process (tests, main job)
-    step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config, train_steps))
+    step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config))
     _STEP_CACHE[step_key] = step_fn
   with placement.mesh:
     result = trainer_lib.train_loop(

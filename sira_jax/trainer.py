@@ -164,13 +164,18 @@ def _set_progress(variables, progress):
   return with_training_progress(variables, progress)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfig,
-                    total_steps: int) -> Callable[[TrainState, Mapping], tuple[TrainState, dict]]:
-  """Returns the (un-jitted) step function `(state, batch) -> (state, metrics)`."""
+def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfig
+                    ) -> Callable[[TrainState, Mapping, Any], tuple[TrainState, dict]]:
+  """Returns the (un-jitted) step `(state, batch, total_steps) -> (state, metrics)`.
 
-  def train_step(state: TrainState, batch):
+  total_steps (a scalar, traced) gives the training progress step/total_steps that SMoE-Dropout's
+  schedule reads.
+  """
+
+  def train_step(state: TrainState, batch, total_steps):
     rng = jax.random.fold_in(state.rng, state.step)
-    progress = jnp.minimum(state.step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+    progress = jnp.minimum(state.step.astype(jnp.float32) /
+                           jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0), 1.0)
 
     def loss_fn(trainable):
       variables = {'params': optim.merge_params(trainable, state.frozen), **state.extra}
@@ -259,6 +264,7 @@ def train_loop(
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   start = int(state.step)
+  total = jnp.asarray(total_steps, jnp.int32)
   history = []
   last = {}
   bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not progress_bar,
@@ -275,7 +281,7 @@ def train_loop(
       batch = next(batches)
       tokens = float(np.sum(batch['encoder_input_tokens'] > 0) +
                      np.sum(batch['decoder_target_tokens'] > 0))
-      new_state, metrics = train_step(state, put_batch(batch))
+      new_state, metrics = train_step(state, put_batch(batch), total)
       metrics = jax.device_get(metrics)
       dt = time.perf_counter() - t0
       loss = float(metrics['loss'])

@@ -1,0 +1,130 @@
+"""Checkpointing: exact resume, SIGTERM, kill -9 during a save, adapter-only contents, NaN stop."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sira_jax import checkpoints as ckpt_lib
+from sira_jax import train as train_lib
+from sira_jax import trainer as trainer_lib
+from tests import trainer_fixtures as fx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _task():
+  fx.register_fixture_task()
+
+
+def _train(model_dir, **kw):
+  args = dict(model_dir=str(model_dir), mixture_or_task_name=fx.FIXTURE_TASK,
+              task_feature_lengths=fx.LENGTHS, train_steps=6, batch_size=8,
+              model_config=fx.tiny_config('sira', expert_dropout_rate=0.2, router_jitter=0.1),
+              checkpoint_every=2, keep_checkpoints=2, progress_bar=False, tensorboard=False,
+              learning_rate=1e-2, optimizer_name='adamw', mesh_shape={'data': 1})
+  args.update(kw)
+  return train_lib.train(**args)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tmp_path):
+  full = _train(tmp_path / 'a')
+  assert full.stopped_by == 'done' and full.step == 6
+
+  def preempt(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler turns this into save-and-stop
+
+  part = _train(tmp_path / 'b', on_step=preempt)
+  assert part.stopped_by == 'sigterm' and part.step == 3
+  mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'b' / 'checkpoints'))
+  assert mngr.latest_step() == 3  # saved on SIGTERM although 3 is not a checkpoint step
+  resumed = _train(tmp_path / 'b')
+  assert resumed.step == 6
+  a, b = _leaves(full.state.params), _leaves(resumed.state.params)
+  assert len(a) == len(b) > 0
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(_leaves(full.state.opt_state), _leaves(resumed.state.opt_state)):
+    np.testing.assert_array_equal(x, y)
+  # Losses logged after the resume equal the uninterrupted run's at the same steps.
+  fa = {h['step']: h['loss'] for h in full.history}
+  fb = {h['step']: h['loss'] for h in resumed.history}
+  assert fb and all(fa[s] == fb[s] for s in fb if s in fa)
+
+
+def test_adapter_only_checkpoint_holds_no_base(tmp_path):
+  res = _train(tmp_path / 'r', train_steps=2)
+  mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'r' / 'checkpoints'))
+  meta = mngr.read_meta()
+  assert meta['includes_base'] is False and meta['step'] == 2
+  names = os.listdir(tmp_path / 'r' / 'checkpoints' / '2' / 'state')
+  assert names  # written
+  # Restoring reads only the trainable params: every restored leaf is an adapter/router param.
+  model, variables, _, step = train_lib.load_trained(str(tmp_path / 'r'))
+  assert step == 2
+  flat = jax.tree_util.tree_flatten_with_path(res.state.params)[0]
+  assert flat and all(any(n in jax.tree_util.keystr(p) for n in ('lora_a', 'lora_b', 'router'))
+                      for p, _ in flat)
+  restored = train_lib.optim.partition_params(
+      variables['params'], train_lib.trainable_mask(variables['params']))[0]
+  for x, y in zip(_leaves(res.state.params), _leaves(restored)):
+    np.testing.assert_array_equal(x, y)
+  # The full-state option stores the frozen base as well.
+  _train(tmp_path / 'f', train_steps=2, full_checkpoints=True)
+  meta = ckpt_lib.CheckpointManager(str(tmp_path / 'f' / 'checkpoints')).read_meta()
+  assert meta['includes_base'] is True
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  # SGD with an absurd learning rate: step 1 is finite, its update blows the params up.
+  with pytest.raises(trainer_lib.NonFiniteLossError, match='non-finite loss at step'):
+    _train(tmp_path / 'n', optimizer_name='sgd', learning_rate=1e30, checkpoint_every=1)
+  mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'n' / 'checkpoints'))
+  step = mngr.latest_step()
+  assert step is not None and step >= 1
+  _, variables, _, _ = train_lib.load_trained(str(tmp_path / 'n'))
+  assert all(np.all(np.isfinite(x)) for x in _leaves(variables['params']))
+
+
+_SAVER = textwrap.dedent('''
+    import sys, numpy as np
+    from sira_jax.checkpoints import CheckpointManager
+    mngr = CheckpointManager(sys.argv[1], save_every=1, keep=5)
+    small = {'w': np.full((4, 4), 1.0, np.float32), 'step': np.int32(1)}
+    mngr.save(1, small, {'note': 'first'})
+    big = {'w%d' % i: np.full((2048, 4096), 2.0, np.float32) for i in range(12)}
+    big['step'] = np.int32(2)
+    print('SAVING', flush=True)
+    mngr.save(2, big, {'note': 'second'})
+    print('SAVED', flush=True)
+''')
+
+
+def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path):
+  d = str(tmp_path / 'ck')
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, '-c', _SAVER, d], stdout=subprocess.PIPE, env=env,
+                          cwd=ROOT, text=True)
+  line = proc.stdout.readline()
+  assert line.strip() == 'SAVING', line
+  time.sleep(0.3)  # inside the ~400 MB write of step 2
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  mngr = ckpt_lib.CheckpointManager(d)
+  assert mngr.latest_step() == 1, mngr.all_steps()
+  state, meta = mngr.restore({'w': np.zeros((4, 4), np.float32), 'step': np.int32(0)})
+  assert meta['note'] == 'first'
+  np.testing.assert_array_equal(np.asarray(state['w']), np.ones((4, 4)))
