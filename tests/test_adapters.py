@@ -1,0 +1,550 @@
+"""Numerics of the adapted projections (sira_jax.adapters) for every kind."""
+
+import dataclasses
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adapter_reference import routed_reference
+from sira_jax import adapters, routing
+from sira_jax.adapters import AdaptedDense, AdapterConfig
+
+D_IN, D_OUT, RANK = 6, 5, 3
+
+
+def make_params(cfg, d_in=D_IN, d_out=D_OUT, seed=0, zero_b=False):
+  """Random params for `cfg`, with a non-zero B unless zero_b."""
+  rng = np.random.default_rng(seed)
+  e = () if cfg.kind == 'lora' else (cfg.num_experts,)
+  p = {'kernel': rng.normal(size=(d_in, d_out)).astype(np.float32)}
+  if cfg.kind == 'none':
+    return p
+  p['lora_a'] = rng.normal(size=e + (cfg.rank, d_in)).astype(np.float32)
+  p['lora_b'] = (np.zeros if zero_b else
+                 lambda s: rng.normal(size=s))(e + (cfg.rank, d_out)).astype(
+                     np.float32)
+  if cfg.kind in ('sira', 'molora'):
+    p['router_kernel'] = rng.normal(size=(d_in, cfg.num_experts)).astype(
+        np.float32)
+  if cfg.kind == 'smoe_dropout':
+    p['smoe_router_kernel'] = rng.normal(
+        size=(d_in, cfg.num_experts)).astype(np.float32)
+  return jax.tree.map(jnp.asarray, p)
+
+
+def apply(cfg, params, x, mask=None, train=False, seed=0, **kw):
+  layer = AdaptedDense(D_OUT, adapter=cfg, **kw)
+  variables = {'params': params}
+  return layer.apply(variables, x, mask, enable_dropout=train,
+                     rngs={'dropout': jax.random.PRNGKey(seed)})
+
+
+def apply_with_stats(cfg, params, x, mask=None, train=False):
+  layer = AdaptedDense(D_OUT, adapter=cfg)
+  y, state = layer.apply({'params': params}, x, mask, enable_dropout=train,
+                         rngs={'dropout': jax.random.PRNGKey(0)},
+                         mutable=['intermediates'])
+  return y, {k: v[0] for k, v in state['intermediates'].items()}
+
+
+def random_x(shape, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape),
+                     jnp.float32)
+
+
+# ---------------------------------------------------------------- equalities
+
+
+@pytest.mark.parametrize('form', ['dense', 'einsum'])
+def test_sira_one_expert_equals_lora(form):
+  sira = AdapterConfig(kind='sira', rank=RANK, num_experts=1, top_k=1,
+                       capacity_factor=None, expert_compute=form, alpha=6.0)
+  lora = AdapterConfig(kind='lora', rank=RANK, alpha=6.0)
+  ps = make_params(sira)
+  pl = dict(kernel=ps['kernel'], lora_a=ps['lora_a'][0],
+            lora_b=ps['lora_b'][0])
+  x = random_x((2, 7, D_IN))
+  np.testing.assert_allclose(apply(sira, ps, x), apply(lora, pl, x),
+                             rtol=1e-5, atol=1e-5)
+  # Also in training mode with enough capacity (no drops, no dropout).
+  sira_train = dataclasses.replace(sira, capacity_factor=1.0)
+  np.testing.assert_allclose(apply(sira_train, ps, x, train=True),
+                             apply(lora, pl, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('form', ['dense', 'einsum'])
+def test_molora_one_expert_equals_lora(form):
+  molora = AdapterConfig(kind='molora', rank=RANK, num_experts=1,
+                         expert_compute=form)
+  lora = AdapterConfig(kind='lora', rank=RANK)
+  pm = make_params(molora)
+  pl = dict(kernel=pm['kernel'], lora_a=pm['lora_a'][0],
+            lora_b=pm['lora_b'][0])
+  x = random_x((3, 4, D_IN))
+  for train in (False, True):
+    np.testing.assert_allclose(apply(molora, pm, x, train=train),
+                               apply(lora, pl, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', adapters.ADAPTER_KINDS)
+@pytest.mark.parametrize('train', [False, True])
+def test_zero_b_gives_base_output(kind, train):
+  cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=3, top_k=2,
+                      dropout_rate=0.3, expert_dropout_rate=0.3)
+  params = make_params(cfg, zero_b=True)
+  x = random_x((2, 5, D_IN))
+  base = apply(AdapterConfig(kind='none'), {'kernel': params['kernel']}, x)
+  np.testing.assert_array_equal(apply(cfg, params, x, train=train), base)
+
+
+def test_init_gives_zero_b_and_base_output():
+  cfg = AdapterConfig(kind='sira', num_experts=4, top_k=2)
+  x = random_x((2, 5, D_IN))
+  layer = AdaptedDense(D_OUT, adapter=cfg)
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(np.asarray, nn_unbox(variables['params']))
+  assert params['lora_b'].shape == (4, 4, D_OUT)
+  assert params['lora_a'].shape == (4, 4, D_IN)
+  assert not np.any(params['lora_b']) and np.any(params['lora_a'])
+  np.testing.assert_allclose(layer.apply(variables, x),
+                             np.asarray(x) @ params['kernel'], rtol=1e-5, atol=1e-6)
+
+
+def nn_unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+# ------------------------------------------------- forms vs numpy reference
+
+
+def directional_check(f_np, f_jax_grad, params, x, rng, keys):
+  """Central differences of the float64 reference along random directions."""
+  grads = f_jax_grad
+  for key in keys:
+    base = params[key] if key != 'x' else x
+    direction = rng.normal(size=base.shape)
+    eps = 1e-5
+
+    def shifted(sign):
+      p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+      xx = np.asarray(x, np.float64)
+      if key == 'x':
+        xx = xx + sign * eps * direction
+      else:
+        p[key] = p[key] + sign * eps * direction
+      return f_np(p, xx)
+
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    analytic = float(np.sum(np.asarray(grads[key], np.float64) * direction))
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-3,
+                               atol=2e-3 * (1 + abs(numeric)),
+                               err_msg=f'gradient along {key}')
+
+
+@hypothesis.settings(max_examples=30, deadline=None, phases=(hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate),
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(
+    num_experts=st.integers(1, 5),
+    k_frac=st.floats(0.0, 1.0),
+    capacity_factor=st.sampled_from([None, 0.25, 0.5, 1.0, 2.0]),
+    max_group_size=st.sampled_from([3, 4, 6, 12, 100]),
+    min_capacity=st.sampled_from([1, 2]),
+    pad=st.lists(st.booleans(), min_size=12, max_size=12),
+    renormalize=st.booleans(),
+    batch_prioritized=st.booleans(),
+    molora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_forms_match_per_token_reference(num_experts, k_frac, capacity_factor,
+                                         max_group_size, min_capacity, pad,
+                                         renormalize, batch_prioritized,
+                                         molora, seed):
+  top_k = num_experts if molora else 1 + int(k_frac * (num_experts - 1))
+  kind = 'molora' if molora else 'sira'
+  if molora:
+    capacity_factor, renormalize, batch_prioritized = None, False, False
+  base = AdapterConfig(kind=kind, rank=RANK, num_experts=num_experts,
+                       top_k=top_k, eval_capacity_factor=capacity_factor,
+                       min_expert_capacity=min_capacity,
+                       max_group_size=max_group_size, renormalize_gates=renormalize,
+                       batch_prioritized_routing=batch_prioritized, alpha=2.0)
+  params = make_params(base, seed=seed)
+  x = random_x((2, 6, D_IN), seed=seed + 1)
+  mask = jnp.asarray(np.array(pad).reshape(2, 6)) | jnp.zeros((2, 6), bool).at[0, 0].set(True)
+  ref_kw = dict(num_experts=num_experts, top_k=top_k,
+                capacity_factor=capacity_factor, min_capacity=min_capacity,
+                max_group_size=max_group_size, scale=base.scale,
+                renormalize=renormalize, batch_prioritized=batch_prioritized)
+  y_ref, info = routed_reference(x, mask, params, **ref_kw)
+  rng = np.random.default_rng(seed)
+  cot = rng.normal(size=y_ref.shape)
+
+  def f_np(p, xx):
+    return float(np.sum(routed_reference(xx, mask, p, **ref_kw)[0] * cot))
+
+  outputs = {}
+  for form in ('dense', 'einsum'):
+    cfg = dataclasses.replace(base, expert_compute=form)
+    y, stats = apply_with_stats(cfg, params, x, mask)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats['dropped_fraction'],
+                               info['dropped_fraction'], atol=1e-6)
+    np.testing.assert_allclose(stats['expert_usage'], info['expert_usage'],
+                               atol=1e-6)
+
+    def loss(p, xx, cfg=cfg):
+      return jnp.sum(apply(cfg, p, xx, mask) * cot)
+
+    grads_p, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    grads = dict(grads_p, x=grad_x)
+    outputs[form] = (y, grads)
+    directional_check(f_np, grads, params, x, rng,
+                      ['lora_a', 'lora_b', 'router_kernel', 'x'])
+  # And the two forms agree with each other tightly.
+  for key in ('lora_a', 'lora_b', 'router_kernel', 'x'):
+    np.testing.assert_allclose(outputs['dense'][1][key],
+                               outputs['einsum'][1][key], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ capacity
+
+
+@pytest.mark.parametrize('form', ['dense', 'einsum'])
+def test_capacity_drops_exactly_the_late_tokens(form):
+  """All tokens prefer expert 0; C = 2: the first 2 real tokens keep it."""
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=2, top_k=1,
+                      eval_capacity_factor=0.5, min_expert_capacity=1,
+                      max_group_size=8, expert_compute=form)
+  params = make_params(cfg)
+  params['router_kernel'] = jnp.zeros((D_IN, 2)).at[0, 0].set(50.0)
+  x = jnp.abs(random_x((1, 8, D_IN))).at[..., 0].add(1.0)  # x0 > 0: expert 0
+  mask = jnp.array([[1, 0, 1, 1, 1, 0, 1, 1]], bool)
+  assert routing.expert_capacity(8, 2, 1, 0.5, 1) == 2
+  y, stats = apply_with_stats(cfg, params, x, mask)
+  base = np.asarray(x) @ np.asarray(params['kernel'])
+  adapted = [i for i in range(8) if not np.allclose(y[0, i], base[0, i])]
+  assert adapted == [0, 2]   # padding at 1 took no slot; 3, 4, 6, 7 dropped
+  np.testing.assert_allclose(stats['dropped_fraction'], 4 / 6, rtol=1e-6)
+
+
+def test_first_choices_outrank_second_choices():
+  """k=2, E=2, C=2: token 2's first choice beats tokens 0/1's second choices."""
+  probs = jnp.array([[[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]])
+  instr = routing.top_k_routing(probs, jnp.ones((1, 3), bool), num_selected=2,
+                                capacity=2)
+  # Expert 1: first choice of token 2 gets slot 0, then token 0's second
+  # choice slot 1, token 1's second choice is dropped (slot 2).
+  np.testing.assert_array_equal(instr.expert_index[0], [[0, 1], [0, 1], [1, 0]])
+  np.testing.assert_array_equal(instr.slot[0], [[0, 1], [1, 2], [0, 2]])
+  np.testing.assert_array_equal(instr.dispatched[0],
+                                [[1, 1], [1, 0], [1, 0]])
+
+
+def test_batch_prioritized_routing_prefers_confident_tokens():
+  probs = jnp.array([[[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]]])
+  mask = jnp.ones((1, 3), bool)
+  instr = routing.top_k_routing(probs, mask, num_selected=1, capacity=1,
+                                batch_prioritized=True)
+  np.testing.assert_array_equal(instr.dispatched[0, :, 0], [0, 1, 0])
+  plain = routing.top_k_routing(probs, mask, num_selected=1, capacity=1)
+  np.testing.assert_array_equal(plain.dispatched[0, :, 0], [1, 0, 0])
+
+
+def test_decoder_layers_never_batch_prioritize():
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=2, top_k=1,
+                      eval_capacity_factor=0.5, min_expert_capacity=1,
+                      batch_prioritized_routing=True)
+  params = make_params(cfg)
+  x = random_x((1, 8, D_IN))
+  no_prio = dataclasses.replace(cfg, batch_prioritized_routing=False)
+  np.testing.assert_array_equal(
+      apply(cfg, params, x, allow_batch_priority=False),
+      apply(no_prio, params, x))
+
+
+def test_capacity_formula():
+  assert routing.expert_capacity(100, 8, 2, 1.25, 4) == 32   # ceil(31.25)
+  assert routing.expert_capacity(10, 8, 1, 1.0, 4) == 4      # min capacity
+  assert routing.expert_capacity(3, 8, 1, 1.0, 4) == 3       # at most T
+  assert routing.expert_capacity(64, 4, 2, None, 4) == 64    # no drop
+  with pytest.raises(ValueError, match='capacity_factor must be > 0'):
+    routing.expert_capacity(64, 4, 2, 0.0, 4)
+
+
+# ------------------------------------------------------------------ aux loss
+
+
+def test_aux_loss_balanced_is_one_and_collapse_is_num_experts():
+  e, t = 4, 16
+  onehot = jax.nn.one_hot(jnp.arange(t) % e, e)[None]
+  mask = jnp.ones((1, t), bool)
+  instr = routing.top_k_routing(onehot, mask, num_selected=1, capacity=t)
+  stats = routing.routing_statistics(jnp.log(onehot + 1e-9), onehot, instr,
+                                     mask)
+  np.testing.assert_allclose(stats['aux_loss'], 1.0, rtol=1e-6)
+  collapse = jnp.broadcast_to(jax.nn.one_hot(0, e), (1, t, e))
+  instr = routing.top_k_routing(collapse, mask, num_selected=1, capacity=t)
+  stats = routing.routing_statistics(jnp.log(collapse + 1e-9), collapse,
+                                     instr, mask)
+  np.testing.assert_allclose(stats['aux_loss'], e, rtol=1e-6)
+  np.testing.assert_allclose(stats['expert_usage'], [1, 0, 0, 0])
+
+
+def test_aux_loss_balanced_top2_is_one():
+  e, t = 4, 8
+  p = jnp.array([0.5, 0.5, 0.0, 0.0])
+  probs = jnp.stack([jnp.roll(p, 2 * (i % 2)) for i in range(t)])[None]
+  mask = jnp.ones((1, t), bool)
+  instr = routing.top_k_routing(probs, mask, num_selected=2, capacity=t)
+  stats = routing.routing_statistics(jnp.log(probs + 1e-9), probs, instr, mask)
+  np.testing.assert_allclose(stats['aux_loss'], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('form', ['dense', 'einsum'])
+def test_padding_moves_no_statistic_and_no_real_output(form):
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=4, top_k=2,
+                      eval_capacity_factor=None, max_group_size=64,
+                      expert_compute=form)
+  params = make_params(cfg)
+  x = random_x((1, 6, D_IN))
+  y1, s1 = apply_with_stats(cfg, params, x, jnp.ones((1, 6), bool))
+  junk = random_x((1, 5, D_IN), seed=9) * 100
+  x2 = jnp.concatenate([x, junk], axis=1)
+  mask2 = jnp.arange(11)[None] < 6
+  y2, s2 = apply_with_stats(cfg, params, x2, mask2)
+  np.testing.assert_allclose(y2[:, :6], y1, rtol=1e-5, atol=1e-6)
+  for name in s1:
+    np.testing.assert_allclose(s1[name], s2[name], rtol=1e-5, atol=1e-7,
+                               err_msg=name)
+  # Padding gets no adapter contribution at all.
+  np.testing.assert_allclose(y2[:, 6:], np.asarray(junk) @ params['kernel'],
+                             rtol=1e-5)
+
+
+# ----------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize('kind', ['lora', 'sira', 'molora', 'adamix',
+                                  'smoe_dropout'])
+def test_gradients_reach_adapters_never_the_frozen_kernel(kind):
+  cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=3, top_k=2,
+                      capacity_factor=2.0)
+  params = make_params(cfg)
+  x = random_x((2, 5, D_IN))
+  grads = jax.grad(lambda p: jnp.sum(apply(cfg, p, x, train=True) ** 2))(params)
+  assert not np.any(grads['kernel'])
+  assert np.any(grads['lora_a']) and np.any(grads['lora_b'])
+  if kind in ('sira', 'molora'):
+    assert np.any(grads['router_kernel'])
+  if kind == 'smoe_dropout':
+    assert not np.any(grads['smoe_router_kernel'])
+  mask = adapters.trainable_mask(params)
+  assert mask == {k: k in ('lora_a', 'lora_b', 'router_kernel')
+                  for k in params}
+
+
+def test_unfrozen_base_gets_gradients():
+  cfg = AdapterConfig(kind='lora', rank=RANK)
+  params = make_params(cfg)
+  x = random_x((2, 5, D_IN))
+  grads = jax.grad(lambda p: jnp.sum(
+      apply(cfg, p, x, freeze_base=False) ** 2))(params)
+  assert np.any(grads['kernel'])
+
+
+# ------------------------------------------------------------ expert dropout
+
+
+@pytest.mark.parametrize('placement', ['gate', 'logits'])
+def test_expert_dropout_is_identity_at_eval(placement):
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=4, top_k=2,
+                      expert_dropout_rate=0.5,
+                      expert_dropout_placement=placement)
+  params = make_params(cfg)
+  x = random_x((2, 6, D_IN))
+  np.testing.assert_array_equal(
+      apply(cfg, params, x),
+      apply(dataclasses.replace(cfg, expert_dropout_rate=0.0), params, x))
+
+
+def test_gate_expert_dropout_rate_and_rescale():
+  rate = 0.3
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=1, top_k=1,
+                      capacity_factor=1.0, expert_dropout_rate=rate,
+                      max_group_size=4096)
+  params = make_params(cfg)
+  x = random_x((8, 250, D_IN))
+  base = np.asarray(x) @ np.asarray(params['kernel'])
+  full = apply(dataclasses.replace(cfg, expert_dropout_rate=0.0), params, x)
+  y = np.asarray(apply(cfg, params, x, train=True, seed=3))
+  delta, full_delta = y - base, np.asarray(full) - base
+  dropped = np.all(np.abs(delta) < 1e-5, axis=-1)
+  n = dropped.size
+  assert abs(dropped.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+  np.testing.assert_allclose(delta[~dropped], full_delta[~dropped] / (1 - rate),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_logits_expert_dropout_reroutes_at_rate():
+  """E=2, k=1, every token prefers expert 0: it moves to expert 1 exactly
+  when expert 0 is dropped and expert 1 is not: probability p (1 - p)."""
+  rate = 0.4
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=2, top_k=1,
+                      capacity_factor=2.0, expert_dropout_rate=rate,
+                      expert_dropout_placement='logits', max_group_size=4096)
+  params = make_params(cfg)
+  params['router_kernel'] = jnp.zeros((D_IN, 2)).at[0, 0].set(30.0)
+  x = jnp.abs(random_x((4, 500, D_IN))).at[..., 0].add(1.0)
+  y = np.asarray(apply(cfg, params, x, train=True, seed=5))
+  xs = np.asarray(x)
+  via_1 = xs @ np.asarray(params['kernel']) + (
+      xs @ np.asarray(params['lora_a'][1]).T) @ np.asarray(params['lora_b'][1])
+  moved = np.all(np.abs(y - via_1) < 1e-3 * (1 + np.abs(via_1)), axis=-1)
+  p = rate * (1 - rate)
+  assert abs(moved.mean() - p) < 4 * np.sqrt(p * (1 - p) / moved.size)
+
+
+# ------------------------------------------------------- batch independence
+
+
+@pytest.mark.parametrize('kind', ['sira', 'molora', 'adamix', 'smoe_dropout'])
+@pytest.mark.parametrize('form', ['dense', 'einsum'])
+def test_eval_output_independent_of_other_examples(kind, form):
+  cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=4, top_k=1,
+                      max_group_size=8, expert_compute=form,
+                      batch_prioritized_routing=True)
+  params = make_params(cfg)
+  x = random_x((3, 8, D_IN))
+  mask = jnp.ones((3, 8), bool).at[0, 6:].set(False)
+  y = apply(cfg, params, x, mask)
+  x_other = x.at[1:].set(random_x((2, 8, D_IN), seed=42) * 5)
+  y_other = apply(cfg, params, x_other, mask)
+  np.testing.assert_allclose(y[0], y_other[0], rtol=1e-6, atol=1e-6)
+  alone = apply(cfg, params, x[:1], mask[:1])
+  np.testing.assert_allclose(y[0], alone[0], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------- AdaMix, SMoE-Dropout
+
+
+def test_adamix_inference_is_mean_expert_and_merges():
+  cfg = AdapterConfig(kind='adamix', rank=RANK, num_experts=3)
+  params = make_params(cfg)
+  x = random_x((2, 4, D_IN))
+  lora = AdapterConfig(kind='lora', rank=RANK)
+  mean = dict(kernel=params['kernel'], lora_a=params['lora_a'].mean(0),
+              lora_b=params['lora_b'].mean(0))
+  y = apply(cfg, params, x)
+  np.testing.assert_allclose(y, apply(lora, mean, x), rtol=1e-5)
+  merged = adapters.merged_kernel(params['kernel'], params, cfg)
+  np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(merged), rtol=1e-4,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match='cannot be merged'):
+    adapters.merged_kernel(params['kernel'], params,
+                           AdapterConfig(kind='sira'))
+
+
+def test_adamix_training_picks_one_a_and_one_b():
+  cfg = AdapterConfig(kind='adamix', rank=RANK, num_experts=3)
+  params = make_params(cfg)
+  x = random_x((2, 4, D_IN))
+  xs, w = np.asarray(x), np.asarray(params['kernel'])
+  candidates = [xs @ w + (xs @ np.asarray(params['lora_a'][i]).T)
+                @ np.asarray(params['lora_b'][j])
+                for i in range(3) for j in range(3)]
+  seen = set()
+  for seed in range(12):
+    y = np.asarray(apply(cfg, params, x, train=True, seed=seed))
+    hits = [c for c, cand in enumerate(candidates)
+            if np.allclose(y, cand, rtol=1e-4, atol=1e-4)]
+    assert len(hits) == 1
+    seen.add(hits[0])
+  assert any(c // 3 != c % 3 for c in seen)   # A and B chosen separately
+  assert len(seen) > 2
+
+
+def test_smoe_dropout_schedule_grows_active_experts():
+  cfg = AdapterConfig(kind='smoe_dropout', rank=RANK, num_experts=4, top_k=1)
+  layer = AdaptedDense(D_OUT, adapter=cfg)
+  x = random_x((2, 6, D_IN))
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  assert 'schedule' in variables
+  params = make_params(cfg)
+  variables = {'params': params, 'schedule': variables['schedule']}
+
+  def usage(progress, train=True):
+    v = adapters.with_training_progress(variables, progress)
+    _, state = layer.apply(v, x, enable_dropout=train,
+                           rngs={'dropout': jax.random.PRNGKey(0)},
+                           mutable=['intermediates'])
+    return np.asarray(state['intermediates']['expert_usage'][0])
+
+  # progress 0: k = 1 active expert; usage counts 1 choice per token.
+  probs = jax.nn.softmax(np.asarray(x) @ np.asarray(
+      params['smoe_router_kernel']))
+  top1 = np.argmax(probs, -1).reshape(-1)
+  np.testing.assert_allclose(usage(0.0),
+                             np.bincount(top1, minlength=4) / top1.size)
+  # progress 0.5: k = 1 + round(1.5) = 3 active experts; progress 1: all 4.
+  np.testing.assert_allclose(usage(0.5).sum(), 1.0)
+  assert np.count_nonzero(usage(1.0)) == 4
+  # At progress 1 and at eval the output is the full softmax mixture.
+  xs = np.asarray(x)
+  mix = sum(probs[..., e:e + 1] * ((xs @ np.asarray(params['lora_a'][e]).T)
+                                   @ np.asarray(params['lora_b'][e]))
+            for e in range(4))
+  expected = xs @ np.asarray(params['kernel']) + mix
+  y_eval = layer.apply(variables, x)
+  np.testing.assert_allclose(y_eval, expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------- jit and dtypes
+
+
+@pytest.mark.parametrize('kind', adapters.ADAPTER_KINDS)
+def test_jits_and_runs_in_bfloat16_with_float32_router(kind):
+  cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=4, top_k=2,
+                      expert_dropout_rate=0.1, router_jitter=0.01)
+  x = random_x((2, 8, D_IN))
+  layer32 = AdaptedDense(D_OUT, adapter=cfg)
+  layer16 = AdaptedDense(D_OUT, adapter=cfg, dtype=jnp.bfloat16)
+  variables = layer32.init(jax.random.PRNGKey(0), x)
+  params = make_params(cfg)
+  variables = dict(variables, params=params)
+  for train in (False, True):
+    f32 = jax.jit(lambda v, x, train=train: layer32.apply(
+        v, x, enable_dropout=train, rngs={'dropout': jax.random.PRNGKey(1)}))
+    f16 = jax.jit(lambda v, x, train=train: layer16.apply(
+        v, x.astype(jnp.bfloat16), enable_dropout=train,
+        rngs={'dropout': jax.random.PRNGKey(1)}))
+    y32, y16 = f32(variables, x), f16(variables, x)
+    assert y16.dtype == jnp.bfloat16 and y32.dtype == jnp.float32
+    if not train:
+      scale = np.abs(np.asarray(y32)).max()
+      np.testing.assert_allclose(np.asarray(y16, np.float32), y32,
+                                 atol=0.05 * scale)
+  if 'router_kernel' in variables['params']:
+    assert layer16.init(jax.random.PRNGKey(0), x.astype(jnp.bfloat16))[
+        'params']['router_kernel'].value.dtype == jnp.float32
+
+
+# --------------------------------------------------------------- bad config
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(kind='sira', num_experts=2, top_k=3), 'top_k'),
+    (dict(kind='sira', capacity_factor=0.0), 'capacity_factor'),
+    (dict(kind='sira', eval_capacity_factor=-1.0), 'eval_capacity_factor'),
+    (dict(kind='lorax'), 'unknown adapter kind'),
+    (dict(kind='sira', expert_dropout_rate=1.0), 'expert_dropout_rate'),
+    (dict(kind='sira', expert_dropout_placement='after'), 'placement'),
+    (dict(kind='sira', expert_compute='ragged'), 'expert_compute'),
+])
+def test_bad_config_names_the_field(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    AdapterConfig(**kwargs)
