@@ -5,17 +5,49 @@ tasks/offline_suite.py and tasks/README.md) and, when $XTREME_UP_DATA_DIR is
 set, the XTREME-UP tasks (tasks/xtreme_up.py). The trainer selects tasks by
 name: `tasks.get_task_or_mixture(name)`; unknown names raise a KeyError that
 lists the closest registered names. After parsing gin, `tasks.register_all()`
-re-registers with the gin-configured vocabulary and XTREME-UP data dir.
+re-registers with the gin-configured vocabulary (and XTREME-UP data dir).
 """
 import os
 
+import gin
+
 from tasks import metrics
+from tasks import offline_suite
 from tasks import registry
 from tasks import vocab
 from tasks import xtreme_up
+from tasks.offline_suite import register_offline_suite
 from tasks.registry import get_task_or_mixture
 from tasks.registry import registered_names
 from tasks.xtreme_up import register_xtreme_up
+
+
+@gin.configurable
+def register_all(xtreme_up_data_dir: str | None = None) -> list[str]:
+  """Re-registers everything with `vocab.get_vocabulary()` (gin-aware).
+
+  XTREME-UP is registered when `xtreme_up_data_dir`, the gin binding of
+  `register_xtreme_up.data_dir`, or $XTREME_UP_DATA_DIR names a directory.
+  Returns the registered names.
+  """
+  vocabulary = vocab.get_vocabulary()
+  names = register_offline_suite(vocabulary)
+  data_dir = (xtreme_up_data_dir or
+              gin.query_parameter('tasks.xtreme_up.register_xtreme_up.data_dir')
+              if _gin_bound() else xtreme_up_data_dir)
+  data_dir = data_dir or os.environ.get(xtreme_up.ENV_VAR)
+  if data_dir:
+    names += register_xtreme_up(data_dir=data_dir, vocabulary=vocabulary)
+  return names
+
+
+def _gin_bound() -> bool:
+  try:
+    gin.query_parameter('tasks.xtreme_up.register_xtreme_up.data_dir')
+    return True
+  except ValueError:
+    return False
+
 
 if os.environ.get(xtreme_up.ENV_VAR):
   register_xtreme_up()

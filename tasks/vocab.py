@@ -38,6 +38,7 @@ def sentencepiece_vocabulary(
         f'SentencePiece model path {path!r} is remote; this project runs '
         'offline: copy the model file (e.g. spiece.model of a T5/mT5 '
         'checkpoint) to local disk and pass its local path.')
+  path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(f'SentencePiece model file not found: {path!r}')
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
@@ -48,7 +49,7 @@ def get_vocabulary(spm_path: str | None = None,
                    extra_ids: int = 0) -> seqio.Vocabulary:
   """ByteVocabulary by default; SentencePiece when `spm_path` is given."""
   if spm_path:
-    return sentencepiece_vocabulary(os.path.abspath(spm_path), extra_ids)
+    return sentencepiece_vocabulary(spm_path, extra_ids)
   return byte_vocabulary(extra_ids)
 
 

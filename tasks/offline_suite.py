@@ -1,0 +1,189 @@
+"""The bundled offline suite: multilingual seq2seq tasks needing no download.
+
+Generated deterministically (fixed seeds) from data that installed PyPI
+packages carry, by tasks/offline_data.py; registered on `import tasks`.
+
+| task (prefix)        | what                                   | languages | train / validation / test per language | metrics |
+|----------------------|----------------------------------------|-----------|--------------------|---------|
+| offline_num2words_L  | 'num2words L: 1234' -> number in words (num2words) | 10 | 2000 / 200 / 200 | sequence accuracy, chrF |
+| offline_date_L       | 'date long L: 2023-04-17' -> CLDR date, styles medium/long/full (babel) | 10 | 2000 / 200 / 200 | sequence accuracy, chrF |
+| offline_currency_L   | 'currency L: 1234.50 EUR' -> CLDR currency format (babel) | 10 | 2000 / 200 / 200 | sequence accuracy, chrF |
+| offline_unit_L       | 'unit L: 21 length-kilometer' -> CLDR unit with plural rules (babel) | 10 | 2000 / 200 / 200 | sequence accuracy, chrF |
+| offline_translit_L   | 'translit sr-Cyrl-Latn: Немачка' -> 'Nemačka': CLDR names of locales published in two scripts | 5 | sr 959/159/159, bs 960/160/160, ff 261/43/43, shi 266/44/44, vai 239/39/39 | CER, sequence accuracy |
+| offline_span_corruption_L | T5 span corruption (15% noise, mean span 3) of short CLDR/number/date texts | 15 | 1000 / 50 / 50 documents (~300 bytes each; chunked by length) | none (pretraining) |
+
+Languages: FORMAT_LANGUAGES = en de fr es it pt ru pl tr fi; transliteration:
+sr (Cyrillic->Latin), bs (Latin->Cyrillic), ff (Latin->Adlam), shi
+(Tifinagh->Latin), vai (Vai->Latin); span corruption: all 15.
+
+Mixtures (rate 1 per task-language):
+- `offline_{num2words,date,currency,unit,translit}`: one task over languages.
+- `offline_lang_L`: all tasks of language L (FORMAT_LANGUAGES).
+- `offline_suite_mix`: every generation task and language (45 tasks).
+- `offline_suite_xl_train` / `offline_suite_xl_heldout`: cross-lingual split;
+  train on the formatting tasks in 8 languages, evaluate on the held-out
+  languages fi and tr (parallel inputs, so no test input is seen in training).
+- `offline_span_corruption`: pretraining over the 15 languages.
+
+Inputs share the same random draws across languages of a task, and splits are
+disjoint (see offline_data). Example strings are generated on the first
+`get_dataset` of a task (well under a second per task-language) and cached.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import seqio
+import tensorflow as tf
+
+from tasks import metrics
+from tasks import offline_data as data
+from tasks import registry
+from tasks import span_corruption
+from tasks import vocab as vocab_lib
+
+PREFIX = 'offline'
+HELD_OUT_LANGUAGES = ('fi', 'tr')
+
+GeneratorFn = Callable[[str], dict[str, list[tuple[str, str]]]]
+
+# task -> (generator, languages, metric fns)
+GENERATION_TASKS: dict[str, tuple[GeneratorFn, tuple[str, ...], list]] = {
+    'num2words': (data.num2words_examples, data.FORMAT_LANGUAGES,
+                  [metrics.sequence_accuracy_seqio, metrics.chrf_seqio]),
+    'date': (data.date_examples, data.FORMAT_LANGUAGES,
+             [metrics.sequence_accuracy_seqio, metrics.chrf_seqio]),
+    'currency': (data.currency_examples, data.FORMAT_LANGUAGES,
+                 [metrics.sequence_accuracy_seqio, metrics.chrf_seqio]),
+    'unit': (data.unit_examples, data.FORMAT_LANGUAGES,
+             [metrics.sequence_accuracy_seqio, metrics.chrf_seqio]),
+    'translit': (data.translit_examples, data.TRANSLIT_LANGUAGES,
+                 [metrics.cer_seqio, metrics.sequence_accuracy_seqio]),
+}
+
+
+def task_name(task: str, lang: str) -> str:
+  return f'{PREFIX}_{task}_{lang}'
+
+
+def split_sizes(task: str, lang: str) -> dict[str, int]:
+  """Number of examples per split (documents for span corruption)."""
+  if task == 'translit':
+    return data.translit_sizes(lang).as_dict()
+  if task == 'span_corruption':
+    return data.PRETRAIN_SIZES.as_dict()
+  return data.FORMAT_SIZES.as_dict()
+
+
+# The source permutes its (small, in-memory) strings fully when asked to
+# shuffle, so the task-level buffer over tokenized examples can stay small and
+# the first batch comes quickly; each epoch is permuted afresh.
+SHUFFLE_BUFFER_SIZE = 128
+
+
+def _maybe_shuffle(ds: tf.data.Dataset, n: int, shuffle: bool,
+                   seed: int | None) -> tf.data.Dataset:
+  if shuffle and n > 1:
+    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+  return ds
+
+
+def _pairs_dataset_fn(generator: GeneratorFn, lang: str):
+  def dataset_fn(split: str, shuffle_files: bool = False,
+                 seed: int | None = None) -> tf.data.Dataset:
+    pairs = generator(lang)[split]
+    ds = tf.data.Dataset.from_tensor_slices({
+        'inputs': tf.constant([p[0] for p in pairs], tf.string),
+        'targets': tf.constant([p[1] for p in pairs], tf.string)})
+    return _maybe_shuffle(ds, len(pairs), shuffle_files, seed)
+  return dataset_fn
+
+
+def _text_dataset_fn(lang: str):
+  def dataset_fn(split: str, shuffle_files: bool = False,
+                 seed: int | None = None) -> tf.data.Dataset:
+    docs = data.pretrain_documents(lang)[split]
+    ds = tf.data.Dataset.from_tensor_slices(
+        {'targets': tf.constant(docs, tf.string)})
+    return _maybe_shuffle(ds, len(docs), shuffle_files, seed)
+  return dataset_fn
+
+
+def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
+                           ) -> list[str]:
+  """(Re)registers every offline task and mixture; returns their names.
+
+  vocabulary: default `tasks.vocab.get_vocabulary()` (bytes unless gin sets
+  a SentencePiece model path). Calling again replaces the registrations.
+  """
+  vocabulary = vocabulary if vocabulary is not None else (
+      vocab_lib.get_vocabulary())
+  features = vocab_lib.get_output_features(vocabulary)
+  names: list[str] = []
+  by_task: dict[str, list[str]] = {}
+  by_lang: dict[str, list[str]] = {}
+  for task, (generator, languages, metric_fns) in GENERATION_TASKS.items():
+    for lang in languages:
+      name = task_name(task, lang)
+      registry.add_task(
+          name,
+          source=seqio.FunctionDataSource(
+              _pairs_dataset_fn(generator, lang), splits=data.SPLITS,
+              num_input_examples=split_sizes(task, lang)),
+          preprocessors=[seqio.preprocessors.tokenize,
+                         seqio.CacheDatasetPlaceholder(),
+                         seqio.preprocessors.append_eos_after_trim],
+          output_features=features,
+          metric_fns=list(metric_fns),
+          shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+      names.append(name)
+      by_task.setdefault(task, []).append(name)
+      by_lang.setdefault(lang, []).append(name)
+
+  pretrain = []
+  for lang in data.PRETRAIN_LANGUAGES:
+    name = task_name('span_corruption', lang)
+    registry.add_task(
+        name,
+        source=seqio.FunctionDataSource(
+            _text_dataset_fn(lang), splits=data.SPLITS,
+            num_input_examples=split_sizes('span_corruption', lang)),
+        preprocessors=span_corruption.preprocessors(),
+        output_features=features,
+        metric_fns=[],
+        shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+    names.append(name)
+    pretrain.append(name)
+
+  mixtures = {f'{PREFIX}_{task}': members for task, members in by_task.items()}
+  mixtures.update({f'{PREFIX}_lang_{lang}': members
+                   for lang, members in by_lang.items() if len(members) > 1})
+  every = [n for members in by_task.values() for n in members]
+  mixtures[f'{PREFIX}_suite_mix'] = every
+  formatting = [task_name(t, l) for t in ('num2words', 'date', 'currency',
+                                          'unit')
+                for l in data.FORMAT_LANGUAGES]
+  mixtures[f'{PREFIX}_suite_xl_train'] = [
+      n for n in formatting if n.rsplit('_', 1)[1] not in HELD_OUT_LANGUAGES]
+  mixtures[f'{PREFIX}_suite_xl_heldout'] = [
+      n for n in formatting if n.rsplit('_', 1)[1] in HELD_OUT_LANGUAGES]
+  mixtures[f'{PREFIX}_span_corruption'] = pretrain
+  for name, members in mixtures.items():
+    registry.add_mixture(name, members)
+    names.append(name)
+  return names
+
+
+@functools.lru_cache(maxsize=None)
+def suite_table() -> list[tuple[str, str, dict[str, int]]]:
+  """(task family, language, split sizes) for every registered offline task."""
+  rows = []
+  for task, (_, languages, _) in GENERATION_TASKS.items():
+    rows += [(task, lang, split_sizes(task, lang)) for lang in languages]
+  rows += [('span_corruption', lang, split_sizes('span_corruption', lang))
+           for lang in data.PRETRAIN_LANGUAGES]
+  return rows
+
+
+OFFLINE_NAMES = register_offline_suite(vocab_lib.byte_vocabulary())
