@@ -32,21 +32,20 @@ def register_all(xtreme_up_data_dir: str | None = None) -> list[str]:
   """
   vocabulary = vocab.get_vocabulary()
   names = register_offline_suite(vocabulary)
-  data_dir = (xtreme_up_data_dir or
-              gin.query_parameter('tasks.xtreme_up.register_xtreme_up.data_dir')
-              if _gin_bound() else xtreme_up_data_dir)
-  data_dir = data_dir or os.environ.get(xtreme_up.ENV_VAR)
+  data_dir = (xtreme_up_data_dir or _gin_xtreme_up_data_dir() or
+              os.environ.get(xtreme_up.ENV_VAR))
   if data_dir:
+    # Other register_xtreme_up arguments (families, languages, ...) come from
+    # gin bindings, if any.
     names += register_xtreme_up(data_dir=data_dir, vocabulary=vocabulary)
   return names
 
 
-def _gin_bound() -> bool:
+def _gin_xtreme_up_data_dir() -> str | None:
   try:
-    gin.query_parameter('tasks.xtreme_up.register_xtreme_up.data_dir')
-    return True
-  except ValueError:
-    return False
+    return gin.query_parameter('tasks.xtreme_up.register_xtreme_up.data_dir')
+  except ValueError:  # Not bound.
+    return None
 
 
 if os.environ.get(xtreme_up.ENV_VAR):

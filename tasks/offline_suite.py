@@ -23,7 +23,8 @@ Mixtures (rate 1 per task-language):
 - `offline_suite_xl_train` / `offline_suite_xl_heldout`: cross-lingual split;
   train on the formatting tasks in 8 languages, evaluate on the held-out
   languages fi and tr (parallel inputs, so no test input is seen in training).
-- `offline_span_corruption`: pretraining over the 15 languages.
+- `offline_span_corruption` (a single Task, not a mixture): pretraining over
+  the 15 languages' documents, one input pipeline.
 
 Inputs share the same random draws across languages of a task, and splits are
 disjoint (see offline_data). Example strings are generated on the first
@@ -100,10 +101,10 @@ def _pairs_dataset_fn(generator: GeneratorFn, lang: str):
   return dataset_fn
 
 
-def _text_dataset_fn(lang: str):
+def _text_dataset_fn(langs: tuple[str, ...]):
   def dataset_fn(split: str, shuffle_files: bool = False,
                  seed: int | None = None) -> tf.data.Dataset:
-    docs = data.pretrain_documents(lang)[split]
+    docs = [doc for lang in langs for doc in data.pretrain_documents(lang)[split]]
     ds = tf.data.Dataset.from_tensor_slices(
         {'targets': tf.constant(docs, tf.string)})
     return _maybe_shuffle(ds, len(docs), shuffle_files, seed)
@@ -141,20 +142,25 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
       by_task.setdefault(task, []).append(name)
       by_lang.setdefault(lang, []).append(name)
 
-  pretrain = []
-  for lang in data.PRETRAIN_LANGUAGES:
-    name = task_name('span_corruption', lang)
+  # Per-language span corruption tasks, and `offline_span_corruption`: one
+  # task over all languages' documents (equal counts per language, so the
+  # same distribution as a rate-1 mixture, with one input pipeline).
+  pretrain = [(task_name('span_corruption', lang), (lang,))
+              for lang in data.PRETRAIN_LANGUAGES]
+  pretrain.append((f'{PREFIX}_span_corruption', data.PRETRAIN_LANGUAGES))
+  for name, langs in pretrain:
     registry.add_task(
         name,
         source=seqio.FunctionDataSource(
-            _text_dataset_fn(lang), splits=data.SPLITS,
-            num_input_examples=split_sizes('span_corruption', lang)),
+            _text_dataset_fn(langs), splits=data.SPLITS,
+            num_input_examples={
+                s: n * len(langs) for s, n in
+                data.PRETRAIN_SIZES.as_dict().items()}),
         preprocessors=span_corruption.preprocessors(),
         output_features=features,
         metric_fns=[],
         shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
     names.append(name)
-    pretrain.append(name)
 
   mixtures = {f'{PREFIX}_{task}': members for task, members in by_task.items()}
   mixtures.update({f'{PREFIX}_lang_{lang}': members
@@ -168,7 +174,6 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
       n for n in formatting if n.rsplit('_', 1)[1] not in HELD_OUT_LANGUAGES]
   mixtures[f'{PREFIX}_suite_xl_heldout'] = [
       n for n in formatting if n.rsplit('_', 1)[1] in HELD_OUT_LANGUAGES]
-  mixtures[f'{PREFIX}_span_corruption'] = pretrain
   for name, members in mixtures.items():
     registry.add_mixture(name, members)
     names.append(name)

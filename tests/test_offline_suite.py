@@ -83,7 +83,9 @@ def test_known_examples_and_determinism():
 def test_every_offline_task_gives_datasets():
   names = [n for n in offline_suite.OFFLINE_NAMES
            if n in seqio.TaskRegistry.names()]
-  assert len(names) == 45 + 15
+  assert len(names) == 45 + 15 + 1
+  assert seqio.get_mixture_or_task('offline_span_corruption').num_input_examples(
+      'train') == 15 * data.PRETRAIN_SIZES.train
   for name in names:
     task = seqio.get_mixture_or_task(name)
     ds = task.get_dataset(sequence_length=L, split='train', shuffle=True,
