@@ -197,7 +197,11 @@ def test_evaluator_with_perfect_and_wrong_predictions():
 
 
 def test_idempotent_and_suggestions():
+  # Re-executing the registering module (as a second import under another
+  # name would) replaces the registrations instead of raising.
   importlib.reload(offline_suite)
+  import tasks as tasks_again  # pylint: disable=reimported
+  assert tasks_again is tasks
   offline_suite.register_offline_suite()
   with pytest.raises(KeyError, match='offline_num2words_de'):
     tasks.get_task_or_mixture('offline_num2word_de')
@@ -234,7 +238,18 @@ def test_sentencepiece_vocabulary(tmp_path):
             {'inputs': 32, 'targets': 32}, split='train',
             shuffle=False).as_numpy_iterator())
     assert sc_ex['targets'][0] == sp_vocab.vocab_size - 1  # <extra_id_0>
+    # The trainer's flow: gin binds the model file, then tasks.register_all().
+    import gin
+    offline_suite.register_offline_suite(vocab.byte_vocabulary())
+    gin.parse_config([
+        f"tasks.vocab.get_vocabulary.spm_path = '{tmp_path / 'sp.model'}'",
+        'tasks.vocab.get_vocabulary.extra_ids = 10'])
+    tasks.register_all()
+    assert seqio.get_mixture_or_task('offline_date_de').output_features[
+        'inputs'].vocabulary is sp_vocab
   finally:
+    import gin
+    gin.clear_config()
     offline_suite.register_offline_suite(vocab.byte_vocabulary())
 
 

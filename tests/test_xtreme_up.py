@@ -256,3 +256,10 @@ def test_env_and_gin_trigger_registration(tmp_path, monkeypatch):
   finally:
     gin.clear_config()
     xtreme_up.unregister()
+
+
+def test_ascii_lower_matches_tf_strings_lower():
+  import tensorflow as tf
+  for text in ['ÜBER Straße ΑΒΓ', 'Who WROTE it?', 'ДОМ Ab']:
+    assert xtreme_up.ascii_lower(text) == tf.strings.lower(text).numpy(
+    ).decode('utf-8')
