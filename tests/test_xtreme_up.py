@@ -131,7 +131,7 @@ def test_official_preprocessing(release):
 def test_tokenized_with_eos_and_metrics(release):
   ex = _first('xtreme_up_translation_en_am', split='train')[0]
   assert ex['targets'][-1] == 1  # EOS
-  # Bytes: 'M' = 77 -> id 80.
+  # Byte vocabulary: UTF-8 byte b -> id b + 3.
   assert list(ex['targets'][:-1]) == [b + 3 for b in 'Bonjour.'.encode()]
   task = seqio.get_mixture_or_task('xtreme_up_translation_en_am')
   assert [f.__name__ for f in task.metric_fns] == ['chrf_seqio']
@@ -142,12 +142,20 @@ def test_tokenized_with_eos_and_metrics(release):
           'mrr_seqio')
 
 
-def test_evaluator_perfect_predictions(release):
+@pytest.mark.parametrize('name,expected', [
+    ('xtreme_up_ner_yo', {'span_f1': 100.0}),
+    ('xtreme_up_qa_cross_lang_ta', {'f1': 100.0, 'em': 100.0}),
+    ('xtreme_up_transliteration_hi_Latn_Deva', {'cer': 0.0}),
+    ('xtreme_up_translation_en_am', {'chrf': 100.0}),
+    ('xtreme_up_semantic_parsing_ja', {'sequence_accuracy': 100.0}),
+    ('xtreme_up_autocomplete_ga', {'accuracy_at_1': 100.0}),
+    ('xtreme_up_retrieval_in_lang_ar_query', {'mrr': 1.0}),
+])
+def test_evaluator_perfect_predictions(release, name, expected):
   """seqio.Evaluator with a predictor that echoes targets scores perfectly."""
   evaluator = seqio.Evaluator(
-      'xtreme_up_ner_yo', feature_converter=seqio.EncDecFeatureConverter(
-          pack=False), eval_split='test', use_memory_cache=False,
-      sequence_length={'inputs': 64, 'targets': 64},
+      name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
+      eval_split='test', use_memory_cache=False, sequence_length=None,
       async_compute_metrics=False)
 
   def predict_fn(ds):  # Targets as the model's output tokens (EOS, padding).
@@ -155,7 +163,8 @@ def test_evaluator_perfect_predictions(release):
             for i, ex in ds.as_numpy_iterator()]
 
   result, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn)
-  assert result.result()['xtreme_up_ner_yo']['span_f1'] == pytest.approx(100.0)
+  got = result.result()[name]
+  assert got == pytest.approx(expected)
 
 
 def test_get_task_or_mixture_suggests(release):
