@@ -6,7 +6,14 @@ r"""Evaluate a trained run on a task or mixture with seqio's Evaluator and the t
 Writes `<MODEL_DIR>/eval/metrics_<step>_<split>.json` ({task: {metric: value}}) and TensorBoard
 scalars `eval/<task>/<metric>` into `<MODEL_DIR>/eval/`.
 """
+
 from __future__ import annotations
+
+if __name__ == '__main__':
+  # Run the CLI from the importable module `sira_jax.eval`, so gin registers its configurables once
+  # (not a second time as `__main__.*`).
+  from sira_jax import eval as _module  # pylint: disable=import-self
+  _module.cli()
 
 import json
 import os
@@ -62,6 +69,8 @@ def evaluate(
   all_metrics, _ = evaluator.evaluate(
       compute_metrics=True, step=step,
       predict_fn=infer_lib.seqio_predict_fn(predict, batch_size))
+  if hasattr(all_metrics, 'result'):  # seqio returns a Future of the metrics
+    all_metrics = all_metrics.result()
   evaluator.close()
   results = {}
   for task, metrics in all_metrics.items():
@@ -83,6 +92,7 @@ def evaluate(
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_utils.quiet_logs()
   data_lib.import_task_modules()
   try:
     gin_utils.parse_gin_from_flags()
@@ -93,7 +103,8 @@ def main(argv):
   print(json.dumps(results, indent=1, sort_keys=True))
 
 
-if __name__ == '__main__':
-  from sira_jax import gin_utils as _gu  # pylint: disable=ungrouped-imports
-  _gu.define_gin_flags()
-  _gu.run(main)
+
+def cli():
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_utils.define_gin_flags()
+  gin_utils.run(main)

@@ -9,6 +9,7 @@ Gin files are searched in `--gin_search_paths` (default: the current directory, 
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import sys
@@ -79,11 +80,14 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   files = []
   for f in gin_files:
     files.append(_resolve(f, search_paths))
+  logging.disable(logging.ERROR)  # gin logs every search-path miss of an `include` as an error
   try:
     gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=finalize)
   except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:
     raise GinConfigError(
         f'gin configuration error: {e}\n  files: {files}\n  bindings: {list(gin_bindings)}') from e
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:
@@ -112,3 +116,10 @@ def parse_gin_from_flags(finalize: bool = True):
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths, finalize=finalize)
   from sira_jax import data  # pylint: disable=import-outside-toplevel
   data.register_after_gin()
+
+
+def quiet_logs():
+  """CLI logging: absl/seqio at WARNING (progress bars and printed summaries carry the rest)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('tensorflow').setLevel(logging.ERROR)

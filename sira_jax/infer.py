@@ -6,7 +6,14 @@ r"""Write predictions of a trained run for a task/mixture split as JSONL.
 One line per example: {"task", "index", "inputs", "targets", "prediction"} (decoded text), written to
 `<output_dir or MODEL_DIR/infer>/<task>_<split>_<step>.jsonl`.
 """
+
 from __future__ import annotations
+
+if __name__ == '__main__':
+  # Run the CLI from the importable module `sira_jax.infer`, so gin registers its configurables once
+  # (not a second time as `__main__.*`).
+  from sira_jax import infer as _module  # pylint: disable=import-self
+  _module.cli()
 
 import json
 import os
@@ -26,35 +33,27 @@ PyTree = Any
 
 
 def make_predict_fn(model, variables: Mapping[str, Any], *, max_decode_length: int,
-                    method: str = 'greedy', batch_size: int = 16,
-                    num_beams: int = 4) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+                    method: str = 'greedy', num_beams: int = 4
+                    ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
   """`batch -> predicted target tokens [B, max_decode_length]` (0-padded after EOS).
 
-  Uses the network's cached decoding (sira_jax.t5.decoding); routing runs in eval mode
-  (eval capacity factor, no expert dropout).
+  Uses the network's cached decoding (`sira_jax.t5.decoding.predict_batch`, jitted there); routing
+  runs in eval mode (eval capacity factor, no expert dropout).
   """
   from sira_jax.t5 import decoding  # pylint: disable=import-outside-toplevel
-  del batch_size
-
-  @jax.jit
-  def _run(variables, encoder_input_tokens):
-    if method == 'beam':
-      return decoding.beam_search(model, variables, encoder_input_tokens,
-                                  max_decode_length=max_decode_length, num_beams=num_beams)
-    return decoding.greedy_decode(model, variables, encoder_input_tokens,
-                                  max_decode_length=max_decode_length)
+  variables = {k: v for k, v in variables.items() if k not in ('cache', 'intermediates')}
 
   def predict(batch):
-    out = _run(variables, jnp.asarray(batch['encoder_input_tokens']))
-    if isinstance(out, tuple):
-      out = out[0]
+    out = decoding.predict_batch(
+        model, variables, {'encoder_input_tokens': jnp.asarray(batch['encoder_input_tokens'])},
+        max_decode_length=max_decode_length, method=method, num_beams=num_beams)
     return np.asarray(jax.device_get(out))
 
   return predict
 
 
 def seqio_predict_fn(predict: Callable, batch_size: int):
-  """Adapts `predict` to seqio.Evaluator: enumerated dataset -> [(index, tokens)], tokens cut at EOS."""
+  """Adapts `predict` to seqio.Evaluator: enumerated dataset -> [(index, tokens [L])]."""
 
   def fn(ds, model_feature_shapes=None):
     del model_feature_shapes
@@ -68,7 +67,8 @@ def seqio_predict_fn(predict: Callable, batch_size: int):
                  for k, v in feats.items()}
       toks = predict(feats)[:n]
       for i, t in zip(idx, toks):
-        out.append((int(i), _strip(t)))
+        # Fixed-length rows (0 after EOS): seqio needs equal-length arrays and cuts at EOS itself.
+        out.append((int(i), np.asarray(t)))
     return out
 
   return fn
@@ -148,6 +148,7 @@ def _text(ex, key, vocab):
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_utils.quiet_logs()
   data_lib.import_task_modules()
   try:
     gin_utils.parse_gin_from_flags()
@@ -159,7 +160,8 @@ def main(argv):
     print(p)
 
 
-if __name__ == '__main__':
-  from sira_jax import gin_utils as _gu  # pylint: disable=ungrouped-imports
-  _gu.define_gin_flags()
-  _gu.run(main)
+
+def cli():
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_utils.define_gin_flags()
+  gin_utils.run(main)

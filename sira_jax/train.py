@@ -13,7 +13,14 @@ MODEL_DIR holds run_config.json (the run's fingerprint), config.gin, checkpoints
 TensorBoard events in train/. Re-running the same command resumes from the latest checkpoint; a
 MODEL_DIR holding a run with another config is refused unless --overwrite.
 """
+
 from __future__ import annotations
+
+if __name__ == '__main__':
+  # Run the CLI from the importable module `sira_jax.train`, so gin registers its configurables once
+  # (not a second time as `__main__.*`).
+  from sira_jax import train as _module  # pylint: disable=import-self
+  _module.cli()
 
 import dataclasses
 import json
@@ -32,6 +39,7 @@ from absl import flags, logging
 from sira_jax import checkpoints as ckpt_lib
 from sira_jax import data as data_lib
 from sira_jax import optim
+from sira_jax import partitioning
 from sira_jax import trainer as trainer_lib
 from sira_jax.adapters import AdapterConfig, trainable_mask
 from sira_jax.t5.config import T5Config
@@ -204,7 +212,8 @@ def _dict_diff(a, b, prefix=''):
 
 
 def _clear_run(model_dir: str):
-  for name in ('checkpoints', 'train', 'base', RUN_CONFIG, 'config.gin'):
+  for name in ('checkpoints', 'train', 'base', 'eval', 'infer', RUN_CONFIG, 'config.gin',
+               'train_summary.json'):
     p = os.path.join(model_dir, name)
     if os.path.isdir(p):
       shutil.rmtree(p)
@@ -216,47 +225,46 @@ def _clear_run(model_dir: str):
 # Sharding
 # ----------------------------------------------------------------------------------------------
 class Placement:
-  """Where arrays live: a mesh (data/model/expert) and shardings for params and batches.
+  """Where arrays live: a (data, expert, model) mesh and the shardings of state and batches.
 
-  Uses sira_jax.partitioning (logical axis rules) when available; params are replicated otherwise.
-  The same code runs on one device (a 1x1x1 mesh) or many.
+  Params take the shardings their logical axis names get under `partitioning.logical_axis_rules`
+  (experts over 'expert', heads/mlp/vocab over 'model'); the trainable/frozen split and the
+  optimizer state follow them; batches are split over ('data', 'expert'). The same code runs on
+  one device (mesh 1x1x1) or many.
+
+  mesh_shape: {'data': d, 'expert': e, 'model': m}; -1 on one axis takes the remaining devices;
+  without -1 the first d*e*m devices are used. Default: every device on 'data'.
   """
 
   def __init__(self, mesh_shape: Mapping[str, int] | None = None):
-    self.partitioning = None
-    try:
-      from sira_jax import partitioning  # pylint: disable=import-outside-toplevel
-      self.partitioning = partitioning
-    except ImportError:
-      pass
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-    self._P, self._NS = P, NamedSharding
-    if self.partitioning is not None and hasattr(self.partitioning, 'create_mesh'):
-      self.mesh = self.partitioning.create_mesh(**dict(mesh_shape or {}))
-    else:
-      n = len(jax.devices()) if not mesh_shape else int(np.prod(list(mesh_shape.values())))
-      devs = np.asarray(jax.devices()[:n]).reshape(n, 1, 1)
-      self.mesh = Mesh(devs, ('data', 'model', 'expert'))
+    shape = dict(mesh_shape or {'data': -1})
+    devices = None
+    if -1 not in shape.values():
+      devices = jax.devices()[:int(np.prod(list(shape.values())))]
+    self.shape = shape
+    self.mesh = partitioning.make_mesh(**shape, devices=devices)
 
   @property
-  def data_size(self) -> int:
-    return int(self.mesh.shape.get('data', 1))
-
-  def batch_sharding(self):
-    return self._NS(self.mesh, self._P('data'))
+  def batch_divisor(self) -> int:
+    return int(self.mesh.shape['data'] * self.mesh.shape['expert'])
 
   def put_batch(self, batch: Mapping[str, np.ndarray]):
-    sh = self.batch_sharding()
-    return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items() if k != 'num_real'}
+    batch = {k: v for k, v in batch.items() if k != 'num_real'}
+    return partitioning.shard_batch(batch, self.mesh, process_local=jax.process_count() > 1)
 
-  def param_shardings(self, boxed_or_specs, tree):
-    """Shardings for `tree` from logical specs (or replicated when unknown)."""
-    rep = self._NS(self.mesh, self._P())
-    return jax.tree_util.tree_map(lambda _: rep, tree)
+  def state_shardings(self, model, state: trainer_lib.TrainState, mask) -> trainer_lib.TrainState:
+    """A TrainState of NamedShardings matching `state`."""
+    var_sh = partitioning.variable_shardings(partitioning.abstract_variables(model), self.mesh)
+    trainable_sh, frozen_sh = optim.partition_params(var_sh['params'], mask)
+    rep = partitioning.replicated(self.mesh)
+    extra_sh = {k: var_sh.get(k, jax.tree_util.tree_map(lambda _: rep, v))
+                for k, v in state.extra.items()}
+    opt_sh = partitioning.opt_state_shardings(state.opt_state, trainable_sh, self.mesh)
+    return trainer_lib.TrainState(step=rep, rng=rep, params=trainable_sh, opt_state=opt_sh,
+                                  frozen=frozen_sh, extra=extra_sh)
 
-  def replicate(self, tree):
-    rep = self._NS(self.mesh, self._P())
-    return jax.device_put(tree, rep)
+  def place(self, tree, shardings):
+    return partitioning.place(tree, shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,9 +338,9 @@ def train(
                       'train.pretrain = True to train every parameter')
   placement = Placement(mesh_shape)
   n_proc, proc = jax.process_count(), jax.process_index()
-  if batch_size % (placement.data_size) != 0:
-    raise ConfigError(f'BATCH_SIZE {batch_size} is not divisible by the data axis '
-                      f'({placement.data_size})')
+  if batch_size % placement.batch_divisor != 0:
+    raise ConfigError(f'BATCH_SIZE {batch_size} is not divisible by the mesh batch axes '
+                      f'data*expert={placement.batch_divisor}')
   model = build_model(model_config)
   variables = init_variables(model, model_config, seed)
   base_source = None
@@ -365,7 +373,8 @@ def train(
   state = trainer_lib.create_state(variables, tx, trainable_mask=mask,
                                    rng=jax.random.PRNGKey(seed))
   del variables
-  state = placement.replicate(state)
+  state_sh = placement.state_shardings(model, state, mask)
+  state = placement.place(state, state_sh)
   mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'),
                                     save_every=checkpoint_every, keep=keep_checkpoints)
   meta = dict(base_path=base_source, includes_base=bool(full_checkpoints or pretrain),
@@ -402,11 +411,13 @@ def train(
       mixture_or_task_name, task_feature_lengths, batch_size // n_proc,
       seed=seed if data_seed is None else data_seed, start_step=start_step, pack=pack,
       shard_index=proc, num_shards=n_proc)
-  step_key = (model_config, optimizer_name, learning_rate, schedule, warmup_steps, weight_decay,
-              clip_grad_norm, loss_config, None if schedule == 'constant' else train_steps)
+  step_key = (model_config, tuple(sorted(placement.shape.items())), optimizer_name, learning_rate,
+              schedule, warmup_steps, weight_decay, clip_grad_norm, loss_config,
+              None if schedule == 'constant' else train_steps)
   step_fn = _STEP_CACHE.get(step_key)
   if step_fn is None:  # reuse compiled steps across runs of one process (tests, main job)
-    step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config))
+    step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config),
+                      out_shardings=(state_sh, partitioning.replicated(placement.mesh)))
     _STEP_CACHE[step_key] = step_fn
   with placement.mesh:
     result = trainer_lib.train_loop(
@@ -414,6 +425,15 @@ def train(
         save_fn=save_fn, writer=writer, log_every=log_every, learning_rate=lr,
         progress_bar=progress_bar, desc='pretrain' if pretrain else 'train')
   mngr.close()
+  summary_path = os.path.join(model_dir, 'train_summary.json')
+  if result.history and proc == 0:
+    with open(summary_path, 'w') as f:
+      json.dump(dict(step=int(result.state.step), last_metrics=result.last_metrics,
+                     history=result.history), f, indent=1)
+  elif not result.history and os.path.exists(summary_path):  # the run was already complete
+    with open(summary_path) as f:
+      summary = json.load(f)
+    result.last_metrics, result.history = summary['last_metrics'], summary['history']
   base_dir = None
   if pretrain and result.stopped_by == 'done' and proc == 0:
     params = optim.merge_params(result.state.params, result.state.frozen)
@@ -485,6 +505,7 @@ def _define_flags():
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_utils.quiet_logs()
   data_lib.import_task_modules()
   try:
     gin_utils.parse_gin_from_flags()
@@ -499,7 +520,8 @@ def main(argv):
         f'loss {result.last_metrics.get("loss", float("nan")):.4f}; model_dir {result.model_dir}')
 
 
-if __name__ == '__main__':
+
+def cli():
   _define_flags()
-  from sira_jax import gin_utils as _gu  # pylint: disable=ungrouped-imports
-  _gu.run(main)
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_utils.run(main)
