@@ -1,0 +1,271 @@
+"""Device mesh, T5X-style logical axis rules, NamedSharding helpers and multi-host setup.
+
+The mesh has three axes:
+  'data'   - data parallelism (batch);
+  'expert' - expert parallelism: adapter experts ('expert' logical axis) are split over it, and,
+             as in T5X's MoE, non-expert computation uses it as a second data axis;
+  'model'  - tensor parallelism (heads / mlp / vocab).
+
+Params carry logical axis names (`nn.with_logical_partitioning` in the network and adapters);
+`logical_axis_rules()` maps them to mesh axes. Everything is placed with
+`jax.sharding.NamedSharding` and compiled with `jax.jit(in_shardings=..., out_shardings=...)`.
+
+    mesh = make_mesh(data=2, expert=2, model=2)
+    rules = logical_axis_rules()
+    abstract = abstract_variables(model)                      # boxed ShapeDtypeStructs
+    shardings = variable_shardings(abstract, mesh, rules)     # NamedSharding per variable
+    variables = init_sharded(model, rng, shardings)           # created directly on the mesh
+    batch = shard_batch(numpy_batch, mesh, rules)
+
+Multi-host (TPU/GPU pods, or several CPU processes): call `initialize_distributed(...)` before
+anything touches devices; the mesh then spans every process's devices and `shard_batch` builds
+global arrays from the batch (the same global batch on every host, or each host's slice with
+`process_local=True`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+Rules = Sequence[tuple[str, Any]]
+
+MESH_AXES = ('data', 'expert', 'model')
+# Batch dimension of inputs/activations: over 'data' and 'expert' (T5X MoE convention).
+BATCH_AXES = ('data', 'expert')
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------------
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; -1 on one axis = all remaining devices."""
+  data: int = -1
+  expert: int = 1
+  model: int = 1
+
+
+def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh with axes ('data', 'expert', 'model') over `devices` (default: all, all hosts)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, expert, model]
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise ValueError(f'at most one mesh axis may be -1, got data={data} expert={expert} '
+                     f'model={model}')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(f'{n} devices do not divide into expert*model={known}')
+    sizes[sizes.index(-1)] = n // known
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f'mesh data={sizes[0]} x expert={sizes[1]} x model={sizes[2]} = '
+                     f'{int(np.prod(sizes))} devices, but {n} are available')
+  try:
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(tuple(sizes), devices)
+  except Exception:  # pylint: disable=broad-except  # e.g. CPU or unusual topologies
+    arr = np.asarray(devices, dtype=object).reshape(sizes)
+  return Mesh(arr, MESH_AXES)
+
+
+def mesh_from_config(config: MeshConfig | None = None, devices=None) -> Mesh:
+  config = config or MeshConfig()
+  return make_mesh(config.data, config.expert, config.model, devices=devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical axis rules
+# ----------------------------------------------------------------------------------------------
+@gin.configurable
+def logical_axis_rules(model_parallel_params: bool = True,
+                       additional_rules: Rules = ()) -> tuple[tuple[str, Any], ...]:
+  """T5X's standard rules (1-D parameter partitioning) + 'expert' and 'rank'.
+
+  Earlier rules win; `additional_rules` come first so they override. Names not listed map to
+  None (replicated).
+  """
+  mp = 'model' if model_parallel_params else None
+  rules = [
+      ('batch', BATCH_AXES),
+      ('vocab', mp),
+      ('embed', None),
+      ('mlp', mp),
+      ('heads', mp),
+      ('kv', None),
+      ('joined_kv', mp),
+      ('relpos_buckets', None),
+      ('abspos_buckets', None),
+      ('length', None),
+      ('layers', None),
+      ('stack', None),
+      ('mlp_activations', None),
+      ('expert', 'expert'),
+      ('rank', None),
+      ('unmodeled', None),
+      ('cache_batch', BATCH_AXES),
+      ('cache_heads', mp),
+      ('cache_kv', None),
+      ('cache_length', None),
+  ]
+  return tuple(additional_rules) + tuple(rules)
+
+
+def logical_to_mesh_spec(names: Sequence[str | None], rules: Rules | None = None) -> P:
+  """('expert', 'rank', 'embed') -> PartitionSpec('expert', None, None) under `rules`."""
+  return nn.logical_to_mesh_axes(tuple(names), rules or logical_axis_rules())
+
+
+# ----------------------------------------------------------------------------------------------
+# Variables
+# ----------------------------------------------------------------------------------------------
+def _dummy_inputs(batch_size: int = 1, input_len: int = 2, target_len: int = 2):
+  enc = jnp.ones((batch_size, input_len), jnp.int32)
+  dec = jnp.ones((batch_size, target_len), jnp.int32)
+  return enc, dec
+
+
+def default_init_fn(model) -> Callable[[jax.Array], PyTree]:
+  """rng -> boxed variables of a `Transformer` (dummy inputs, no dropout)."""
+  def init(rng):
+    enc, dec = _dummy_inputs()
+    return model.init({'params': rng, 'dropout': rng}, enc, dec, dec, enable_dropout=False)
+  return init
+
+
+def abstract_variables(model, init_fn: Callable | None = None) -> PyTree:
+  """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the model's variables."""
+  init_fn = init_fn or default_init_fn(model)
+  return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+
+
+def logical_specs(abstract: PyTree) -> PyTree:
+  """Logical PartitionSpecs (axis names) of boxed variables; unboxed leaves get P()."""
+  return nn.get_partition_spec(abstract)
+
+
+def variable_shardings(abstract: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyTree:
+  """NamedSharding per variable (plain tree, same structure as the unboxed variables)."""
+  specs = logical_specs(abstract)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules or logical_axis_rules())
+
+
+def init_sharded(model, rng: jax.Array, shardings: PyTree, init_fn: Callable | None = None):
+  """Variables created directly in their shardings (no host copy; works multi-host)."""
+  init_fn = init_fn or default_init_fn(model)
+  return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Host arrays, identical on every process -> global arrays in `shardings`."""
+  def put(x, s):
+    if jax.process_count() == 1:
+      return jax.device_put(x, s)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def opt_state_shardings(opt_state_shapes: PyTree, params_shardings: PyTree,
+                        mesh: Mesh) -> PyTree:
+  """Shardings of an optax state (from `jax.eval_shape(tx.init, params)`).
+
+  Every sub-tree shaped like the params (Adam's mu/nu, momentum, ...) takes the params'
+  shardings; every other leaf (counts, factored statistics) is replicated.
+  """
+  p_def = jax.tree.structure(params_shardings)
+  p_leaves = jax.tree.leaves(params_shardings)
+
+  def is_params_like(x):
+    try:
+      return jax.tree.structure(x) == p_def
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  def assign(x):
+    if is_params_like(x) and jax.tree.leaves(x):
+      leaves = jax.tree.leaves(x)
+      shard = [s if tuple(getattr(l, 'shape', ())) and len(s.spec) <= len(l.shape) else
+               replicated(mesh) for l, s in zip(leaves, p_leaves)]
+      return jax.tree.unflatten(p_def, shard)
+    return replicated(mesh)
+  return jax.tree.map(assign, opt_state_shapes, is_leaf=is_params_like)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules | None = None) -> NamedSharding:
+  """Leading (batch) dim over the mesh axes the 'batch' rule names; other dims replicated."""
+  spec = logical_to_mesh_spec(('batch',) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None, *,
+                process_local: bool = False) -> dict[str, jax.Array]:
+  """numpy batch -> global arrays sharded over the batch axes.
+
+  process_local=False: every process passes the same *global* batch.
+  process_local=True: each process passes its own slice (global batch = concatenation in
+  process order), the usual multi-host input pipeline.
+  """
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    s = batch_sharding(mesh, v.ndim, rules)
+    if process_local:
+      out[k] = jax.make_array_from_process_local_data(s, v)
+    else:
+      out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host
+# ----------------------------------------------------------------------------------------------
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None,
+                           cpu_collectives: str | None = 'gloo') -> None:
+  """`jax.distributed.initialize` with CPU collectives set up; call before using devices.
+
+  Arguments default to the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID) and otherwise to JAX's cluster auto-detection (TPU pods, SLURM, ...). On CPU
+  platforms, cross-process collectives need `cpu_collectives` ('gloo' or 'mpi').
+  Single process (nothing configured): does nothing.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get('JAX_COORDINATOR_ADDRESS')
+  if num_processes is None and env.get('JAX_NUM_PROCESSES'):
+    num_processes = int(env['JAX_NUM_PROCESSES'])
+  if process_id is None and env.get('JAX_PROCESS_ID'):
+    process_id = int(env['JAX_PROCESS_ID'])
+  if coordinator_address is None and num_processes in (None, 1) and not _on_cluster():
+    return
+  platforms = (env.get('JAX_PLATFORMS') or jax.config.jax_platforms or '')
+  if cpu_collectives and ('cpu' in platforms or not platforms):
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=local_device_ids)
+
+
+def _on_cluster() -> bool:
+  env = os.environ
+  return any(k in env for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
+                                'MEGASCALE_COORDINATOR_ADDRESS'))
