@@ -1,0 +1,131 @@
+"""Every gin file in gin/ parses and builds its objects (model configs, adapters, run settings)."""
+import glob
+import os
+
+import gin
+import jax
+import pytest
+
+from sira_jax import eval as eval_lib  # noqa: F401  registers `evaluate`
+from sira_jax import gin_utils
+from sira_jax import infer as infer_lib  # noqa: F401  registers `infer`
+from sira_jax import main as main_lib  # noqa: F401  registers `run_main`
+from sira_jax import train as train_lib
+from sira_jax.adapters import AdapterConfig
+from sira_jax.t5.config import T5Config
+
+GIN_DIR = gin_utils.PROJECT_GIN_DIR
+RUN_MACROS = ["MODEL_DIR = '/tmp/unused_model_dir'", "MIXTURE_OR_TASK_NAME = 'offline_suite_mix'",
+              'TRAIN_STEPS = 3', "INITIAL_CHECKPOINT_PATH = '/tmp/unused_base'"]
+ALL_FILES = sorted(os.path.relpath(p, GIN_DIR)
+                   for p in glob.glob(os.path.join(GIN_DIR, '**', '*.gin'), recursive=True))
+SIZES = {  # expected (d_model, layers, vocab) of each size file
+    'models/t5_tiny.gin': (64, 2, 384), 'models/t5_small.gin': (512, 8, 32128),
+    'models/t5_1_1_base.gin': (768, 12, 32128), 'models/t5_1_1_large.gin': (1024, 24, 32128),
+    'models/mt5_small.gin': (512, 8, 250112), 'models/mt5_base.gin': (768, 12, 250112),
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _parse(files, bindings=()):
+  gin_utils.parse_gin(files, list(bindings), ['.', GIN_DIR])
+
+
+def test_every_gin_file_is_covered():
+  covered = set(SIZES) | {'models/t5_architecture.gin', 'main.gin', 'runs/common_train.gin'}
+  covered |= {f for f in ALL_FILES if f.startswith(('adapters/', 'runs/'))}
+  assert set(ALL_FILES) <= covered, set(ALL_FILES) - covered
+  assert len(ALL_FILES) >= 16
+
+
+@pytest.mark.parametrize('path', sorted(SIZES))
+def test_model_files_build_configs(path):
+  _parse([path])
+  cfg = T5Config()
+  d_model, layers, vocab = SIZES[path]
+  assert (cfg.d_model, cfg.num_encoder_layers, cfg.vocab_size) == (d_model, layers, vocab)
+  assert cfg.adapter.kind == 'none'
+  # The network builds on this config (abstract init: shapes only, no compute).
+  model = train_lib.build_model(cfg.replace(vocab_size=64) if vocab > 40000 else cfg)
+  shapes = jax.eval_shape(lambda k: model.init({'params': k}, *(jax.numpy.ones((1, 2), 'int32'),) * 3,
+                                               enable_dropout=False), jax.random.PRNGKey(0))
+  assert 'params' in shapes
+
+
+def test_architecture_file_requires_size_macros():
+  with pytest.raises(gin_utils.GinConfigError, match='VOCAB_SIZE.*REQUIRED'):
+    _parse(['models/t5_architecture.gin'])
+
+
+@pytest.mark.parametrize('path', sorted(f for f in ALL_FILES if f.startswith('adapters/')))
+def test_adapter_files_build_adapted_configs(path):
+  _parse(['models/t5_tiny.gin', path])
+  cfg = T5Config()
+  kind = os.path.splitext(os.path.basename(path))[0]
+  assert cfg.adapter.kind == kind
+  sites = cfg.adapted_sites()
+  assert sites and all(c.kind == kind for c in sites.values())
+  # Unadapted sites stay plain: the scoped binding does not leak into AdapterConfig().
+  assert AdapterConfig().kind == 'none'
+  assert cfg.adapter_for('encoder/mlp/wo').kind == 'none'
+  model = train_lib.build_model(cfg)
+  shapes = jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k},
+                                               *(jax.numpy.ones((1, 4), 'int32'),) * 3,
+                                               enable_dropout=False), jax.random.PRNGKey(0))
+  names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]}
+  assert any('lora_a' in n for n in names)
+
+
+@pytest.mark.parametrize('run', ['runs/pretrain.gin', 'runs/finetune.gin', 'runs/common_train.gin'])
+def test_train_run_files_bind_train(run):
+  files = ['models/t5_tiny.gin'] + (['adapters/sira.gin'] if 'finetune' in run else []) + [run]
+  _parse(files, RUN_MACROS)
+  b = gin.get_bindings('train')
+  assert b['model_dir'] == '/tmp/unused_model_dir' and b['train_steps'] == 3
+  assert isinstance(b['model_config'], T5Config) and b['model_config'].d_model == 64
+  assert b['task_feature_lengths'] == {'inputs': 64, 'targets': 32}
+  if run == 'runs/pretrain.gin':
+    assert b['pretrain'] is True and b['learning_rate'] == 1e-2 and b['schedule'] == 'rsqrt'
+  if run == 'runs/finetune.gin':
+    assert b['pretrain'] is False and b['initial_checkpoint_path'] == '/tmp/unused_base'
+    assert b['model_config'].adapter.kind == 'sira'
+
+
+def test_run_files_require_their_macros():
+  with pytest.raises(gin_utils.GinConfigError, match='INITIAL_CHECKPOINT_PATH.*REQUIRED'):
+    _parse(['models/t5_tiny.gin', 'adapters/lora.gin', 'runs/finetune.gin'], RUN_MACROS[:3])
+
+
+@pytest.mark.parametrize('run,fn', [('runs/eval.gin', 'evaluate'), ('runs/infer.gin', 'infer')])
+def test_eval_and_infer_run_files(run, fn):
+  _parse([run], RUN_MACROS[:2])
+  b = gin.get_bindings(fn)
+  assert b['model_dir'] == '/tmp/unused_model_dir'
+  assert b['mixture_or_task_name'] == 'offline_suite_mix'
+  assert b['split'] == ('validation' if fn == 'evaluate' else 'test')
+
+
+def test_main_gin_builds_methods():
+  _parse(['main.gin'])
+  b = gin.get_bindings('run_main')
+  assert set(b['methods']) == {'sira', 'lora'}
+  assert b['methods']['sira'].kind == 'sira' and b['methods']['sira'].top_k == 2
+  assert b['methods']['lora'].kind == 'lora'
+  assert isinstance(b['model_config'], T5Config) and b['model_config'].adapter.kind == 'none'
+  assert b['pretrain_steps'] > 0 and b['finetune_steps'] > 0
+
+
+def test_command_line_gin_syntax():
+  args = gin_utils.rewrite_gin_args(
+      ['prog', '--gin.MODEL_DIR=/tmp/x', '--gin.TRAIN_STEPS=5', '--gin.train.seed', '3',
+       "--gin.MIXTURE_OR_TASK_NAME='offline_date'", '--gin_file=models/t5_tiny.gin'])
+  assert args == ['prog', "--gin_bindings=MODEL_DIR = '/tmp/x'", '--gin_bindings=TRAIN_STEPS = 5',
+                  '--gin_bindings=train.seed = 3',
+                  "--gin_bindings=MIXTURE_OR_TASK_NAME = 'offline_date'",
+                  '--gin_file=models/t5_tiny.gin']
