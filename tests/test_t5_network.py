@@ -300,3 +300,42 @@ def test_parity_with_transformers(kind, tmp_path):
                                            max_decode_length=length))
   np.testing.assert_array_equal(ours[:, :hf.shape[1]], hf)
   assert not ours[:, hf.shape[1]:].any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter accounting
+# ----------------------------------------------------------------------------------------------
+def test_parameter_counts_match_formulas():
+  from sira_jax.t5.param_count import count_parameters
+  base = small_test_config()  # vocab 64, d 16, ff 32, heads 2 x 8, 2+2 layers, gated, untied
+  v, d, ff, inner, heads, buckets = 64, 16, 32, 16, 2, 8
+  enc_layer = 4 * d * inner + 2 * d * ff + ff * d + 2 * d
+  dec_layer = 8 * d * inner + 2 * d * ff + ff * d + 3 * d
+  n_base = v * d + 2 * (enc_layer + dec_layer) + 2 * heads * buckets + 2 * d + d * v
+  c = count_parameters(base)
+  assert (c.total, c.trainable, c.active_per_token, c.adapter_total) == (n_base, 0, n_base, 0)
+  tied = count_parameters(base.replace(tie_word_embeddings=True))
+  assert tied.total == n_base - d * v
+
+  r = 2
+  lora = count_parameters(base.replace(adapter=AdapterConfig(kind='lora', rank=r),
+                                       adapter_targets=('*/query', '*/value')))
+  n_sites = 2 * (2 + 4)  # q, v per attention block: 2 enc + 4 dec per layer pair, x2 layers
+  assert lora.trainable == n_sites * r * (d + inner) == lora.adapter_total
+  assert lora.active_per_token == lora.total == n_base + lora.trainable
+
+  e, k = 8, 2
+  sira_cfg = AdapterConfig(kind='sira', rank=r, num_experts=e, top_k=k)
+  sira = count_parameters(base.replace(adapter=sira_cfg, adapter_targets=('*/query', '*/value')))
+  experts = n_sites * e * r * (d + inner)
+  routers = n_sites * d * e
+  assert sira.trainable == experts + routers
+  assert sira.active_per_token == n_base + routers + experts * k // e
+  molora = count_parameters(base.replace(adapter=AdapterConfig(kind='molora', rank=r, num_experts=e),
+                                         adapter_targets=('*/query', '*/value')))
+  assert molora.active_per_token == molora.total
+  smoe = count_parameters(base.replace(
+      adapter=AdapterConfig(kind='smoe_dropout', rank=r, num_experts=e, top_k=2),
+      adapter_targets=('encoder/mlp/wo',)))
+  assert smoe.trainable == 2 * e * r * (ff + d)  # its router is fixed
+  assert smoe.frozen == n_base + 2 * ff * e
