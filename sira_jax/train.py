@@ -138,12 +138,13 @@ def load_base_into(variables: dict, cfg: T5Config, path: str) -> dict:
   """
   base_dir = resolve_base_dir(path)
   if base_dir is not None:
-    base, saved_cfg = ckpt_lib.load_base_params(base_dir)
+    saved_cfg = ckpt_lib.read_base_meta(base_dir)['model_config']
     diff = base_config_diff(saved_cfg, config_to_dict(cfg))
     if diff:
       lines = '; '.join(f'{k}: checkpoint {v[0]!r} vs model {v[1]!r}' for k, v in diff.items())
       raise ckpt_lib.CheckpointError(
           f'base checkpoint {base_dir} was written for another model config ({lines})')
+    base, _ = ckpt_lib.load_base_params(base_dir)
   elif os.path.exists(path):
     from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
     try:
@@ -502,23 +503,33 @@ def _define_flags():
     flags.DEFINE_bool('overwrite', False, 'Replace a run with another config in MODEL_DIR.')
 
 
+def train_from_gin(gin_files, gin_bindings=(), *, overwrite: bool = False,
+                   search_paths=None) -> TrainResult:
+  """Parses gin (files, then bindings) and runs `train`: what the CLI does, callable in-process."""
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  data_lib.import_task_modules()
+  gin_utils.parse_gin(gin_files, gin_bindings, search_paths or ('.', gin_utils.PROJECT_GIN_DIR))
+  data_lib.register_after_gin()
+  return train(overwrite=overwrite)
+
+
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
   gin_utils.quiet_logs()
-  data_lib.import_task_modules()
+  FLAGS = flags.FLAGS
   try:
-    gin_utils.parse_gin_from_flags()
-    result = train(overwrite=flags.FLAGS.overwrite)
-  except (ConfigError, ckpt_lib.CheckpointError, gin_utils.GinConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    result = train_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, overwrite=FLAGS.overwrite,
+                            search_paths=FLAGS.gin_search_paths)
   except trainer_lib.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+  except (ConfigError, ckpt_lib.CheckpointError, gin_utils.GinConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   print(f'{result.stopped_by}: step {result.step} in {result.wall_time:.1f}s; '
-        f'loss {result.last_metrics.get("loss", float("nan")):.4f}; model_dir {result.model_dir}')
-
+        f'loss {result.last_metrics.get("loss", float("nan")):.4f}; model_dir {result.model_dir}',
+        flush=True)
 
 
 def cli():
