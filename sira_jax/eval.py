@@ -40,7 +40,7 @@ def _scalar(v):
     return None
 
 
-@gin.configurable
+@gin.configurable(denylist=['predict'])
 def evaluate(
     *,
     model_dir: str = gin.REQUIRED,
@@ -53,8 +53,12 @@ def evaluate(
     decode_method: str = 'greedy',
     output_dir: str | None = None,
     tensorboard: bool = True,
+    predict: Any = None,
 ) -> dict[str, dict[str, float]]:
-  """Decodes `split` of every subtask, computes the tasks' metrics; returns {task: {metric: v}}."""
+  """Decodes `split` of every subtask, computes the tasks' metrics; returns {task: {metric: v}}.
+
+  predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
+  """
   from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   data_lib.get_mixture_or_task(mixture_or_task_name)  # clear error for unknown names
   lengths = dict(task_feature_lengths)
@@ -63,9 +67,12 @@ def evaluate(
       feature_converter=data_lib.feature_converter(False), eval_split=split, use_cached=False,
       seed=0, sequence_length=lengths, num_examples=num_examples, use_memory_cache=True,
       async_compute_metrics=False)
-  model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
-  predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'],
-                                      method=decode_method)
+  if predict is None:
+    model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
+    predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'],
+                                        method=decode_method)
+  else:
+    step = 0
   all_metrics, _ = evaluator.evaluate(
       compute_metrics=True, step=step,
       predict_fn=infer_lib.seqio_predict_fn(predict, batch_size))
