@@ -540,3 +540,31 @@ def save_hf_safetensors(path: str, params: Mapping[str, Any], config: T5Config, 
   with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {'total_size': sum(a.nbytes for a in tensors.values())},
                'weight_map': weight_map}, f, indent=2)
+
+
+def main(argv=None) -> None:
+  """`python -m sira_jax.t5.loading PATH [--tokens 1,2,3] [--max-decode-length 16]`
+
+  Loads a checkpoint, prints the config and parameter counts, and greedily decodes the given
+  token ids (e.g. from the model's SentencePiece vocabulary) as a smoke test.
+  """
+  import argparse
+  from sira_jax.t5 import decoding
+  from sira_jax.t5.param_count import count_parameters
+  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap.add_argument('path')
+  ap.add_argument('--tokens', default='', help='comma-separated encoder token ids')
+  ap.add_argument('--max-decode-length', type=int, default=16)
+  args = ap.parse_args(argv)
+  model, params = load_pretrained(args.path)
+  print(model.config)
+  print(count_parameters(model.config).as_dict())
+  if args.tokens:
+    ids = jnp.asarray([[int(t) for t in args.tokens.split(',')]], jnp.int32)
+    out = decoding.predict_batch(model, {'params': params}, {'encoder_input_tokens': ids},
+                                 max_decode_length=args.max_decode_length)
+    print('decoded ids:', np.asarray(out)[0].tolist())
+
+
+if __name__ == '__main__':
+  main()
