@@ -28,6 +28,10 @@ The module honours T5X's `EncoderDecoderModel` contract: `__call__`, `encode`, `
 autoregressive cache in the 'cache' collection (`cached_key`, `cached_value` stored as
 [batch, heads, d_kv, length] like T5X, and `cache_index`). Like T5X's example network, positions are
 accepted and ignored (relative position biases use the index within the sequence).
+
+Cached decoding reproduces the full teacher-forced pass exactly whenever routing is per token
+(LoRA, MoLoRA, AdaMix, and SiRA without binding eval capacity); with a binding capacity the
+routing groups of a one-token step differ from a full pass, as in any capacity-limited MoE.
 """
 from __future__ import annotations
 
