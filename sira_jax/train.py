@@ -472,7 +472,7 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   mask = None if pretrain else trainable_mask(variables['params'])
   trainable, frozen = optim.partition_params(variables['params'], mask)
   target = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=trainable)
-  if meta.get('includes_base'):
+  if meta.get('includes_base') and frozen:
     target['frozen'] = frozen
   # Optimizer state is not needed for inference: restore only the listed items.
   restored = _restore_partial(mngr, target, step)

@@ -53,8 +53,9 @@ def test_model_files_build_configs(path):
   assert cfg.adapter.kind == 'none'
   # The network builds on this config (abstract init: shapes only, no compute).
   model = train_lib.build_model(cfg.replace(vocab_size=64) if vocab > 40000 else cfg)
-  shapes = jax.eval_shape(lambda k: model.init({'params': k}, *(jax.numpy.ones((1, 2), 'int32'),) * 3,
-                                               enable_dropout=False), jax.random.PRNGKey(0))
+  tokens = (jax.numpy.ones((1, 2), 'int32'),) * 3
+  shapes = jax.eval_shape(lambda k: model.init({'params': k}, *tokens, enable_dropout=False),
+                          jax.random.PRNGKey(0))
   assert 'params' in shapes
 
 
@@ -78,7 +79,8 @@ def test_adapter_files_build_adapted_configs(path):
   shapes = jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k},
                                                *(jax.numpy.ones((1, 4), 'int32'),) * 3,
                                                enable_dropout=False), jax.random.PRNGKey(0))
-  names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]}
+  flat = jax.tree_util.tree_flatten_with_path(shapes['params'])[0]
+  names = {jax.tree_util.keystr(p) for p, _ in flat}
   assert any('lora_a' in n for n in names)
 
 
