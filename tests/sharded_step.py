@@ -2,11 +2,14 @@
 
 Shared by tests/test_sharding.py and the multi-process worker (tests/multiprocess_worker.py).
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from sira_jax import partitioning
 from sira_jax.adapters import AdapterConfig, trainable_mask
@@ -20,6 +23,7 @@ CONFIG = small_test_config(
                           capacity_factor=1.0, expert_dropout_rate=0.1),
     adapter_targets=('*/query', '*/value', '*/mlp/wo'))
 AUX_FACTOR = 0.01
+_SINGLE = []
 
 
 def batch(batch_size=8, inp=6, tgt=5):
@@ -33,6 +37,7 @@ def batch(batch_size=8, inp=6, tgt=5):
           'decoder_target_tokens': targets}
 
 
+@functools.lru_cache(maxsize=None)
 def host_params(model):
   """Deterministic params (numpy), with nonzero lora_b so adapters matter."""
   v = nn.unbox(jax.jit(partitioning.default_init_fn(model))(jax.random.PRNGKey(0)))
@@ -65,22 +70,36 @@ def make_step(model, tx):
   return step
 
 
-def run(mesh=None, process_local_batch=False):
-  """-> (loss, grads, new_trainable, grad sharding tree) for one step; mesh None = 1 device."""
+def save_params(path):
+  """Writes host_params to an .npz (workers load it instead of compiling the init again)."""
+  flat = traverse_util.flatten_dict(host_params(Transformer(CONFIG)), sep='/')
+  np.savez(path, **flat)
+
+
+def load_params(path):
+  with np.load(path) as z:
+    return traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep='/')
+
+
+def run(mesh=None, process_local_batch=False, params=None):
+  """-> (loss, grads, new_trainable) for one step; mesh None = 1 device."""
   model = Transformer(CONFIG)
   # SGD with momentum: a params-shaped optimizer state, and an update linear in the grads (Adam's
   # first step, ~lr * sign(g), would amplify float noise on near-zero grads).
   tx = optax.sgd(0.1, momentum=0.9)
-  params = host_params(model)
+  params = host_params(model) if params is None else params
   trainable, frozen = partition_params(params, trainable_mask(params))
   b = batch()
   rng = jax.random.PRNGKey(42)
   step = make_step(model, tx)
+  if mesh is None and _SINGLE:
+    return _SINGLE[0]
   if mesh is None:
     dev = jax.devices()[0]
     trainable, frozen, b = jax.device_put((trainable, frozen, b), dev)
     opt_state = tx.init(trainable)
     loss, grads, new, _ = jax.jit(step)(trainable, frozen, opt_state, b, rng)
+    _SINGLE.append((loss, grads, new))  # the reference is reused within one pytest session
     return loss, grads, new
   rules = partitioning.logical_axis_rules()
   abstract = partitioning.abstract_variables(model)

@@ -24,13 +24,15 @@ def test_two_process_distributed_step_matches_single_process(tmp_path):
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')])
+  params = tmp_path / 'params.npz'
+  sharded_step.save_params(params)
   procs, outs = [], []
   for pid in range(2):
     out = tmp_path / f'out{pid}.json'
     outs.append(out)
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(HERE, 'multiprocess_worker.py'), str(port), str(pid), '2',
-         str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+         str(out), str(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   # The single-process reference runs while the workers compile.
   loss, grads, _ = sharded_step.run(None)
   ref_loss, ref_sums = sharded_step.summary(loss, grads)
