@@ -76,6 +76,32 @@ def test_hf_roundtrip_single_sharded_bf16(tmp_path, base, variant):
     np.testing.assert_array_equal(_logits(model, loaded), ref)
 
 
+def test_hf_hub_style_flan_t5_directory(tmp_path, base):
+  """A transformers-4 era Flan-T5 layout: hub config keys, duplicated embeddings, extra bias."""
+  from safetensors.numpy import load_file, save_file
+  params, ref = base
+  loading.save_hf_safetensors(tmp_path, params, CFG)
+  t = load_file(str(tmp_path / 'model.safetensors'))
+  t['encoder.embed_tokens.weight'] = t['shared.weight']
+  t['decoder.embed_tokens.weight'] = t['shared.weight']
+  t['decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight'] = np.zeros(
+      (8, 2), np.float32)
+  save_file(t, str(tmp_path / 'model.safetensors'))
+  hub = {'architectures': ['T5ForConditionalGeneration'], 'd_ff': 32, 'd_kv': 8, 'd_model': 16,
+         'decoder_start_token_id': 0, 'dense_act_fn': 'gelu_new', 'dropout_rate': 0.1,
+         'eos_token_id': 1, 'feed_forward_proj': 'gated-gelu', 'initializer_factor': 1.0,
+         'is_encoder_decoder': True, 'is_gated_act': True, 'layer_norm_epsilon': 1e-06,
+         'model_type': 't5', 'n_positions': 512, 'num_decoder_layers': 1, 'num_heads': 2,
+         'num_layers': 2, 'output_past': True, 'pad_token_id': 0,
+         'relative_attention_max_distance': 16, 'relative_attention_num_buckets': 8,
+         'tie_word_embeddings': False, 'torch_dtype': 'float32',
+         'transformers_version': '4.23.1', 'use_cache': True, 'vocab_size': 64}
+  (tmp_path / 'config.json').write_text(json.dumps(hub))
+  model, loaded = sira_jax.load_pretrained(tmp_path, dropout_rate=0.0)
+  assert model.config == CFG
+  np.testing.assert_array_equal(_logits(model, loaded), ref)
+
+
 def test_t5x_orbax_with_fresh_adapters(tmp_path, base):
   params, ref = base
   ckpt = tmp_path / 'checkpoint_100'

@@ -259,8 +259,10 @@ def _read_bf16(filename: str, name: str) -> np.ndarray:
 
 
 # Tensors in HF files that duplicate others (tied copies) or are buffers.
+# (transformers itself ignores the never-used cross-attention relative bias some files carry.)
 _HF_IGNORABLE = re.compile(r'^(encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight|'
-                           r'lm_head\.weight)$')
+                           r'lm_head\.weight|'
+                           r'decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$')
 
 
 class HFReader:
