@@ -35,6 +35,7 @@ from sira_jax import data as data_lib
 from sira_jax import eval as eval_lib
 from sira_jax import optim
 from sira_jax import train as train_lib
+from sira_jax import trainer as trainer_lib
 from sira_jax.adapters import AdapterConfig
 from sira_jax.t5.config import T5Config
 
@@ -67,6 +68,7 @@ def run_main(
     eval_split: str = 'validation',
     eval_num_examples: int | None = 20,
     eval_batch_size: int = 128,
+    val_batches: int = 8,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> dict:
@@ -125,8 +127,10 @@ def run_main(
         task_feature_lengths=finetune_feature_lengths, batch_size=eval_batch_size,
         num_examples=eval_num_examples)
     trainable = optim.count_params(r.state.params)
+    val = validation_loss(run_dir, finetune_mixture, finetune_feature_lengths,
+                          finetune_batch_size, val_batches, eval_split)
     results[method] = dict(
-        metrics=metrics, trainable_params=trainable,
+        metrics=metrics, trainable_params=trainable, validation=val,
         final_loss=r.last_metrics.get('cross_entropy'),
         step_time=float(np.median([h['step_time'] for h in steps_run])) if steps_run else None,
         train_time=r.wall_time, eval_time=time.time() - t_eval)
@@ -137,6 +141,29 @@ def run_main(
   with open(os.path.join(work_dir, 'results.json'), 'w') as f:
     json.dump(dict(results=results, wall_time=wall), f, indent=1, sort_keys=True, default=float)
   return dict(table=table, results=results, wall_time=wall)
+
+
+def validation_loss(model_dir: str, mixture: str, lengths: Mapping[str, int], batch_size: int,
+                    num_batches: int, split: str = 'validation') -> dict:
+  """Teacher-forced validation cross-entropy and token accuracy (no dropout, eval capacity).
+
+  Averaged over `num_batches` batches of the mixture's validation split (fixed seed, so every
+  method sees the same examples); a smooth companion of the decoded metrics.
+  """
+  model, variables, _, _ = train_lib.load_trained(model_dir)
+  mt = data_lib.get_mixture_or_task(mixture)
+  ds = mt.get_dataset(dict(lengths), split=split, shuffle=True, seed=1234,
+                      num_epochs=1, use_cached=False)
+  ds = data_lib.feature_converter(False)(ds, dict(lengths))
+  step = jax.jit(trainer_lib.make_eval_step(model, trainer_lib.LossConfig(z_loss=0.0)))
+  ce_sum = acc_sum = tok = 0.0
+  for batch in ds.batch(batch_size, drop_remainder=True).take(num_batches).as_numpy_iterator():
+    m = jax.device_get(step(variables, batch))
+    n = float(m['target_tokens'])
+    ce_sum += float(m['cross_entropy']) * n
+    acc_sum += float(m['accuracy']) * n
+    tok += n
+  return dict(cross_entropy=ce_sum / max(tok, 1.0), token_accuracy=100.0 * acc_sum / max(tok, 1.0))
 
 
 def _base_params(cfg):
@@ -172,8 +199,13 @@ def format_table(results: Mapping[str, Any]) -> str:
       f'{np.mean(overall[m]):.1f}' if overall[m] else '-' for m in methods) + ' |')
   lines.append('| trainable params | ' + ' | '.join(
       f'{results[m]["trainable_params"]:,}' for m in methods) + ' |')
+  lines.append('| validation token accuracy (teacher-forced) | ' + ' | '.join(
+      f'{results[m]["validation"]["token_accuracy"]:.1f}' for m in methods) + ' |')
+  lines.append('| validation cross-entropy (teacher-forced) | ' + ' | '.join(
+      f'{results[m]["validation"]["cross_entropy"]:.3f}' for m in methods) + ' |')
   lines.append('| final train cross-entropy | ' + ' | '.join(
-      f'{results[m]["final_loss"]:.3f}' for m in methods) + ' |')
+      f'{results[m]["final_loss"]:.3f}' if results[m]['final_loss'] is not None else '-'
+      for m in methods) + ' |')
   lines.append('| median step time (ms) | ' + ' | '.join(
       f'{1000 * results[m]["step_time"]:.0f}' if results[m]['step_time'] else '-'
       for m in methods) + ' |')
