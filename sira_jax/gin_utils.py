@@ -70,10 +70,30 @@ def flags_parser(argv: Sequence[str]) -> list[str]:
   return flags.FLAGS(rewrite_gin_args(argv))
 
 
+def _harden_gin_file_readers():
+  """Makes gin's 'config on the Python path' lookup return False instead of raising.
+
+  gin treats `runs/x.gin` as package `runs` + file; a plain directory named `runs` (or `models`) in
+  the working directory, e.g. the main job's output dir, is a namespace package without __file__
+  and gin's check raises TypeError before trying the search paths.
+  """
+  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
+  from gin import resource_reader  # pylint: disable=import-outside-toplevel
+  for i, (reader, check) in enumerate(list(gin_config._FILE_READERS)):  # pylint: disable=protected-access
+    if check is resource_reader.system_path_file_exists:
+      def safe(path, _check=check):
+        try:
+          return _check(path)
+        except Exception:  # pylint: disable=broad-except
+          return False
+      gin_config._FILE_READERS[i] = (reader, safe)  # pylint: disable=protected-access
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ('.', PROJECT_GIN_DIR), *,
               finalize: bool = True) -> None:
   """Parses files then bindings; errors (a typo, an unknown name) name the culprit and the files."""
+  _harden_gin_file_readers()
   for p in search_paths:
     if p and os.path.isdir(p):
       gin.add_config_file_search_path(os.path.abspath(p))
