@@ -3,8 +3,8 @@ r"""Evaluate a trained run on a task or mixture with seqio's Evaluator and the t
   python -m sira_jax.eval --gin_file=runs/eval.gin --gin.MODEL_DIR=/tmp/sira_run \
     --gin.MIXTURE_OR_TASK_NAME=bundled_mixture
 
-Writes `<MODEL_DIR>/eval/metrics_<step>_<split>.json` ({task: {metric: value}}) and TensorBoard
-scalars `eval/<task>/<metric>` into `<MODEL_DIR>/eval/`.
+Writes `<MODEL_DIR>/eval/metrics_<task or mixture>_<step>_<split>.json` ({task: {metric: value}})
+and TensorBoard scalars `eval/<task>/<metric>` into `<MODEL_DIR>/eval/`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import seqio
 from absl import flags
 
 from sira_jax import data as data_lib
+from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
 from sira_jax import infer as infer_lib
 
 
@@ -59,7 +60,6 @@ def evaluate(
 
   predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
   """
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   data_lib.get_mixture_or_task(mixture_or_task_name)  # clear error for unknown names
   lengths = dict(task_feature_lengths)
   evaluator = seqio.Evaluator(
@@ -84,7 +84,8 @@ def evaluate(
     results[task] = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
   output_dir = output_dir or os.path.join(os.path.abspath(model_dir), 'eval')
   os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, f'metrics_{step}_{split}.json'), 'w') as f:
+  with open(os.path.join(output_dir, f'metrics_{mixture_or_task_name}_{step}_{split}.json'),
+            'w') as f:
     json.dump({'step': step, 'split': split, 'metrics': results}, f, indent=1, sort_keys=True)
   if tensorboard:
     from clu import metric_writers  # pylint: disable=import-outside-toplevel

@@ -28,6 +28,7 @@ import seqio
 from absl import flags
 
 from sira_jax import data as data_lib
+from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
 
 PyTree = Any
 
@@ -102,7 +103,6 @@ def infer(
     decode_method: str = 'greedy',
 ) -> list[str]:
   """Writes one JSONL file per task of the mixture; returns their paths."""
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   mt = data_lib.get_mixture_or_task(mixture_or_task_name)
   model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
   lengths = dict(task_feature_lengths)

@@ -116,7 +116,7 @@ def test_eval_metrics_match_hand_computed_values(tmp_path):
                   learning_rate=3e-2)
   res = eval_lib.evaluate(model_dir=run, mixture_or_task_name=fx.FIXTURE_TASK, split='validation',
                           task_feature_lengths=lengths, batch_size=8)
-  with open(os.path.join(run, 'eval', 'metrics_4_validation.json')) as f:
+  with open(os.path.join(run, 'eval', f'metrics_{fx.FIXTURE_TASK}_4_validation.json')) as f:
     saved = json.load(f)
   assert saved['metrics'] == res and saved['step'] == 4
   assert glob.glob(os.path.join(run, 'eval', 'events.out.tfevents.*'))
