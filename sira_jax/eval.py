@@ -1,7 +1,7 @@
 r"""Evaluate a trained run on a task or mixture with seqio's Evaluator and the tasks' metrics.
 
   python -m sira_jax.eval --gin_file=runs/eval.gin --gin.MODEL_DIR=/tmp/sira_run \
-    --gin.MIXTURE_OR_TASK_NAME=bundled_mixture
+    --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix
 
 Writes `<MODEL_DIR>/eval/metrics_<task or mixture>_<step>_<split>.json` ({task: {metric: value}})
 and TensorBoard scalars `eval/<task>/<metric>` into `<MODEL_DIR>/eval/`.

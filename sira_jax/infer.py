@@ -1,7 +1,7 @@
 r"""Write predictions of a trained run for a task/mixture split as JSONL.
 
   python -m sira_jax.infer --gin_file=runs/infer.gin --gin.MODEL_DIR=/tmp/sira_run \
-    --gin.MIXTURE_OR_TASK_NAME=bundled_mixture --gin.SPLIT=test
+    --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix --gin.SPLIT=test
 
 One line per example: {"task", "index", "inputs", "targets", "prediction"} (decoded text), written to
 `<output_dir or MODEL_DIR/infer>/<task>_<split>_<step>.jsonl`.
