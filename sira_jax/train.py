@@ -2,7 +2,7 @@ r"""Train a T5 with adapters (fine-tuning, frozen base) or without (pretraining)
 
   python -m sira_jax.train \
     --gin_file=models/t5_tiny.gin --gin_file=adapters/sira.gin --gin_file=runs/finetune.gin \
-    --gin.MODEL_DIR=/tmp/sira_run --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix \
+    --gin.MODEL_DIR=/tmp/sira_run --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix --gin.TRAIN_STEPS=300 \
     --gin.INITIAL_CHECKPOINT_PATH=runs/main/base_<hash>   # e.g. the main job's pretrained base
 
 Macros (gin/runs/*.gin): MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS,
