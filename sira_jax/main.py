@@ -78,7 +78,7 @@ def run_main(
   os.makedirs(work_dir, exist_ok=True)
   for name in (pretrain_task, finetune_mixture):
     data_lib.get_mixture_or_task(name)
-  base_cfg = model_config.replace(adapter=AdapterConfig(), adapter_overrides=())
+  base_cfg = model_config.replace(adapter=AdapterConfig(kind='none'), adapter_overrides=())
   pre_key = dict(model=train_lib.config_to_dict(base_cfg), task=pretrain_task,
                  lengths=dict(pretrain_feature_lengths), steps=pretrain_steps,
                  batch=pretrain_batch_size, lr=pretrain_learning_rate, seed=seed)

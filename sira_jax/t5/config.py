@@ -145,7 +145,7 @@ class T5Config:
         return cfg
     if any(fnmatch.fnmatchcase(site, p) for p in self.adapter_targets):
       return self.adapter
-    return AdapterConfig()
+    return AdapterConfig(kind='none')  # explicit: immune to an unscoped gin binding
 
   def adapted_sites(self) -> dict[str, AdapterConfig]:
     """{site: AdapterConfig} for every site whose adapter kind is not 'none'."""
