@@ -17,7 +17,6 @@ if __name__ == '__main__':
 
 import json
 import os
-import sys
 from typing import Any, Mapping
 
 import gin
@@ -100,15 +99,8 @@ def evaluate(
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  gin_utils.quiet_logs()
-  data_lib.import_task_modules()
-  try:
-    gin_utils.parse_gin_from_flags()
-    results = evaluate()
-  except (ValueError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(results, indent=1, sort_keys=True))
+  gin_utils.run_gin_command(
+      evaluate, lambda results: print(json.dumps(results, indent=1, sort_keys=True)))
 
 
 

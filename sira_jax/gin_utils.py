@@ -138,6 +138,22 @@ def parse_gin_from_flags(finalize: bool = True):
   data.register_after_gin()
 
 
+def run_gin_command(command, report) -> None:
+  """Body of a gin-configured CLI (eval, infer): quiet logs, register the task modules, parse the
+  gin flags, `report(command())`. A configuration error (ValueError, KeyError) prints
+  `error: ...` and exits 2 before any work is written."""
+  from sira_jax import data  # pylint: disable=import-outside-toplevel
+  quiet_logs()
+  data.import_task_modules()
+  try:
+    parse_gin_from_flags()
+    result = command()
+  except (ValueError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  report(result)
+
+
 def quiet_logs():
   """CLI logging: absl/seqio at WARNING (progress bars and printed summaries carry the rest)."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel

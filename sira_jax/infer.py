@@ -17,7 +17,6 @@ if __name__ == '__main__':
 
 import json
 import os
-import sys
 from typing import Any, Callable, Mapping
 
 import gin
@@ -148,16 +147,7 @@ def _text(ex, key, vocab):
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  gin_utils.quiet_logs()
-  data_lib.import_task_modules()
-  try:
-    gin_utils.parse_gin_from_flags()
-    paths = infer()
-  except (ValueError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  for p in paths:
-    print(p)
+  gin_utils.run_gin_command(infer, lambda paths: print('\n'.join(paths)))
 
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from sira_jax import optim
+from sira_jax.adapters import with_training_progress
 
 PyTree = Any
 ROUTING_STATS = ('aux_loss', 'router_z_loss', 'dropped_fraction', 'expert_usage', 'gate_entropy',
@@ -156,14 +157,6 @@ def model_inputs(batch):
   return args
 
 
-def _set_progress(variables, progress):
-  try:
-    from sira_jax.adapters import with_training_progress  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return variables
-  return with_training_progress(variables, progress)
-
-
 def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfig
                     ) -> Callable[[TrainState, Mapping, Any], tuple[TrainState, dict]]:
   """Returns the (un-jitted) step `(state, batch, total_steps) -> (state, metrics)`.
@@ -179,7 +172,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfi
 
     def loss_fn(trainable):
       variables = {'params': optim.merge_params(trainable, state.frozen), **state.extra}
-      variables = _set_progress(variables, progress)
+      variables = with_training_progress(variables, progress)
       logits, mods = model.apply(variables, *model_inputs(batch), enable_dropout=True,
                                  rngs={'dropout': rng}, mutable=['intermediates'])
       return compute_loss(logits, batch, mods.get('intermediates'), loss_cfg)
