@@ -158,4 +158,8 @@ def quiet_logs():
   """CLI logging: absl/seqio at WARNING (progress bars and printed summaries carry the rest)."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # seqio warns once per task that the bundled (generated, in-memory) tasks are not cached: true
+  # and harmless here, and 45 copies of it bury the progress output.
+  logging.getLogger('absl').addFilter(
+      lambda record: 'Using an uncached FunctionDataset' not in record.getMessage())
   logging.getLogger('tensorflow').setLevel(logging.ERROR)
