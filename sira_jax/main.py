@@ -6,7 +6,8 @@ r"""The offline default job: pretrain a tiny T5, fine-tune SiRA and LoRA on it, 
 1. Pretrain a tiny byte-level T5 on the bundled span-corruption task. The base is cached in
    WORK_DIR/base_<config hash>/ and reused by later runs with the same settings.
 2. Fine-tune each method of METHODS (SiRA and LoRA by default) on the bundled multitask mixture,
-   the base frozen, each in WORK_DIR/<method>/ (re-running resumes / reuses finished runs).
+   the base frozen, each in WORK_DIR/<method>_<settings hash>/ (re-running resumes / reuses
+   finished runs; changed settings start a new run and never replace an old one).
 3. Evaluate each on the mixture's validation split with seqio's Evaluator and print a table.
 Everything runs offline on CPU; sizes in gin/main.gin keep it well under 15 minutes on 2 cores.
 """
@@ -95,7 +96,7 @@ def run_main(
         task_feature_lengths=pretrain_feature_lengths, train_steps=pretrain_steps,
         batch_size=pretrain_batch_size, model_config=base_cfg, pretrain=True,
         learning_rate=pretrain_learning_rate, seed=seed, progress_bar=progress_bar,
-        initial_checkpoint_path=None, overwrite=True)
+        initial_checkpoint_path=None)
     if r.stopped_by != 'done':
       _log('pretraining interrupted; re-run to resume')
       sys.exit(0)
@@ -103,10 +104,16 @@ def run_main(
     pre_time = r.wall_time
     _log(f'      pretraining done in {pre_time:.0f}s, final loss {r.last_metrics["loss"]:.3f}')
 
-  results = {}
+  results, run_dirs = {}, []
   for i, (method, adapter) in enumerate(methods.items()):
     cfg = model_config.replace(adapter=adapter, adapter_targets=tuple(adapter_targets))
-    run_dir = os.path.join(work_dir, method)
+    # Keyed by its settings like the base: a changed setting starts a new run beside the old one
+    # instead of replacing it; the same settings resume / reuse the finished run.
+    ft_key = dict(model=train_lib.config_to_dict(cfg), base=base_dir, task=finetune_mixture,
+                  lengths=dict(finetune_feature_lengths), steps=finetune_steps,
+                  batch=finetune_batch_size, lr=finetune_learning_rate, seed=seed)
+    run_dir = os.path.join(work_dir, f'{method}_{_hash(ft_key)}')
+    run_dirs.append(run_dir)
     _log(f'[2/3] fine-tuning {method} ({i + 1}/{len(methods)}) on {finetune_mixture} for '
          f'{finetune_steps} steps -> {run_dir}')
     r = train_lib.train(
@@ -114,7 +121,7 @@ def run_main(
         task_feature_lengths=finetune_feature_lengths, train_steps=finetune_steps,
         batch_size=finetune_batch_size, model_config=cfg, pretrain=False,
         initial_checkpoint_path=base_dir, learning_rate=finetune_learning_rate, seed=seed,
-        progress_bar=progress_bar, overwrite=True)
+        progress_bar=progress_bar)
     if r.stopped_by != 'done':
       _log('fine-tuning interrupted; re-run to resume')
       sys.exit(0)
@@ -138,8 +145,12 @@ def run_main(
   wall = time.time() - t0
   print(table)
   print(f'total wall time {wall:.0f}s (pretraining {pre_time:.0f}s)')
-  with open(os.path.join(work_dir, 'results.json'), 'w') as f:
-    json.dump(dict(results=results, wall_time=wall), f, indent=1, sort_keys=True, default=float)
+  # One results file per set of runs (named by their settings hashes): never replaces another's.
+  path = os.path.join(work_dir, f'results_{_hash(sorted(run_dirs))}.json')
+  with open(path, 'w') as f:
+    json.dump(dict(results=results, wall_time=wall, runs=run_dirs), f, indent=1, sort_keys=True,
+              default=float)
+  _log(f'results written to {path}')
   return dict(table=table, results=results, wall_time=wall)
 
 
