@@ -40,6 +40,7 @@ Documented defaults (each a field below):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -254,9 +255,7 @@ class AdaptedDense(nn.Module):
     cfg = self.adapter
     e = cfg.num_experts
     lead_shape, d_in = x.shape[:-1], x.shape[-1]
-    n = 1
-    for s in lead_shape:
-      n *= s
+    n = math.prod(lead_shape)
     g = routing.num_groups(n, cfg.max_group_size)
     t = n // g
     mask = token_mask.reshape(g, t)

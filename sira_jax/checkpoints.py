@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from sira_jax import optim
+
 PyTree = Any
 FORMAT_VERSION = 1
 
@@ -142,8 +144,8 @@ def assign_base_params(target: Mapping[str, Any], base: Mapping[str, Any], *, so
   `base` must satisfy `allow_missing(path_tuple)` (the adapter/router params created fresh).
   Raises CheckpointError naming the parameter and both shapes otherwise.
   """
-  flat_t = traverse_util.flatten_dict(_plain(target))
-  flat_b = traverse_util.flatten_dict(_plain(base))
+  flat_t = traverse_util.flatten_dict(optim.to_plain_dict(target))
+  flat_b = traverse_util.flatten_dict(optim.to_plain_dict(base))
   out = dict(flat_t)
   for k, v in flat_b.items():
     name = '/'.join(k)
@@ -164,11 +166,3 @@ def assign_base_params(target: Mapping[str, Any], base: Mapping[str, Any], *, so
         f'base checkpoint {source} lacks {len(missing)} base parameter(s) of the configured model '
         f'(e.g. {names}): the checkpoint does not match the model config')
   return traverse_util.unflatten_dict(out)
-
-
-def _plain(tree):
-  if hasattr(tree, 'unfreeze'):
-    return tree.unfreeze()
-  if isinstance(tree, Mapping):
-    return {k: _plain(v) for k, v in tree.items()}
-  return tree

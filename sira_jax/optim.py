@@ -26,10 +26,10 @@ def partition_params(params: Mapping[str, Any], mask: PyTree | None) -> tuple[di
   `mask=None` means everything is trainable (pretraining). Each returned dict keeps only its own
   leaves, so the frozen base is never part of the tree that is differentiated.
   """
-  flat = traverse_util.flatten_dict(_to_dict(params))
+  flat = traverse_util.flatten_dict(to_plain_dict(params))
   if mask is None:
     return traverse_util.unflatten_dict(flat), {}
-  flat_mask = traverse_util.flatten_dict(_to_dict(mask))
+  flat_mask = traverse_util.flatten_dict(to_plain_dict(mask))
   if set(flat_mask) != set(flat):
     missing = sorted('/'.join(k) for k in set(flat) ^ set(flat_mask))[:5]
     raise ValueError(f'trainable mask does not match params; differing paths: {missing}')
@@ -40,19 +40,20 @@ def partition_params(params: Mapping[str, Any], mask: PyTree | None) -> tuple[di
 
 def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
   """Inverse of `partition_params`: one nested dict holding both subtrees."""
-  flat = traverse_util.flatten_dict(_to_dict(frozen))
-  for k, v in traverse_util.flatten_dict(_to_dict(trainable)).items():
+  flat = traverse_util.flatten_dict(to_plain_dict(frozen))
+  for k, v in traverse_util.flatten_dict(to_plain_dict(trainable)).items():
     if k in flat:
       raise ValueError(f'parameter {"/".join(k)} is both trainable and frozen')
     flat[k] = v
   return traverse_util.unflatten_dict(flat)
 
 
-def _to_dict(tree):
+def to_plain_dict(tree):
+  """Nested plain dicts from any nesting of FrozenDicts / Mappings (leaves unchanged)."""
   if hasattr(tree, 'unfreeze'):
     return tree.unfreeze()
   if isinstance(tree, Mapping):
-    return {k: _to_dict(v) for k, v in tree.items()}
+    return {k: to_plain_dict(v) for k, v in tree.items()}
   return tree
 
 

@@ -153,7 +153,7 @@ def load_base_into(variables: dict, cfg: T5Config, path: str) -> dict:
       raise ckpt_lib.CheckpointError(f'cannot load pretrained weights from {path}: {e}') from e
   else:
     raise ckpt_lib.CheckpointError(f'INITIAL_CHECKPOINT_PATH {path} does not exist')
-  base = {k: v for k, v in ckpt_lib._plain(base).items()}  # pylint: disable=protected-access
+  base = optim.to_plain_dict(base)
   base_flat = _drop_adapter_params(base)
   params = ckpt_lib.assign_base_params(variables['params'], base_flat, source=path,
                                        allow_missing=_is_adapter_path)

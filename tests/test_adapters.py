@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -106,17 +107,12 @@ def test_init_gives_zero_b_and_base_output():
   x = random_x((2, 5, D_IN))
   layer = AdaptedDense(D_OUT, adapter=cfg)
   variables = layer.init(jax.random.PRNGKey(0), x)
-  params = jax.tree.map(np.asarray, nn_unbox(variables['params']))
+  params = jax.tree.map(np.asarray, nn.meta.unbox(variables['params']))
   assert params['lora_b'].shape == (4, 4, D_OUT)
   assert params['lora_a'].shape == (4, 4, D_IN)
   assert not np.any(params['lora_b']) and np.any(params['lora_a'])
   np.testing.assert_allclose(layer.apply(variables, x),
                              np.asarray(x) @ params['kernel'], rtol=1e-5, atol=1e-6)
-
-
-def nn_unbox(tree):
-  import flax.linen as nn
-  return nn.meta.unbox(tree)
 
 
 # ------------------------------------------------- forms vs numpy reference
