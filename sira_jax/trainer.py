@@ -1,8 +1,8 @@
-"""The training loop (flax-example style): state, loss, one jitted step, and the loop around it.
+"""The training loop (flax-example style): state, one jitted step, and the loop around it.
 
-Loss = cross-entropy over target tokens (+ z_loss * logsumexp(logits)^2, T5X's output z-loss)
-     + aux_factor * mean(aux_loss) + router_z_factor * mean(router_z_loss),
-the two router losses averaged over the adapted layers that sow them into 'intermediates'.
+The loss is `sira_jax.losses` (shared with the T5X model class): mean cross-entropy per real target
+token + output z-loss + aux_factor * aux_loss + router_z_factor * router_z_loss, the router losses
+averaged over the adapted layers that sow them into 'intermediates'.
 Only the trainable subtree (`TrainState.params`) is differentiated and carries optimizer state;
 the frozen base (`TrainState.frozen`) enters the step as a constant.
 """
@@ -14,18 +14,17 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import flax
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sira_jax import losses
 from sira_jax import optim
 from sira_jax.adapters import with_training_progress
+from sira_jax.losses import LossConfig  # Re-exported: train.py and gin bind trainer.LossConfig.
 
 PyTree = Any
-ROUTING_STATS = ('aux_loss', 'router_z_loss', 'dropped_fraction', 'expert_usage', 'gate_entropy',
-                 'router_confidence')
 
 
 @flax.struct.dataclass
@@ -42,95 +41,6 @@ class TrainState:
 
   def variables(self) -> dict:
     return {'params': optim.merge_params(self.params, self.frozen), **self.extra}
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """z_loss: coefficient of the logits z-loss (T5X uses 1e-4; 0 disables).
-  aux_factor / router_z_factor: coefficients of the routers' load-balancing and z losses.
-  label_smoothing: T5X-style label smoothing of the targets."""
-  z_loss: float = 1e-4
-  aux_factor: float = 0.01
-  router_z_factor: float = 0.001
-  label_smoothing: float = 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss and routing statistics
-# ----------------------------------------------------------------------------------------------
-def cross_entropy_with_z(logits, targets, weights, *, z_loss=0.0, label_smoothing=0.0):
-  """logits [B, L, V], targets [B, L] int, weights [B, L] -> (ce_sum, z_sum, weight_sum)."""
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - lse[..., None]
-  conf = 1.0 - label_smoothing
-  low = label_smoothing / max(vocab - 1, 1)
-  soft = jax.nn.one_hot(targets, vocab) * (conf - low) + low
-  ce = -jnp.sum(soft * log_probs, axis=-1)
-  if label_smoothing:  # subtract the entropy of the smoothed target, so a perfect model scores 0
-    ce = ce + (conf * jnp.log(conf) + (vocab - 1) * low * jnp.log(low + 1e-20))
-  w = weights.astype(jnp.float32)
-  return jnp.sum(ce * w), jnp.sum(z_loss * jnp.square(lse) * w), jnp.sum(w)
-
-
-def collect_intermediates(intermediates: Mapping[str, Any] | None) -> dict[str, list]:
-  """Gathers every sown value by its name over all layers: name -> list of arrays."""
-  found: dict[str, list] = {}
-
-  def visit(tree):
-    if isinstance(tree, Mapping):
-      for k, v in tree.items():
-        if k in ROUTING_STATS and isinstance(v, (tuple, list)):
-          found.setdefault(k, []).extend(v)
-        else:
-          visit(v)
-
-  visit(flax.core.unfreeze(intermediates) if intermediates is not None else {})
-  return found
-
-
-def routing_metrics(intermediates) -> dict[str, jax.Array]:
-  """Layer means of the sown routing statistics (empty for models without routers).
-
-  expert_usage (per layer a vector over experts: the fraction of routed tokens per expert) is
-  summarised by its layer-mean minimum and maximum share, and by its normalised load imbalance.
-  """
-  found = collect_intermediates(intermediates)
-  out = {}
-  for name, vals in found.items():
-    if not vals:
-      continue
-    if name == 'expert_usage':
-      usage = [v.reshape(-1, v.shape[-1]).mean(0) if v.ndim else v[None] for v in vals]
-      shares = [u / jnp.maximum(jnp.sum(u), 1e-9) for u in usage]
-      out['expert_usage_min'] = jnp.mean(jnp.stack([s.min() for s in shares]))
-      out['expert_usage_max'] = jnp.mean(jnp.stack([s.max() for s in shares]))
-      continue
-    out[name] = jnp.mean(jnp.stack([jnp.mean(v.astype(jnp.float32)) for v in vals]))
-  return out
-
-
-def compute_loss(logits, batch, intermediates, cfg: LossConfig):
-  """Total loss and its parts. Returns (loss, metrics) with scalar metrics."""
-  targets = batch['decoder_target_tokens']
-  weights = batch.get('decoder_loss_weights')
-  if weights is None:
-    weights = targets > 0
-  ce_sum, z_sum, wsum = cross_entropy_with_z(
-      logits, targets, weights, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
-  denom = jnp.maximum(wsum, 1.0)
-  ce = ce_sum / denom
-  z = z_sum / denom
-  rm = routing_metrics(intermediates)
-  aux = rm.get('aux_loss', jnp.zeros(()))
-  rz = rm.get('router_z_loss', jnp.zeros(()))
-  loss = ce + z + cfg.aux_factor * aux + cfg.router_z_factor * rz
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
-  metrics = dict(rm, loss=loss, cross_entropy=ce, z_loss=z, aux_loss=aux, router_z_loss=rz,
-                 accuracy=jnp.sum(correct) / denom, target_tokens=wsum)
-  return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +85,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfi
       variables = with_training_progress(variables, progress)
       logits, mods = model.apply(variables, *model_inputs(batch), enable_dropout=True,
                                  rngs={'dropout': rng}, mutable=['intermediates'])
-      return compute_loss(logits, batch, mods.get('intermediates'), loss_cfg)
+      return losses.batch_loss(logits, batch, mods.get('intermediates'), loss_cfg)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -192,7 +102,7 @@ def make_eval_step(model, loss_cfg: LossConfig):
   def eval_step(variables, batch):
     logits, mods = model.apply(variables, *model_inputs(batch), enable_dropout=False,
                                mutable=['intermediates'])
-    _, metrics = compute_loss(logits, batch, mods.get('intermediates'), loss_cfg)
+    _, metrics = losses.batch_loss(logits, batch, mods.get('intermediates'), loss_cfg)
     return metrics
 
   return eval_step
