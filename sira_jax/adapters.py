@@ -256,11 +256,10 @@ class AdaptedDense(nn.Module):
     e = cfg.num_experts
     lead_shape, d_in = x.shape[:-1], x.shape[-1]
     n = math.prod(lead_shape)
-    g = routing.num_groups(n, cfg.max_group_size)
-    t = n // g
-    mask = token_mask.reshape(g, t)
+    g, t = routing.group_layout(n, cfg.max_group_size)
+    mask = routing.to_groups(token_mask.reshape(n), g, t)
 
-    router_in = x.reshape(g, t, d_in).astype(jnp.float32)
+    router_in = routing.to_groups(x.reshape(n, d_in), g, t).astype(jnp.float32)
     if enable_dropout and cfg.router_jitter > 0:
       router_in = router_in * jax.random.uniform(
           self.make_rng('dropout'), router_in.shape, jnp.float32,
@@ -320,10 +319,10 @@ class AdaptedDense(nn.Module):
       self.sow('intermediates', name, value)
 
     compute = experts_lib.EXPERT_FORMS[cfg.expert_compute]
-    delta = compute(adapter_in.reshape(g, t, d_in), a, b, instructions,
+    delta = compute(routing.to_groups(adapter_in.reshape(n, d_in), g, t), a, b, instructions,
                     input_axis=self.kernel_axes[0],
                     output_axis=self.kernel_axes[1])
-    return delta.reshape(lead_shape + (self.features,))
+    return routing.from_groups(delta, n).reshape(lead_shape + (self.features,))
 
   def _smoe_progress(self) -> Array:
     """Training progress in [0, 1] for SMoE-Dropout's schedule.

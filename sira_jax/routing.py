@@ -83,16 +83,37 @@ class RoutingInstructions:
     return jnp.einsum('gtke,gtk->gte', experts, self.weight.astype(dtype))
 
 
-def num_groups(num_tokens: int, max_group_size: int) -> int:
-  """Smallest G >= ceil(num_tokens / max_group_size) that divides num_tokens."""
+def group_layout(num_tokens: int, max_group_size: int) -> tuple[int, int]:
+  """(G, T): G = ceil(N / max_group_size) groups of T = ceil(N / G) tokens.
+
+  G * T >= N; the G * T - N < G extra positions are padding (`to_groups`
+  masks them), so T never collapses below max_group_size / 2 however N
+  factors: 97 tokens with max_group_size 32 give 4 groups of 25 (3 padding),
+  not 97 groups of one token whose capacity could never bind.
+  """
   if num_tokens <= 0:
     raise ValueError(f'num_tokens must be positive, got {num_tokens}.')
   if max_group_size <= 0:
     raise ValueError(f'max_group_size must be positive, got {max_group_size}.')
-  g = max(1, math.ceil(num_tokens / max_group_size))
-  while num_tokens % g:
-    g += 1
-  return g
+  g = math.ceil(num_tokens / max_group_size)
+  return g, math.ceil(num_tokens / g)
+
+
+def to_groups(x: Array, num_groups: int, group_size: int) -> Array:
+  """[N, ...] -> [G, T, ...], appending G * T - N zero (False) rows first.
+
+  Pass the token mask through it too: its padding rows are False, so padding
+  is never routed, takes no capacity slot and is never counted.
+  """
+  pad = num_groups * group_size - x.shape[0]
+  if pad:  # Static: no copy when G * T == N (the usual case).
+    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+  return x.reshape((num_groups, group_size) + x.shape[1:])
+
+
+def from_groups(x: Array, num_tokens: int) -> Array:
+  """[G, T, ...] -> [N, ...]: the inverse of `to_groups` (drops the padding)."""
+  return x.reshape((-1,) + x.shape[2:])[:num_tokens]
 
 
 def expert_capacity(group_size: int, num_experts: int, num_selected: int,

@@ -15,11 +15,10 @@ def softmax(z):
   return e / e.sum(-1, keepdims=True)
 
 
-def group_count(n, max_group_size):
-  g = max(1, math.ceil(n / max_group_size))
-  while n % g:
-    g += 1
-  return g
+def group_layout(n, max_group_size):
+  """G groups of T tokens; the last G * T - n positions are padding."""
+  g = math.ceil(n / max_group_size)
+  return g, math.ceil(n / g)
 
 
 def top_k_indices(p, k):
@@ -45,8 +44,7 @@ def routed_reference(x, mask, params, *, num_experts, top_k, capacity_factor,
   b = np.asarray(params['lora_b'], np.float64)
   router = np.asarray(params['router_kernel'], np.float64)
   n = xs.shape[0]
-  g = group_count(n, max_group_size)
-  t = n // g
+  g, t = group_layout(n, max_group_size)
   if capacity_factor is None:
     cap = t
   else:
@@ -57,7 +55,7 @@ def routed_reference(x, mask, params, *, num_experts, top_k, capacity_factor,
   dropped = active = 0
   usage = np.zeros(num_experts)
   for gi in range(g):
-    idx = list(range(gi * t, (gi + 1) * t))
+    idx = list(range(gi * t, min((gi + 1) * t, n)))  # past n: padding
     probs = {i: softmax(xs[i] @ router) for i in idx}
     choices = {i: top_k_indices(probs[i], top_k) for i in idx}
     gates = {}
