@@ -46,14 +46,16 @@ class CheckpointManager:
 
   save_every: save when step % save_every == 0 (plus explicit `force=True` saves at the end or on
   SIGTERM). keep: how many recent checkpoints to keep. Saves are synchronous, so a returned `save`
-  means the checkpoint is on disk.
+  means the checkpoint is on disk. create=False opens an existing directory read-only (nothing
+  is created).
   """
 
-  def __init__(self, directory: str, *, save_every: int = 100, keep: int = 3):
+  def __init__(self, directory: str, *, save_every: int = 100, keep: int = 3,
+               create: bool = True):
     self.directory = os.path.abspath(os.path.join(directory))
     self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        max_to_keep=keep, create=create, enable_async_checkpointing=False, read_only=not create)
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
@@ -79,24 +81,88 @@ class CheckpointManager:
     self._mngr.wait_until_finished()
     return True
 
-  def read_meta(self, step: int | None = None) -> dict:
+  def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
-    out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return step
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self._step(step)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(self.directory, step, e) from None
+    if out['meta'] is None:
+      raise DamagedCheckpointError(self.directory, step, 'its meta/ item is missing')
     return dict(out['meta'])
 
-  def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
-    """Restores the state into the structure (and shardings) of `target`; returns (state, meta)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {self.directory}')
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
-    return out['state'], dict(out['meta'])
+  def restore(self, target: PyTree, step: int | None = None, *,
+              partial: bool = False) -> tuple[PyTree, dict]:
+    """Restores the state into the structure (and shardings) of `target`; returns (state, meta).
+
+    partial=True restores only the keys of `target` (e.g. params without optimizer state).
+    Raises DamagedCheckpointError (naming the step) when the step cannot be read.
+    """
+    step = self._step(step)
+    if partial:
+      state_args = ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)
+    else:
+      state_args = ocp.args.StandardRestore(_abstract(target))
+    meta = self.read_meta(step)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=state_args))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(self.directory, step, e) from None
+    return out['state'], meta
+
+  def restore_intact(self, target: PyTree, *, partial: bool = False, fallback: bool = True,
+                     log=None) -> tuple[PyTree, dict, list[int]]:
+    """Restores the newest step that reads back; returns (state, meta, damaged steps).
+
+    A damaged step (unreadable files, missing metadata, another structure) is reported with
+    `log(message)` and skipped for the next older one; fallback=False raises instead.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(target, step, partial=partial)
+        return state, meta, damaged
+      except DamagedCheckpointError as e:
+        if not fallback:
+          raise CheckpointError(f'{e} (set train.fallback_to_intact_checkpoint = True to resume '
+                                'from the newest intact step instead)') from None
+        damaged.append(step)
+        if log is not None:
+          log(f'warning: {e}; trying the previous checkpoint')
+    raise CheckpointError(f'no intact checkpoint in {self.directory}'
+                          + (f' (damaged steps: {damaged})' if damaged else ''))
+
+  def set_aside(self, step: int, directory: str) -> str:
+    """Moves checkpoint `step` out of the way into `directory` (kept for inspection)."""
+    os.makedirs(directory, exist_ok=True)
+    dest = os.path.join(directory, str(step))
+    os.replace(os.path.join(self.directory, str(step)), dest)
+    self._mngr.reload()
+    return dest
 
   def close(self):
     self._mngr.close()
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint step that exists but cannot be read back."""
+
+  def __init__(self, directory: str, step: int, cause: Any):
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if len(first) > 300:
+      first = first[:300] + '...'
+    super().__init__(f'checkpoint step {step} in {directory} is damaged or incomplete '
+                     f'({type(cause).__name__ if isinstance(cause, Exception) else "reason"}: '
+                     f'{first})')
+    self.step = step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,33 +202,31 @@ def load_base_params(directory: str) -> tuple[dict, dict]:
   return params, read_base_meta(directory)['model_config']
 
 
-def assign_base_params(target: Mapping[str, Any], base: Mapping[str, Any], *, source: str,
-                       allow_missing: Any = None) -> dict:
-  """Copies every base param into a copy of `target` (freshly initialised params, adapters included).
+def check_base_params(target: Mapping[str, Any], base: Mapping[tuple, Any], *, source: str,
+                      allow_missing: Any = None) -> dict:
+  """Checks base weights against the configured model's params; returns them (flat, numpy).
 
-  Every param of `base` must exist in `target` with the same shape; every target param not in
-  `base` must satisfy `allow_missing(path_tuple)` (the adapter/router params created fresh).
-  Raises CheckpointError naming the parameter and both shapes otherwise.
+  target: the model's params (nested dict; leaves with `.shape`, e.g. jax.ShapeDtypeStruct).
+  base: {param path tuple: array}. Every base param must exist in `target` with the same shape;
+  every target param not in `base` must satisfy `allow_missing(path_tuple)` (the adapter/router
+  params created fresh). Raises CheckpointError naming the parameter and both shapes otherwise.
   """
   flat_t = traverse_util.flatten_dict(optim.to_plain_dict(target))
-  flat_b = traverse_util.flatten_dict(optim.to_plain_dict(base))
-  out = dict(flat_t)
-  for k, v in flat_b.items():
+  for k, v in base.items():
     name = '/'.join(k)
     if k not in flat_t:
       raise CheckpointError(
           f'base checkpoint {source} has parameter {name} {tuple(np.shape(v))} that the configured '
           'model does not have: the checkpoint does not match the model config')
-    if tuple(np.shape(v)) != tuple(np.shape(flat_t[k])):
+    if tuple(np.shape(v)) != tuple(flat_t[k].shape):
       raise CheckpointError(
           f'base checkpoint {source}: parameter {name} has shape {tuple(np.shape(v))} but the '
-          f'configured model expects {tuple(np.shape(flat_t[k]))}: the checkpoint does not match the '
+          f'configured model expects {tuple(flat_t[k].shape)}: the checkpoint does not match the '
           'model config')
-    out[k] = np.asarray(v, dtype=np.asarray(flat_t[k]).dtype) if not isinstance(v, jax.Array) else v
-  missing = [k for k in flat_t if k not in flat_b and not (allow_missing and allow_missing(k))]
+  missing = [k for k in flat_t if k not in base and not (allow_missing and allow_missing(k))]
   if missing:
     names = ', '.join('/'.join(k) for k in missing[:5])
     raise CheckpointError(
         f'base checkpoint {source} lacks {len(missing)} base parameter(s) of the configured model '
         f'(e.g. {names}): the checkpoint does not match the model config')
-  return traverse_util.unflatten_dict(out)
+  return dict(base)

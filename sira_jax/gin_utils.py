@@ -9,6 +9,7 @@ Gin files are searched in `--gin_search_paths` (default: the current directory, 
 from __future__ import annotations
 
 import ast
+import difflib
 import logging
 import os
 import re
@@ -108,6 +109,68 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
         f'gin configuration error: {e}\n  files: {files}\n  bindings: {list(gin_bindings)}') from e
   finally:
     logging.disable(logging.NOTSET)
+  check_macros_used(gin_bindings)
+
+
+def _binding_macro(binding: str) -> str | None:
+  """The macro a binding `NAME = value` defines (None for `configurable.param = value`)."""
+  m = re.match(r'^\s*([A-Za-z_][\w]*)\s*=', binding)
+  return m.group(1) if m else None
+
+
+def _config() -> dict:
+  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
+  return gin_config._CONFIG  # pylint: disable=protected-access
+
+
+def macro_names() -> tuple[set[str], set[str]]:
+  """(macros defined, macros referenced by some binding) in the parsed gin configuration."""
+  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
+  defined, used = set(), set()
+
+  def visit(v):
+    if isinstance(v, gin_config.ConfigurableReference):
+      if v.selector == 'gin.macro':
+        used.add('/'.join(v.scopes))
+    elif isinstance(v, (list, tuple, set)):
+      for x in v:
+        visit(x)
+    elif isinstance(v, dict):
+      for x in v.values():
+        visit(x)
+
+  for (scope, selector), params in _config().items():
+    if selector == 'gin.macro':
+      defined.add(scope)
+    for v in params.values():
+      visit(v)
+  return defined, used
+
+
+def check_macros_used(gin_bindings: Sequence[str]) -> None:
+  """Refuses a macro set on the command line (`--gin.NAME=value`) that no binding uses.
+
+  A typo such as `--gin.NUM_EXPERT=8` for NUM_EXPERTS would otherwise define a new, unused macro
+  and the run would silently keep the configured value. The error lists the closest macros.
+  """
+  _, used = macro_names()
+  for b in gin_bindings:
+    name = _binding_macro(b)
+    if name is None or name in used:
+      continue
+    close = difflib.get_close_matches(name, sorted(used), n=5, cutoff=0.6)
+    hint = (f'did you mean {", ".join(close)}?' if close else
+            f'macros this configuration uses: {", ".join(sorted(used)) or "(none)"}')
+    raise GinConfigError(f'--gin.{name}: no binding in the gin files uses the macro {name!r}, so '
+                         f'setting it changes nothing; {hint}')
+
+
+def bound_parameters(fn_or_cls) -> set[str]:
+  """Names of the parameters of a configurable bound in the gin config (unscoped bindings)."""
+  try:
+    return set(gin.get_bindings(fn_or_cls, resolve_references=False))
+  except (ValueError, KeyError):
+    return set()
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:

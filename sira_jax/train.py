@@ -22,13 +22,14 @@ if __name__ == '__main__':
   from sira_jax import train as _module  # pylint: disable=import-self
   _module.cli()
 
+import collections
 import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import gin
 import jax
@@ -42,15 +43,18 @@ from sira_jax import optim
 from sira_jax import partitioning
 from sira_jax import trainer as trainer_lib
 from sira_jax.adapters import AdapterConfig, trainable_mask
-from sira_jax.t5.config import T5Config
+from sira_jax.t5.config import T5Config, with_checkpoint_architecture
 
-# Fields of T5Config that do not change the base params' shapes/meaning (adapters, freezing, dropout).
-_NON_BASE_FIELDS = ('adapter', 'adapter_targets', 'adapter_overrides', 'freeze_base', 'dropout_rate',
-                    'dtype', 'float32_attention_logits')
 
 
 class ConfigError(ValueError):
   """A run configuration refused before anything is trained or written."""
+
+
+def _say(msg: str):
+  """A line for the user (stderr, process 0 only): resume, fallbacks, nothing to do."""
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,57 +75,81 @@ def config_from_dict(d: Mapping[str, Any]) -> T5Config:
   return T5Config(**d)
 
 
-def base_config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
-  """Fields that shape the base params and differ: {field: (a, b)}."""
-  keys = (set(a) | set(b)) - set(_NON_BASE_FIELDS)
-  return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
-
-
 # ----------------------------------------------------------------------------------------------
-# Model building, base loading, restoring
+# Model building and initial variables
 # ----------------------------------------------------------------------------------------------
 def build_model(cfg: T5Config):
   from sira_jax.t5 import network  # pylint: disable=import-outside-toplevel
   return network.Transformer(cfg)
 
 
-def init_variables(model, cfg: T5Config, seed: int = 0) -> dict:
-  """Fresh variables (params with adapters, plus e.g. 'schedule'), unboxed to plain arrays.
-
-  Cached per (config, seed) within a process: XLA compiles of the init are slow on CPU.
-  """
-  key = (cfg, seed)
-  if key not in _INIT_CACHE:
-    _INIT_CACHE[key] = _init_variables(model, seed)
-  return dict(_INIT_CACHE[key])
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(params_key, dropout_key) of a run: parameter init and the per-step randomness never share
+  a key."""
+  params_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+  return params_key, dropout_key
 
 
-_INIT_CACHE: dict = {}
+_INIT_LENGTHS = (8, 8)
 
 
-def _init_variables(model, seed: int, lengths=(8, 8)) -> dict:
+def _init_fn(model):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  enc = jnp.ones((1, lengths[0]), jnp.int32)
-  dec = jnp.ones((1, lengths[1]), jnp.int32)
+  enc = jnp.ones((1, _INIT_LENGTHS[0]), jnp.int32)
+  dec = jnp.ones((1, _INIT_LENGTHS[1]), jnp.int32)
 
-  @jax.jit
-  def _init(key):
-    return model.init({'params': key, 'dropout': key}, enc, dec, dec, enable_dropout=False)
+  def init(key):
+    variables = model.init({'params': key, 'dropout': jax.random.fold_in(key, 1)}, enc, dec, dec,
+                           enable_dropout=False)
+    variables = dict(nn.meta.unbox(variables))
+    variables.pop('intermediates', None)
+    variables.pop('cache', None)
+    return variables
+  return init
 
-  variables = nn.meta.unbox(_init(jax.random.PRNGKey(seed)))
-  variables = dict(jax.tree_util.tree_map(lambda x: x, dict(variables)))
-  variables.pop('intermediates', None)
-  variables.pop('cache', None)
-  return variables
+
+def abstract_params(model) -> dict:
+  """Shapes and dtypes of the model's params (jax.ShapeDtypeStruct leaves; nothing compiled)."""
+  return jax.eval_shape(_init_fn(model), jax.random.PRNGKey(0))['params']
+
+
+class _Bounded(collections.OrderedDict):
+  """A small LRU dict: compiled inits/steps reused across runs of one process (tests, main job)."""
+
+  def __init__(self, size: int):
+    super().__init__()
+    self.size = size
+
+  def put(self, key, value):
+    self[key] = value
+    self.move_to_end(key)
+    while len(self) > self.size:
+      self.popitem(last=False)
+    return value
+
+
+_INIT_CACHE = _Bounded(4)
+
+
+def init_variables(model, cfg: T5Config, seed: int = 0) -> dict:
+  """Fresh variables (params with adapters, plus e.g. 'schedule') as plain arrays, from
+  `run_keys(seed)[0]`. Cached per (config, seed, devices) within a process: XLA compiles of the
+  init are slow on CPU."""
+  key = (cfg, seed, tuple(d.id for d in jax.devices()))
+  if key not in _INIT_CACHE:
+    _INIT_CACHE.put(key, jax.jit(_init_fn(model))(run_keys(seed)[0]))
+  return dict(_INIT_CACHE[key])
 
 
 def _is_adapter_path(path: tuple) -> bool:
   from sira_jax import adapters  # pylint: disable=import-outside-toplevel
-  names = set(getattr(adapters, 'TRAINABLE_PARAM_NAMES', ('lora_a', 'lora_b', 'router_kernel')))
-  names |= {'smoe_router_kernel'}
+  names = set(adapters.TRAINABLE_PARAM_NAMES) | {'smoe_router_kernel'}
   return any(n in names for n in path)
 
 
+# ----------------------------------------------------------------------------------------------
+# The base checkpoint: architecture and weights (read and checked before anything is compiled)
+# ----------------------------------------------------------------------------------------------
 def resolve_base_dir(path: str) -> str | None:
   """A project base checkpoint directory for `path` (itself or `<path>/base`), else None."""
   for cand in (path, os.path.join(path, 'base')):
@@ -130,46 +158,91 @@ def resolve_base_dir(path: str) -> str | None:
   return None
 
 
-def load_base_into(variables: dict, cfg: T5Config, path: str) -> dict:
-  """Copies base weights from `path` into `variables['params']` (adapter params stay fresh).
+def checkpoint_architecture(path: str) -> dict[str, Any]:
+  """The architecture fields a checkpoint records ({field: value}, `T5Config.architecture`).
 
-  path: a base checkpoint the project wrote, or anything `sira_jax.load_pretrained` accepts.
-  Raises CheckpointError when the checkpoint does not match the model config.
+  path: a base checkpoint this project wrote (its saved model config), a Hugging Face directory
+  (config.json) or a T5X checkpoint (shapes, and a config.json beside it).
   """
   base_dir = resolve_base_dir(path)
   if base_dir is not None:
-    saved_cfg = ckpt_lib.read_base_meta(base_dir)['model_config']
-    diff = base_config_diff(saved_cfg, config_to_dict(cfg))
-    if diff:
-      lines = '; '.join(f'{k}: checkpoint {v[0]!r} vs model {v[1]!r}' for k, v in diff.items())
-      raise ckpt_lib.CheckpointError(
-          f'base checkpoint {base_dir} was written for another model config ({lines})')
-    base, _ = ckpt_lib.load_base_params(base_dir)
-  elif os.path.exists(path):
-    from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
-    try:
-      _, base = loading.load_pretrained(path, config=cfg)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ckpt_lib.CheckpointError(f'cannot load pretrained weights from {path}: {e}') from e
-  else:
+    return config_from_dict(ckpt_lib.read_base_meta(base_dir)['model_config']).architecture()
+  if not os.path.exists(path):
     raise ckpt_lib.CheckpointError(f'INITIAL_CHECKPOINT_PATH {path} does not exist')
-  base = optim.to_plain_dict(base)
-  base_flat = _drop_adapter_params(base)
-  params = ckpt_lib.assign_base_params(variables['params'], base_flat, source=path,
-                                       allow_missing=_is_adapter_path)
-  return dict(variables, params=params)
+  from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+  return loading.open_checkpoint(path)[2]
 
 
-def _drop_adapter_params(params):
+def resolve_model_config(cfg: T5Config, path: str | None,
+                         configured: Collection[str] | None = None) -> T5Config:
+  """The model to fine-tune: `cfg` with the architecture of the checkpoint at `path`.
+
+  configured: the T5Config fields the user set (gin bindings); they must agree with the
+  checkpoint, and the others are taken from it. None: every field of `cfg` must agree.
+  """
+  if not path:
+    return cfg
+  return with_checkpoint_architecture(cfg, checkpoint_architecture(path), source=path,
+                                      configured=configured)
+
+
+def read_base_params(path: str, cfg: T5Config, abstract: Mapping[str, Any]) -> dict:
+  """The base weights at `path` for the model `cfg`: {param path tuple: np.ndarray}, every one
+  checked against `abstract` (the model's param shapes) and every non-adapter param present.
+
+  Raises CheckpointError naming the parameter, the checkpoint and both shapes.
+  """
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not _is_adapter_path(k)})
+  base_dir = resolve_base_dir(path)
+  if base_dir is not None:
+    base, _ = ckpt_lib.load_base_params(base_dir)
+  else:
+    from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+    reader = loading.open_checkpoint(path)[0]
+    base = traverse_util.unflatten_dict(
+        reader.read(cfg, traverse_util.flatten_dict(dict(abstract), sep='/')), sep='/')
+  flat = traverse_util.flatten_dict(optim.to_plain_dict(base))
+  flat = {k: v for k, v in flat.items() if not _is_adapter_path(k)}
+  return ckpt_lib.check_base_params(abstract, flat, source=path, allow_missing=_is_adapter_path)
+
+
+def with_base(variables: dict, base: Mapping[tuple, Any]) -> dict:
+  """`variables` with the (checked) base weights in place of the fresh ones."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  flat = traverse_util.flatten_dict(optim.to_plain_dict(variables['params']))
+  for k, v in base.items():
+    flat[k] = jnp.asarray(v, flat[k].dtype)
+  return dict(variables, params=traverse_util.unflatten_dict(flat))
+
+
+def load_base_into(variables: dict, cfg: T5Config, path: str) -> dict:
+  """Copies the base weights at `path` into `variables['params']` (adapter params stay fresh)."""
+  model = build_model(cfg)
+  return with_base(variables, read_base_params(path, cfg, abstract_params(model)))
 
 
 # ----------------------------------------------------------------------------------------------
 # MODEL_DIR bookkeeping
 # ----------------------------------------------------------------------------------------------
 RUN_CONFIG = 'run_config.json'
+SUMMARY = 'train_summary.json'
+DAMAGED = 'damaged_checkpoints'
+
+
+def check_model_dir_path(model_dir: str):
+  """MODEL_DIR must be a directory or creatable as one."""
+  p = model_dir
+  while not os.path.exists(p):
+    parent = os.path.dirname(p)
+    if parent == p:
+      break
+    p = parent
+  if not os.path.isdir(p):
+    what = 'MODEL_DIR' if p == model_dir else f'MODEL_DIR {model_dir}: its parent'
+    raise ConfigError(f'{what} {p} is a file, not a directory; choose a directory path for '
+                      'MODEL_DIR (it holds checkpoints, config and logs).')
+  if not os.access(p, os.W_OK):
+    raise ConfigError(f'MODEL_DIR {model_dir}: {p} is not writable')
 
 
 def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: bool) -> bool:
@@ -213,13 +286,39 @@ def _dict_diff(a, b, prefix=''):
 
 
 def _clear_run(model_dir: str):
-  for name in ('checkpoints', 'train', 'base', 'eval', 'infer', RUN_CONFIG, 'config.gin',
-               'train_summary.json'):
+  for name in ('checkpoints', 'train', 'base', 'eval', 'infer', RUN_CONFIG, 'config.gin', SUMMARY):
     p = os.path.join(model_dir, name)
     if os.path.isdir(p):
       shutil.rmtree(p)
     elif os.path.exists(p):
       os.remove(p)
+
+
+def write_run_files(model_dir: str, fingerprint: Mapping[str, Any]):
+  """run_config.json and config.gin: written once every input has been validated."""
+  os.makedirs(model_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, RUN_CONFIG), 'w') as f:
+      json.dump(fingerprint, f, indent=1, sort_keys=True)
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(gin.config_str())
+
+
+def write_summary(model_dir: str, loop: trainer_lib.LoopResult, start_step: int
+                  ) -> tuple[dict, list]:
+  """Appends this session's history to MODEL_DIR/train_summary.json (history before
+  `start_step` kept across resumes); returns (last_metrics, full history)."""
+  path = os.path.join(model_dir, SUMMARY)
+  old = dict(last_metrics={}, history=[])
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  history = [h for h in old['history'] if h['step'] <= start_step] + loop.history
+  last = loop.last_metrics or old['last_metrics']
+  if loop.history and jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(dict(step=int(loop.state.step), last_metrics=last, history=history), f, indent=1)
+  return last, history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +348,16 @@ class Placement:
   def batch_divisor(self) -> int:
     return int(self.mesh.shape['data'] * self.mesh.shape['expert'])
 
+  @property
+  def key(self) -> tuple:
+    """Identifies the mesh (axis sizes and device ids) in compile caches."""
+    return (tuple(self.mesh.shape.items()), tuple(int(d.id) for d in self.mesh.devices.flat))
+
+  def check_batch_size(self, batch_size: int):
+    if batch_size % self.batch_divisor != 0:
+      raise ConfigError(f'BATCH_SIZE {batch_size} is not divisible by the mesh batch axes '
+                        f'data*expert={self.batch_divisor}')
+
   def put_batch(self, batch: Mapping[str, np.ndarray]):
     batch = {k: v for k, v in batch.items() if k != 'num_real'}
     return partitioning.shard_batch(batch, self.mesh, process_local=jax.process_count() > 1)
@@ -268,6 +377,75 @@ class Placement:
     return partitioning.place(tree, shardings)
 
 
+_STEP_CACHE = _Bounded(4)
+
+
+def compiled_train_step(model, tx, optimizer: Mapping[str, Any], loss_config, placement,
+                        state_sh, cache_key: tuple):
+  """The jitted train step, reused across runs of one process with the same (model config,
+  optimizer, loss, mesh and devices) `cache_key` (at most 4 kept)."""
+  key = (cache_key, tuple(sorted(optimizer.items())), loss_config, placement.key)
+  if key not in _STEP_CACHE:
+    _STEP_CACHE.put(key, jax.jit(trainer_lib.make_train_step(model, tx, loss_config),
+                                 out_shardings=(state_sh, partitioning.replicated(placement.mesh))))
+  return _STEP_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of a run
+# ----------------------------------------------------------------------------------------------
+class RunCheckpoints:
+  """The train-state checkpoints of one run in MODEL_DIR/checkpoints (what is saved, the meta)."""
+
+  def __init__(self, model_dir: str, *, base_source: str | None, includes_base: bool,
+               pretrain: bool, model_config: Mapping[str, Any], every: int, keep: int):
+    self.directory = os.path.join(model_dir, 'checkpoints')
+    self.model_dir = model_dir
+    self.includes_base = includes_base
+    self.every, self.keep = every, keep
+    self.meta = dict(base_path=base_source, includes_base=includes_base, pretrain=pretrain,
+                     model_config=model_config)
+    self._mngr = None
+    self._damaged: list[int] = []
+
+  def tree(self, s: trainer_lib.TrainState) -> dict:
+    tree = dict(step=s.step, rng=s.rng, params=s.params, opt_state=s.opt_state)
+    if self.includes_base:
+      tree['frozen'] = s.frozen
+    return tree
+
+  def restore(self, state: trainer_lib.TrainState, fallback: bool) -> trainer_lib.TrainState:
+    """`state` from the newest intact checkpoint (writes nothing; damaged steps are noted)."""
+    if not os.path.isdir(self.directory):
+      return state
+    mngr = ckpt_lib.CheckpointManager(self.directory, create=False)
+    try:
+      if mngr.latest_step() is None:
+        return state
+      restored, meta, self._damaged = mngr.restore_intact(self.tree(state), fallback=fallback,
+                                                          log=_say)
+    finally:
+      mngr.close()
+    if meta.get('base_path') != self.meta['base_path']:
+      raise ConfigError(f'checkpoint in {self.model_dir} was trained on base '
+                        f'{meta.get("base_path")}, not {self.meta["base_path"]}')
+    return state.replace(**restored)
+
+  def open(self):
+    """Opens for writing; damaged steps found by `restore` are moved to MODEL_DIR/DAMAGED."""
+    self._mngr = ckpt_lib.CheckpointManager(self.directory, save_every=self.every, keep=self.keep)
+    for step in self._damaged:
+      dest = self._mngr.set_aside(step, os.path.join(self.model_dir, DAMAGED))
+      _say(f'moved the damaged checkpoint step {step} to {dest}')
+
+  def save(self, s: trainer_lib.TrainState, force: bool) -> bool:
+    return self._mngr.save(int(s.step), self.tree(s), self.meta, force=force)
+
+  def close(self):
+    if self._mngr is not None:
+      self._mngr.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # The training entry point
 # ----------------------------------------------------------------------------------------------
@@ -282,11 +460,14 @@ class TrainResult:
   base_dir: str | None = None
   state: Any = None
 
+  @property
+  def median_step_time(self) -> float | None:
+    """Median seconds per step over the logged windows, compile step excluded."""
+    times = [h['step_time'] for h in self.history if 'step_time' in h]
+    return float(np.median(times)) if times else None
 
-_STEP_CACHE: dict = {}
 
-
-@gin.configurable(denylist=['overwrite', 'on_step'])
+@gin.configurable(denylist=['overwrite', 'on_step', 'configured_fields'])
 def train(
     *,
     model_dir: str = gin.REQUIRED,
@@ -309,6 +490,7 @@ def train(
     checkpoint_every: int = 100,
     keep_checkpoints: int = 3,
     full_checkpoints: bool = False,
+    fallback_to_intact_checkpoint: bool = True,
     log_every: int = 10,
     mesh_shape: Mapping[str, int] | None = None,
     pack: bool = False,
@@ -316,140 +498,139 @@ def train(
     tensorboard: bool = True,
     overwrite: bool = False,
     on_step: Any = None,
+    configured_fields: Collection[str] | None = None,
 ) -> TrainResult:
   """Trains and checkpoints; returns when `train_steps` are done or on SIGTERM (after saving).
 
   pretrain=True trains every parameter (build the model with kind 'none', freeze_base=False) and
   exports the final params as a base checkpoint in MODEL_DIR/base. Otherwise only adapter/router
-  params are trained (`trainable_mask`) on top of INITIAL_CHECKPOINT_PATH's frozen base.
+  params are trained (`trainable_mask`) on top of INITIAL_CHECKPOINT_PATH's frozen base, whose
+  architecture the model takes (`resolve_model_config`; configured_fields: the T5Config fields
+  set in gin, which must agree with it; None: all of model_config's).
+
+  Every input is checked (task, sizes, MODEL_DIR, the checkpoint's architecture and shapes, the
+  checkpoint to resume) before anything is written to MODEL_DIR or compiled. A damaged latest
+  checkpoint is reported and the newest intact one resumed (fallback_to_intact_checkpoint=False:
+  stop with an error instead).
   """
   t_start = time.time()
   model_dir = os.path.abspath(model_dir)
-  task_feature_lengths = dict(task_feature_lengths)
-  # ---- validation: everything below raises before anything is written ----
+  # 1. Inputs, checked before anything is written or compiled.
+  model_config = _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size,
+                               model_config, pretrain, initial_checkpoint_path, configured_fields)
+  placement = Placement(mesh_shape)
+  placement.check_batch_size(batch_size)
+  model = build_model(model_config)
+  base = None
+  if initial_checkpoint_path:
+    base = read_base_params(initial_checkpoint_path, model_config, abstract_params(model))
+  base_source = os.path.abspath(initial_checkpoint_path) if initial_checkpoint_path else None
+  optimizer = dict(name=optimizer_name, learning_rate=learning_rate, schedule=schedule,
+                   warmup_steps=warmup_steps, weight_decay=weight_decay,
+                   clip_grad_norm=clip_grad_norm)
+  fingerprint = dict(
+      model_config=config_to_dict(model_config), mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=dict(task_feature_lengths), batch_size=batch_size, pretrain=pretrain,
+      initial_checkpoint_path=base_source, optimizer=optimizer,
+      loss=dataclasses.asdict(loss_config), seed=seed, data_seed=data_seed, pack=pack,
+      full_checkpoints=full_checkpoints)
+  resume = check_model_dir(model_dir, fingerprint, overwrite)
+
+  # 2. The initial state, or the newest intact checkpoint's.
+  lr = optim.make_schedule(schedule, learning_rate, warmup_steps, train_steps)
+  tx = optim.make_optimizer(optimizer_name, lr, weight_decay=weight_decay,
+                            clip_grad_norm=clip_grad_norm)
+  variables = init_variables(model, model_config, seed)
+  if base is not None:
+    variables = with_base(variables, base)
+  mask = None if pretrain else trainable_mask(variables['params'])
+  state = trainer_lib.create_state(variables, tx, trainable_mask=mask, rng=run_keys(seed)[1])
+  state_sh = placement.state_shardings(model, state, mask)
+  state = placement.place(state, state_sh)
+  ckpts = RunCheckpoints(model_dir, base_source=base_source,
+                         includes_base=full_checkpoints or pretrain, pretrain=pretrain,
+                         model_config=fingerprint['model_config'], every=checkpoint_every,
+                         keep=keep_checkpoints)
+  if resume:
+    state = ckpts.restore(state, fallback=fallback_to_intact_checkpoint)
+  start_step = int(state.step)
+
+  # 3. MODEL_DIR is ours from here on.
+  write_run_files(model_dir, fingerprint)
+  ckpts.open()
+  if start_step >= train_steps:
+    _say(f'{model_dir} already holds step {start_step} >= TRAIN_STEPS {train_steps}: nothing to '
+         'train (raise TRAIN_STEPS to train further).')
+  elif start_step:
+    _say(f'resuming from step {start_step} of {train_steps} ({model_dir})')
+
+  def save_fn(s, force):
+    if on_step is not None and not force:
+      on_step(int(s.step))
+    if ckpts.save(s, force) and progress_bar is False:
+      logging.info('saved checkpoint at step %d', int(s.step))
+
+  n_proc, proc = jax.process_count(), jax.process_index()
+  batches = data_lib.train_batches(
+      mixture_or_task_name, task_feature_lengths, batch_size // n_proc,
+      seed=seed if data_seed is None else data_seed, start_step=start_step, pack=pack,
+      shard_index=proc, num_shards=n_proc)
+  step_fn = compiled_train_step(
+      model, tx, optimizer, loss_config, placement, state_sh,
+      cache_key=(model_config, None if schedule == 'constant' else train_steps))
+  with placement.mesh:
+    loop = trainer_lib.train_loop(
+        state, step_fn, batches, total_steps=train_steps, put_batch=placement.put_batch,
+        save_fn=save_fn, writer=_metric_writer(model_dir, tensorboard), log_every=log_every,
+        learning_rate=lr, progress_bar=progress_bar, desc='pretrain' if pretrain else 'train')
+  ckpts.close()
+
+  # 4. Record: the summary (history across resumes) and, after pretraining, the base checkpoint.
+  last_metrics, history = write_summary(model_dir, loop, start_step)
+  base_dir = None
+  if pretrain and loop.stopped_by == 'done' and proc == 0:
+    params = optim.merge_params(loop.state.params, loop.state.frozen)
+    base_dir = ckpt_lib.save_base_params(os.path.join(model_dir, 'base'), jax.device_get(params),
+                                         fingerprint['model_config'])
+  return TrainResult(model_dir=model_dir, step=int(loop.state.step), stopped_by=loop.stopped_by,
+                     last_metrics=last_metrics, history=history,
+                     wall_time=time.time() - t_start, base_dir=base_dir, state=loop.state)
+
+
+def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, model_config,
+                  pretrain, initial_checkpoint_path, configured_fields) -> T5Config:
+  """Raises ConfigError / CheckpointError / ValueError for bad inputs; returns the model config
+  to train (the checkpoint's architecture, `freeze_base=False` when pretraining)."""
+  check_model_dir_path(model_dir)
   data_lib.get_mixture_or_task(mixture_or_task_name)
   if train_steps < 1 or batch_size < 1:
     raise ConfigError(f'TRAIN_STEPS and BATCH_SIZE must be >= 1 (got {train_steps}, {batch_size})')
   if pretrain:
     if model_config.adapted_sites():
       raise ConfigError('pretraining trains a plain T5: use adapter kind "none" (no adapters/gin)')
-    model_config = model_config.replace(freeze_base=False)
-  elif not model_config.adapted_sites():
+    return model_config.replace(freeze_base=False)
+  if not model_config.adapted_sites():
     raise ConfigError('fine-tuning needs an adapter (include an adapters/*.gin file), or set '
                       'train.pretrain = True to train every parameter')
-  placement = Placement(mesh_shape)
-  n_proc, proc = jax.process_count(), jax.process_index()
-  if batch_size % placement.batch_divisor != 0:
-    raise ConfigError(f'BATCH_SIZE {batch_size} is not divisible by the mesh batch axes '
-                      f'data*expert={placement.batch_divisor}')
-  model = build_model(model_config)
-  variables = init_variables(model, model_config, seed)
-  base_source = None
-  if initial_checkpoint_path:
-    variables = load_base_into(variables, model_config, initial_checkpoint_path)
-    base_source = os.path.abspath(initial_checkpoint_path)
-  elif not pretrain:
+  if not initial_checkpoint_path:
     logging.warning('fine-tuning without INITIAL_CHECKPOINT_PATH: the frozen base is random')
-  lr = optim.make_schedule(schedule, learning_rate, warmup_steps, train_steps)
-  tx = optim.make_optimizer(optimizer_name, lr, weight_decay=weight_decay,
-                            clip_grad_norm=clip_grad_norm)
-  fingerprint = dict(
-      model_config=config_to_dict(model_config), mixture_or_task_name=mixture_or_task_name,
-      task_feature_lengths=task_feature_lengths, batch_size=batch_size, pretrain=pretrain,
-      initial_checkpoint_path=base_source, optimizer=dict(
-          name=optimizer_name, learning_rate=learning_rate, schedule=schedule,
-          warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm),
-      loss=dataclasses.asdict(loss_config), seed=seed, data_seed=data_seed, pack=pack,
-      full_checkpoints=full_checkpoints)
-  resume = check_model_dir(model_dir, fingerprint, overwrite)
-  # ---- from here on MODEL_DIR is ours ----
-  os.makedirs(model_dir, exist_ok=True)
-  if proc == 0:
-    with open(os.path.join(model_dir, RUN_CONFIG), 'w') as f:
-      json.dump(fingerprint, f, indent=1, sort_keys=True)
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-      f.write(gin.config_str())
+  return resolve_model_config(model_config, initial_checkpoint_path, configured_fields)
 
-  mask = None if pretrain else trainable_mask(variables['params'])
-  state = trainer_lib.create_state(variables, tx, trainable_mask=mask,
-                                   rng=jax.random.PRNGKey(seed))
-  del variables
-  state_sh = placement.state_shardings(model, state, mask)
-  state = placement.place(state, state_sh)
-  mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'),
-                                    save_every=checkpoint_every, keep=keep_checkpoints)
-  meta = dict(base_path=base_source, includes_base=bool(full_checkpoints or pretrain),
-              pretrain=pretrain, model_config=fingerprint['model_config'])
 
-  def saved_tree(s: trainer_lib.TrainState):
-    tree = dict(step=s.step, rng=s.rng, params=s.params, opt_state=s.opt_state)
-    if full_checkpoints or pretrain:
-      tree['frozen'] = s.frozen
-    return tree
-
-  if resume and mngr.latest_step() is not None:
-    restored, old_meta = mngr.restore(saved_tree(state))
-    if old_meta.get('base_path') != base_source:
-      raise ConfigError(f'checkpoint in {model_dir} was trained on base {old_meta.get("base_path")}, '
-                        f'not {base_source}')
-    state = state.replace(**restored)
-    logging.info('resumed from step %d', int(state.step))
-  start_step = int(state.step)
-
-  def save_fn(s, force):
-    step = int(s.step)
-    if on_step is not None and not force:
-      on_step(step)
-    if mngr.save(step, saved_tree(s), meta, force=force) and progress_bar is False:
-      logging.info('saved checkpoint at step %d', step)
-
-  writer = None
-  if tensorboard:
-    from clu import metric_writers  # pylint: disable=import-outside-toplevel
-    writer = metric_writers.create_default_writer(
-        os.path.join(model_dir, 'train'), just_logging=proc != 0, asynchronous=False)
-  batches = data_lib.train_batches(
-      mixture_or_task_name, task_feature_lengths, batch_size // n_proc,
-      seed=seed if data_seed is None else data_seed, start_step=start_step, pack=pack,
-      shard_index=proc, num_shards=n_proc)
-  step_key = (model_config, tuple(sorted(placement.shape.items())), optimizer_name, learning_rate,
-              schedule, warmup_steps, weight_decay, clip_grad_norm, loss_config,
-              None if schedule == 'constant' else train_steps)
-  step_fn = _STEP_CACHE.get(step_key)
-  if step_fn is None:  # reuse compiled steps across runs of one process (tests, main job)
-    step_fn = jax.jit(trainer_lib.make_train_step(model, tx, loss_config),
-                      out_shardings=(state_sh, partitioning.replicated(placement.mesh)))
-    _STEP_CACHE[step_key] = step_fn
-  with placement.mesh:
-    result = trainer_lib.train_loop(
-        state, step_fn, batches, total_steps=train_steps, put_batch=placement.put_batch,
-        save_fn=save_fn, writer=writer, log_every=log_every, learning_rate=lr,
-        progress_bar=progress_bar, desc='pretrain' if pretrain else 'train')
-  mngr.close()
-  summary_path = os.path.join(model_dir, 'train_summary.json')
-  if result.history and proc == 0:
-    with open(summary_path, 'w') as f:
-      json.dump(dict(step=int(result.state.step), last_metrics=result.last_metrics,
-                     history=result.history), f, indent=1)
-  elif not result.history and os.path.exists(summary_path):  # the run was already complete
-    with open(summary_path) as f:
-      summary = json.load(f)
-    result.last_metrics, result.history = summary['last_metrics'], summary['history']
-  base_dir = None
-  if pretrain and result.stopped_by == 'done' and proc == 0:
-    params = optim.merge_params(result.state.params, result.state.frozen)
-    base_dir = ckpt_lib.save_base_params(os.path.join(model_dir, 'base'), jax.device_get(params),
-                                         fingerprint['model_config'])
-  return TrainResult(model_dir=model_dir, step=int(result.state.step), stopped_by=result.stopped_by,
-                     last_metrics=result.last_metrics, history=result.history,
-                     wall_time=time.time() - t_start, base_dir=base_dir, state=result.state)
+def _metric_writer(model_dir: str, tensorboard: bool):
+  if not tensorboard:
+    return None
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  return metric_writers.create_default_writer(
+      os.path.join(model_dir, 'train'), just_logging=jax.process_index() != 0, asynchronous=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # Restoring a trained model (eval / infer)
 # ----------------------------------------------------------------------------------------------
 def load_trained(model_dir: str, step: int | None = None, model_config: T5Config | None = None):
-  """(model, variables, model_config, step) of a run in `model_dir` (latest checkpoint by default).
+  """(model, variables, model_config, step) of a run in `model_dir` (latest intact checkpoint
+  by default; a damaged one is reported and skipped, an explicit `step` must be intact).
 
   The model config comes from the run's run_config.json unless given; the frozen base is re-read
   from the base path in the checkpoint's metadata unless the checkpoint holds it.
@@ -463,34 +644,33 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   if model_config is None:
     model_config = config_from_dict(fingerprint['model_config'])
   model = build_model(model_config)
-  variables = init_variables(model, model_config)
-  mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'))
-  meta = mngr.read_meta(step)
-  if not meta.get('includes_base') and meta.get('base_path'):
-    variables = load_base_into(variables, model_config, meta['base_path'])
-  pretrain = bool(meta.get('pretrain'))
-  mask = None if pretrain else trainable_mask(variables['params'])
-  trainable, frozen = optim.partition_params(variables['params'], mask)
-  target = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=trainable)
-  if meta.get('includes_base') and frozen:
-    target['frozen'] = frozen
-  # Optimizer state is not needed for inference: restore only the listed items.
-  restored = _restore_partial(mngr, target, step)
-  frozen = restored.get('frozen', frozen)
-  params = optim.merge_params(restored['params'], frozen)
-  variables = dict(variables, params=params)
-  mngr.close()
-  return model, variables, model_config, int(restored['step'])
-
-
-def _restore_partial(mngr: ckpt_lib.CheckpointManager, target: dict, step: int | None) -> dict:
-  """Restores only the keys of `target` from the 'state' item (no optimizer state)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  step = mngr.latest_step() if step is None else step
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  out = mngr._mngr.restore(step, args=ocp.args.Composite(  # pylint: disable=protected-access
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
-  return out['state']
+  mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'), create=False)
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise ckpt_lib.CheckpointError(f'no checkpoint in {mngr.directory}')
+  try:
+    for i, s in enumerate(steps):
+      try:
+        meta = mngr.read_meta(s)
+        variables = init_variables(model, model_config)
+        if not meta.get('includes_base') and meta.get('base_path'):
+          variables = load_base_into(variables, model_config, meta['base_path'])
+        mask = None if meta.get('pretrain') else trainable_mask(variables['params'])
+        trainable, frozen = optim.partition_params(variables['params'], mask)
+        # Optimizer state is not needed for inference: restore only the listed items.
+        target = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=trainable)
+        if meta.get('includes_base') and frozen:
+          target['frozen'] = frozen
+        restored, _ = mngr.restore(target, s, partial=True)
+        break
+      except ckpt_lib.DamagedCheckpointError as e:
+        if i + 1 == len(steps):
+          raise
+        _say(f'warning: {e}; trying the previous checkpoint')
+  finally:
+    mngr.close()
+  params = optim.merge_params(restored['params'], restored.get('frozen', frozen))
+  return model, dict(variables, params=params), model_config, int(restored['step'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +690,8 @@ def train_from_gin(gin_files, gin_bindings=(), *, overwrite: bool = False,
   data_lib.import_task_modules()
   gin_utils.parse_gin(gin_files, gin_bindings, search_paths or ('.', gin_utils.PROJECT_GIN_DIR))
   data_lib.register_after_gin()
-  return train(overwrite=overwrite)
+  return train(overwrite=overwrite,
+               configured_fields=gin_utils.bound_parameters(T5Config))
 
 
 def main(argv):
@@ -527,9 +708,11 @@ def main(argv):
   except (ConfigError, ckpt_lib.CheckpointError, gin_utils.GinConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  step_ms = result.median_step_time
   print(f'{result.stopped_by}: step {result.step} in {result.wall_time:.1f}s; '
-        f'loss {result.last_metrics.get("loss", float("nan")):.4f}; model_dir {result.model_dir}',
-        flush=True)
+        f'loss {result.last_metrics.get("loss", float("nan")):.4f}; '
+        + (f'median step {1000 * step_ms:.0f} ms (compile excluded); ' if step_ms else '')
+        + f'model_dir {result.model_dir}', flush=True)
 
 
 def cli():

@@ -196,14 +196,18 @@ def train_loop(
             'stopping. The last good checkpoint is kept; lower the learning rate or check the data.')
       state = new_state
       step += 1
-      window_tokens += tokens
-      window_time += dt
-      window_steps += 1
       scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
       last = scalars
+      if step == start + 1:  # includes the compile: reported apart, kept out of step_time
+        scalars['first_step_time'] = dt
+      else:
+        window_tokens += tokens
+        window_time += dt
+        window_steps += 1
       if step == start + 1 or step % log_every == 0 or step == total_steps:
-        scalars = dict(scalars, step_time=window_time / window_steps,
-                       tokens_per_sec=window_tokens / max(window_time, 1e-9))
+        if window_steps:
+          scalars = dict(scalars, step_time=window_time / window_steps,
+                         tokens_per_sec=window_tokens / max(window_time, 1e-9))
         if learning_rate is not None:
           scalars['learning_rate'] = optim.current_learning_rate(learning_rate, step - 1)
         history.append(dict(scalars, step=step))
@@ -214,7 +218,8 @@ def train_loop(
         if 'aux_loss' in metrics and 'dropped_fraction' in scalars:
           post['aux'] = f'{scalars["aux_loss"]:.3f}'
           post['drop'] = f'{scalars["dropped_fraction"]:.3f}'
-        post['tok/s'] = f'{scalars["tokens_per_sec"]:.0f}'
+        if 'tokens_per_sec' in scalars:
+          post['tok/s'] = f'{scalars["tokens_per_sec"]:.0f}'
         bar.set_postfix(post, refresh=False)
       bar.update(1)
       if save_fn is not None:

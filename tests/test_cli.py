@@ -90,8 +90,8 @@ def test_base_checkpoint_not_matching_model_config(tmp_path):
                             {'token_embedder': {'embedding': np.zeros((384, 32), np.float32)}},
                             other)
   d = tmp_path / 'run'
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'another model config.*d_model: checkpoint 32 vs '
-                                                     r'model 64'):
+  with pytest.raises(ValueError, match=r'does not match the checkpoint .*base_other.*d_model: '
+                                       r'configured 64 vs checkpoint 32'):
     _run(d, base=str(tmp_path / 'base_other'))
   assert not d.exists()
   # Same config recorded, but a parameter of the wrong shape: the error names it and both shapes.
@@ -174,3 +174,74 @@ def test_cli_bad_input_exits_with_message(tmp_path):
   assert r.returncode == 2
   assert 'offline_num2words_de' in r.stderr
   assert not d.exists()
+
+
+def _tiny_hf_checkpoint(path, **arch):
+  """A random HF T5 directory of the tiny gin model's sizes with the given architecture fields."""
+  from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+  gin_utils.parse_gin(['models/t5_tiny.gin'], [], ['.', gin_utils.PROJECT_GIN_DIR])
+  cfg = train_lib.T5Config().replace(**arch)
+  gin.clear_config()
+  params = train_lib.init_variables(train_lib.build_model(cfg), cfg, 1)['params']
+  loading.save_hf_safetensors(str(path), params, cfg)
+  return cfg
+
+
+def test_finetuning_takes_the_checkpoint_architecture(tmp_path):
+  # Issue 11: a tied HF T5 saved with scale_decoder_outputs=false and its own epsilon.
+  hf = tmp_path / 'hf'
+  _tiny_hf_checkpoint(hf, tie_word_embeddings=True, scale_logits=False, layer_norm_epsilon=1e-5)
+  d = tmp_path / 'run'
+  # gin sets what it disagrees on: refused, naming the field and both values; nothing written.
+  with pytest.raises(ValueError, match=r'tie_word_embeddings: configured False vs checkpoint True'):
+    _run(d, base=str(hf))
+  assert not d.exists()
+  gin.clear_config()
+  with pytest.raises(ValueError, match=r'scale_logits: configured True vs checkpoint False'):
+    _run(d, base=str(hf), bindings=['T5Config.tie_word_embeddings = True',
+                                    'T5Config.scale_logits = True'])
+  assert not d.exists()
+  # What gin leaves unset (logit scaling, epsilon) comes from the checkpoint.
+  gin.clear_config()
+  r = _run(d, base=str(hf), bindings=['T5Config.tie_word_embeddings = True'])
+  assert r.step == 1
+  with open(d / 'run_config.json') as f:
+    cfg = train_lib.config_from_dict(json.load(f)['model_config'])
+  assert cfg.logits_scaled is False and cfg.layer_norm_epsilon == 1e-5
+
+
+def test_checkpoint_shape_errors_come_before_compile_and_data(tmp_path, monkeypatch):
+  hf = tmp_path / 'hf'
+  _tiny_hf_checkpoint(hf)
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  tensors = load_file(str(hf / 'model.safetensors'))
+  del tensors['decoder.block.1.layer.2.DenseReluDense.wo.weight']
+  save_file(tensors, str(hf / 'model.safetensors'))
+
+  def must_not_run(*a, **k):
+    raise AssertionError('compiled or built data before checking the checkpoint')
+
+  monkeypatch.setattr(train_lib, 'init_variables', must_not_run)
+  monkeypatch.setattr(train_lib.data_lib, 'train_batches', must_not_run)
+  d = tmp_path / 'run'
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'DenseReluDense\.wo\.weight.*missing'):
+    _run(d, base=str(hf))
+  assert not d.exists()
+
+
+def test_unused_command_line_macro_is_refused(tmp_path):
+  d = tmp_path / 'run'
+  with pytest.raises(gin_utils.GinConfigError, match=r'NUM_EXPERT\b.*did you mean NUM_EXPERTS'):
+    _run(d, bindings=['NUM_EXPERT = 8'])
+  assert not d.exists()
+
+
+def test_model_dir_that_is_a_file(tmp_path):
+  f = tmp_path / 'afile'
+  f.write_text('keep me')
+  with pytest.raises(train_lib.ConfigError, match=r'MODEL_DIR .*afile is a file'):
+    _run(f)
+  gin.clear_config()
+  with pytest.raises(train_lib.ConfigError, match=r'afile is a file'):
+    _run(f / 'sub')
+  assert f.read_text() == 'keep me'

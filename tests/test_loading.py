@@ -191,8 +191,32 @@ def test_errors_name_file_parameter_and_shapes(tmp_path, base):
   # T5X: an explicit config whose shapes differ from the checkpoint.
   ckpt = tmp_path / 't5x'
   loading.save_t5x_orbax(str(ckpt), params)
-  with pytest.raises(loading.CheckpointError) as e:
+  with pytest.raises(ValueError) as e:
     sira_jax.load_pretrained(ckpt, config=CFG.replace(d_model=24))
-  import re
-  assert re.search(r"parameter '[\w/]+'.*expects \([^)]*24[^)]*\).*has \([^)]*16[^)]*\)", str(e.value))
+  assert 'd_model: configured 24 vs checkpoint 16' in str(e.value)
   assert str(ckpt) in str(e.value)
+
+
+def test_checkpoint_architecture_wins_and_disagreement_is_an_error(tmp_path):
+  """Issue 11: a tied HF T5 saved with scale_decoder_outputs=false must load unscaled."""
+  cfg = CFG.replace(tie_word_embeddings=True, scale_logits=False, layer_norm_epsilon=1e-5)
+  params = nn.unbox(init_variables(Transformer(cfg), jax.random.PRNGKey(3)))['params']
+  params = jax.tree.map(np.asarray, params)
+  hf = tmp_path / 'hf_unscaled'
+  loading.save_hf_safetensors(hf, params, cfg)
+  assert json.loads((hf / 'config.json').read_text())['scale_decoder_outputs'] is False
+  want = _logits(Transformer(cfg), params)
+  model, loaded = sira_jax.load_pretrained(hf)
+  assert model.config.logits_scaled is False and model.config.layer_norm_epsilon == 1e-5
+  np.testing.assert_allclose(_logits(model, loaded), want, rtol=1e-5, atol=1e-5)
+  # A config that would scale (the T5 default for tied embeddings) is refused, naming the field
+  # and both values, instead of silently changing the logits.
+  with pytest.raises(ValueError, match=r'scale_logits: configured True vs checkpoint False.*'
+                                       r'layer_norm_epsilon: configured 1e-06 vs checkpoint 1e-05'):
+    sira_jax.load_pretrained(hf, config=CFG.replace(tie_word_embeddings=True))
+  with pytest.raises(ValueError, match=r"mlp_activations: configured \('relu',\) vs checkpoint "
+                                       r"\('gelu', 'linear'\)"):
+    sira_jax.load_pretrained(hf, config=cfg.replace(mlp_activations=('relu',)))
+  # Aliases of one function are not a disagreement.
+  model, _ = sira_jax.load_pretrained(hf, config=cfg.replace(mlp_activations=('gelu_new', 'linear')))
+  assert model.config.architecture() == cfg.architecture()

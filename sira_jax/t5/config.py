@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any
+from typing import Any, Collection, Mapping
 
 import gin
 import jax.numpy as jnp
@@ -154,6 +154,67 @@ class T5Config:
 
   def replace(self, **kw) -> 'T5Config':
     return dataclasses.replace(self, **kw)
+
+  def architecture(self) -> dict[str, Any]:
+    """The fields that define the function of the base weights: {field: value}, comparable.
+
+    `scale_logits` is the effective choice (`logits_scaled`) and activation aliases are
+    canonical ('gelu_new' -> 'gelu'), so two configs computing the same function compare equal.
+    """
+    out = {f: getattr(self, f) for f in ARCHITECTURE_FIELDS}
+    out['scale_logits'] = self.logits_scaled
+    out['mlp_activations'] = tuple(_CANONICAL_ACTIVATION.get(a, a) for a in self.mlp_activations)
+    return out
+
+
+# Fields that change what the stored base weights compute: a checkpoint fixes them. Every other
+# field (adapters, freezing, dropout, dtypes, attention-logit precision) may be set freely.
+ARCHITECTURE_FIELDS = (
+    'vocab_size', 'd_model', 'd_ff', 'num_heads', 'd_kv', 'num_encoder_layers',
+    'num_decoder_layers', 'mlp_activations', 'tie_word_embeddings', 'scale_logits',
+    'relative_attention_num_buckets', 'relative_attention_max_distance', 'layer_norm_epsilon')
+_CANONICAL_ACTIVATION = {'gelu_new': 'gelu', 'gelu_tanh': 'gelu', 'swish': 'silu'}
+
+
+class ArchitectureMismatchError(ValueError):
+  """A configured architecture field disagrees with the checkpoint's."""
+
+
+def with_checkpoint_architecture(cfg: T5Config, checkpoint: Mapping[str, Any], *, source: str,
+                                 configured: Collection[str] | None = None) -> T5Config:
+  """`cfg` with the architecture a checkpoint stores; refuses any configured disagreement.
+
+  Args:
+    cfg: the configured model (e.g. from gin).
+    checkpoint: the architecture fields the checkpoint determines ({field: value}, as
+      `T5Config.architecture()` gives them; fields the checkpoint does not record are absent).
+    source: the checkpoint, for the error message.
+    configured: the fields the user set explicitly (e.g. bound in gin); None = every field.
+      A configured field must equal the checkpoint's value; an unset one is taken from it.
+  Raises:
+    ArchitectureMismatchError naming every disagreeing field with both values.
+  """
+  mine = cfg.architecture()
+  unknown = set(checkpoint) - set(ARCHITECTURE_FIELDS)
+  if unknown:
+    raise ValueError(f'internal: not architecture fields: {sorted(unknown)}')
+  diff = [f'{f}: configured {mine[f]!r} vs checkpoint {v!r}' for f, v in checkpoint.items()
+          if (configured is None or f in configured) and _norm(mine[f]) != _norm(v)]
+  if diff:
+    raise ArchitectureMismatchError(
+        f'the configured model does not match the checkpoint {source}: ' + '; '.join(diff) +
+        '. Drop these settings (the architecture is read from the checkpoint) or use a '
+        'checkpoint of the configured architecture.')
+  return cfg.replace(**{f: tuple(v) if f == 'mlp_activations' else v
+                        for f, v in checkpoint.items()})
+
+
+def _norm(v):
+  if isinstance(v, (list, tuple)):
+    return tuple(_CANONICAL_ACTIVATION.get(a, a) for a in v)
+  if isinstance(v, float):
+    return float(v)
+  return v
 
 
 def small_test_config(**kw) -> T5Config:

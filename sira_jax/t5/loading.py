@@ -34,14 +34,14 @@ from flax import traverse_util
 import flax.linen as nn
 
 from sira_jax.adapters import AdapterConfig
-from sira_jax.t5.config import T5Config, as_dtype
+from sira_jax.checkpoints import CheckpointError  # one error class for every checkpoint problem
+from sira_jax.t5.config import (ARCHITECTURE_FIELDS, T5Config, as_dtype,
+                                 with_checkpoint_architecture)
 from sira_jax.t5.network import Transformer
 
 Params = dict
 
 
-class CheckpointError(ValueError):
-  """Raised for a missing file, unknown architecture or a shape/name mismatch."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,19 +69,14 @@ def load_pretrained(path: str | os.PathLike, adapter: AdapterConfig | None = Non
 
 
 def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **config_overrides):
-  """Like `load_pretrained` but returns (model, all variables) including e.g. 'schedule'."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f'checkpoint path {path!r} does not exist')
-  fmt = detect_format(path)
-  if fmt == 'hf':
-    reader = HFReader(path)
-    file_cfg = hf_config_to_t5(read_json(os.path.join(path, 'config.json')),
-                               os.path.join(path, 'config.json'), reader)
-  else:
-    reader = T5XReader(path)
-    file_cfg = reader.config_from_shapes()
-  cfg = config if config is not None else file_cfg
+  """Like `load_pretrained` but returns (model, all variables) including e.g. 'schedule'.
+
+  A given `config` must agree with the checkpoint on every architecture field the checkpoint
+  records (`T5Config.architecture`); a disagreement raises ArchitectureMismatchError.
+  """
+  reader, file_cfg, known = open_checkpoint(path)
+  cfg = file_cfg if config is None else with_checkpoint_architecture(
+      config, known, source=os.fspath(path))
   if adapter is not None:
     config_overrides['adapter'] = adapter
   if config_overrides:
@@ -108,6 +103,26 @@ def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **confi
   flat.update(rest)
   variables = {'params': traverse_util.unflatten_dict(flat, sep='/'), **others}
   return model, variables
+
+
+def open_checkpoint(path) -> tuple['HFReader | T5XReader', T5Config, dict[str, Any]]:
+  """(reader, the checkpoint's T5Config, the architecture fields it records) of a HF / T5X dir.
+
+  HF: every architecture field comes from config.json (and the weights, for tying). T5X: the
+  fields the parameter shapes determine, plus those of a `config.json` saved beside it.
+  `reader.read(cfg, flat_param_shapes)` then returns the checked base tensors.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'checkpoint path {path!r} does not exist')
+  if detect_format(path) == 'hf':
+    reader = HFReader(path)
+    cfg = hf_config_to_t5(read_json(os.path.join(path, 'config.json')),
+                          os.path.join(path, 'config.json'), reader)
+    return reader, cfg, cfg.architecture()
+  reader = T5XReader(path)
+  cfg, known = reader.config_from_shapes()
+  return reader, cfg, {k: v for k, v in cfg.architecture().items() if k in known}
 
 
 def _init(model: Transformer, rng):
@@ -362,7 +377,8 @@ class T5XReader:
       self._flat = _find_params(tree, self.path)
     return self._flat
 
-  def config_from_shapes(self) -> T5Config:
+  def config_from_shapes(self) -> tuple[T5Config, set[str]]:
+    """(config, the architecture fields the checkpoint determines)."""
     return _infer_t5x_config(self._load(), self.path)
 
   def read(self, cfg: T5Config, flat_shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -442,8 +458,12 @@ def _find_params(tree: Any, path: str) -> dict[str, np.ndarray]:
                         f'keys: {list(tree)[:10] if isinstance(tree, Mapping) else type(tree)}')
 
 
-def _infer_t5x_config(flat: Mapping[str, np.ndarray], path: str) -> T5Config:
-  """Architecture from T5X param shapes (num_heads from a config.json beside it if present)."""
+def _infer_t5x_config(flat: Mapping[str, np.ndarray], path: str) -> tuple[T5Config, set[str]]:
+  """Architecture from T5X param shapes and a config.json beside them if present.
+
+  Returns (config, known): `known` names the architecture fields the checkpoint determines (the
+  shapes give sizes, tying and buckets; activations, max distance, epsilon and logit scaling
+  only come from config.json)."""
   need = ['token_embedder/embedding', 'encoder/relpos_bias/rel_embedding',
           'encoder/layers_0/attention/query/kernel']
   for n in need:
@@ -469,7 +489,10 @@ def _infer_t5x_config(flat: Mapping[str, np.ndarray], path: str) -> T5Config:
               tie_word_embeddings='decoder/logits_dense/kernel' not in flat,
               relative_attention_num_buckets=int(buckets))
   base.update(kw)
-  return T5Config(**base)
+  known = {'vocab_size', 'd_model', 'd_ff', 'num_heads', 'd_kv', 'num_encoder_layers',
+           'num_decoder_layers', 'tie_word_embeddings', 'relative_attention_num_buckets'}
+  known |= set(kw) & set(ARCHITECTURE_FIELDS)
+  return T5Config(**base), known
 
 
 def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | None = None,
@@ -486,6 +509,7 @@ def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | N
                                            'relative_attention_num_buckets',
                                            'relative_attention_max_distance',
                                            'layer_norm_epsilon')}
+    cfg['scale_logits'] = config.logits_scaled
     with open(os.path.join(path, 'config.json'), 'w') as f:
       json.dump(cfg, f, indent=1)
 
