@@ -10,45 +10,34 @@ decoder_input_tokens, decoder_loss_weights (plus segment ids / positions when pa
 """
 from __future__ import annotations
 
-import difflib
 from typing import Iterator, Mapping
 
 import numpy as np
 import seqio
 import tensorflow as tf
+from absl import logging
+
+import tasks
+from tasks import truncation
 
 
-def registered_names() -> list[str]:
-  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-
-
-def import_task_modules():
-  """Registers the project's tasks (bundled suite, XTREME-UP when configured) with seqio."""
-  import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+def import_task_modules() -> list[str]:
+  """The registered task and mixture names (`import tasks` registered the bundled suite; XTREME-UP
+  registers on `register_after_gin` or on first use of an xtreme_up name)."""
+  return tasks.registered_names()
 
 
 def register_after_gin():
   """Re-registers tasks with the gin-configured vocabulary / data dirs (`tasks.register_all`)."""
-  import tasks  # pylint: disable=import-outside-toplevel
-  if hasattr(tasks, 'register_all'):
-    tasks.register_all()
+  tasks.register_all()
 
 
 def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
-  """seqio lookup; an unknown name raises ValueError listing the closest registered names."""
-  import_task_modules()
-  import tasks  # pylint: disable=import-outside-toplevel
-  if hasattr(tasks, 'get_task_or_mixture'):
-    try:
-      return tasks.get_task_or_mixture(name)
-    except KeyError as e:
-      raise ValueError(e.args[0] if e.args else str(e)) from None
-  names = registered_names()
-  if name not in names:
-    close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
-    hint = ', '.join(close) if close else f'(none close; {len(names)} registered)'
-    raise ValueError(f'unknown task or mixture {name!r}; closest registered names: {hint}')
-  return seqio.get_mixture_or_task(name)
+  """`tasks.get_task_or_mixture`; an unknown name raises ValueError listing the closest names."""
+  try:
+    return tasks.get_task_or_mixture(name)
+  except KeyError as e:
+    raise ValueError(e.args[0] if e.args else str(e)) from None
 
 
 def feature_converter(pack: bool = False) -> seqio.FeatureConverter:
@@ -84,7 +73,24 @@ def train_batches(
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options).prefetch(2)
-  return ds.as_numpy_iterator()
+  return _warn_on_truncation(ds.as_numpy_iterator(), task_feature_lengths)
+
+
+def _warn_on_truncation(batches: Iterator[dict[str, np.ndarray]], lengths: Mapping[str, int],
+                        every: int = 50) -> Iterator[dict[str, np.ndarray]]:
+  """Yields `batches`, warning when examples lose tokens to `lengths` (counted by the tasks'
+  `tasks.truncation.append_eos_after_trim`): on the first batch with a cut example, then whenever
+  the number cut has grown tenfold (checked every `every` batches)."""
+  before = truncation.snapshot()
+  warned_at = 0
+  for i, batch in enumerate(batches):
+    if i % every == 0:
+      counts = truncation.since(before)
+      cut = max((c.cut for c in counts.values()), default=0)
+      if cut and cut >= 10 * warned_at:
+        logging.warning('%s', truncation.message(counts, lengths, 'training data'))
+        warned_at = cut
+    yield batch
 
 
 def eval_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -42,6 +42,7 @@ from tasks import metrics
 from tasks import offline_data as data
 from tasks import registry
 from tasks import span_corruption
+from tasks import truncation
 from tasks import vocab as vocab_lib
 
 PREFIX = 'offline'
@@ -134,7 +135,7 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
               num_input_examples=split_sizes(task, lang)),
           preprocessors=[seqio.preprocessors.tokenize,
                          seqio.CacheDatasetPlaceholder(),
-                         seqio.preprocessors.append_eos_after_trim],
+                         truncation.append_eos_after_trim],
           output_features=features,
           metric_fns=list(metric_fns),
           shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)

@@ -25,6 +25,8 @@ import functools
 import seqio
 import tensorflow as tf
 
+from tasks import truncation
+
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 
@@ -173,5 +175,5 @@ def preprocessors(noise_density: float = NOISE_DENSITY,
                         mean_noise_span_length=mean_noise_span_length),
       functools.partial(span_corruption, noise_density=noise_density,
                         mean_noise_span_length=mean_noise_span_length),
-      seqio.preprocessors.append_eos_after_trim,
+      truncation.append_eos_after_trim,
   ]

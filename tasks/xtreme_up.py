@@ -62,6 +62,7 @@ import tensorflow as tf
 
 from tasks import metrics
 from tasks import registry
+from tasks import truncation
 from tasks import vocab as vocab_lib
 
 RELEASE_URL = 'https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz'
@@ -328,7 +329,7 @@ def _make_dataset_fn(paths: Mapping[str, str], kind: str):
 _PREPROCESSORS = [
     seqio.preprocessors.tokenize,
     seqio.CacheDatasetPlaceholder(),
-    seqio.preprocessors.append_eos_after_trim,
+    truncation.append_eos_after_trim,
 ]
 
 

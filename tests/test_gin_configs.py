@@ -98,7 +98,8 @@ def test_train_run_files_bind_train(run):
   b = gin.get_bindings('train')
   assert b['model_dir'] == '/tmp/unused_model_dir' and b['train_steps'] == 3
   assert isinstance(b['model_config'], T5Config) and b['model_config'].d_model == 64
-  assert b['task_feature_lengths'] == {'inputs': 64, 'targets': 32}
+  assert b['task_feature_lengths'] == ({'inputs': 64, 'targets': 32} if run == 'runs/pretrain.gin'
+                                       else {'inputs': 128, 'targets': 160})
   if run == 'runs/pretrain.gin':
     assert b['pretrain'] is True and b['learning_rate'] == 1e-2 and b['schedule'] == 'rsqrt'
   if run == 'runs/finetune.gin':

@@ -1,0 +1,103 @@
+"""Default lengths fit the bundled tasks, and truncation is counted and warned where it happens."""
+import logging
+
+import gin
+import pytest
+import seqio
+
+import tasks
+from sira_jax import data as data_lib
+from sira_jax import gin_utils
+from sira_jax import train as train_lib  # noqa: F401  registers `train` for the run files
+from tasks import offline_suite
+from tasks import truncation
+
+RUN_MACROS = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'offline_suite_mix'",
+              'TRAIN_STEPS = 1', "INITIAL_CHECKPOINT_PATH = '/tmp/unused'"]
+
+
+def _default_lengths(run_file):
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([run_file], RUN_MACROS, ['.', gin_utils.PROJECT_GIN_DIR], finalize=False)
+    return gin.query_parameter('%TASK_FEATURE_LENGTHS')
+  finally:
+    gin.clear_config()
+
+
+def _longest_bundled():
+  """Longest tokenized inputs/targets (with EOS) of every bundled generation task, every split."""
+  longest = {'inputs': (0, ''), 'targets': (0, '')}
+  for task, (generator, langs, _) in offline_suite.GENERATION_TASKS.items():
+    for lang in langs:
+      name = offline_suite.task_name(task, lang)
+      vocab = seqio.get_mixture_or_task(name).output_features['targets'].vocabulary
+      for pairs in generator(lang).values():
+        for pair in pairs:
+          for key, text in zip(('inputs', 'targets'), pair):
+            n = len(vocab.encode(text)) + 1
+            if n > longest[key][0]:
+              longest[key] = (n, f'{name}: {text!r}')
+  return longest
+
+
+@pytest.fixture(scope='module')
+def longest():
+  return _longest_bundled()
+
+
+@pytest.mark.parametrize('run_file', ['runs/common_train.gin', 'runs/finetune.gin',
+                                      'runs/eval.gin', 'runs/infer.gin'])
+def test_default_lengths_fit_every_bundled_task(run_file, longest):
+  """A bundled task's example that the default lengths would truncate fails this test."""
+  lengths = _default_lengths(run_file)
+  for key, (n, where) in longest.items():
+    assert n <= lengths[key], (
+        f'{run_file}: TASK_FEATURE_LENGTHS[{key!r}] = {lengths[key]} truncates {where} '
+        f'({n} tokens with EOS)')
+
+
+def test_pretrain_lengths_fit_span_corruption():
+  lengths = _default_lengths('runs/pretrain.gin')
+  task = tasks.get_task_or_mixture('offline_span_corruption_en')
+  before = truncation.snapshot()
+  n = sum(1 for _ in task.get_dataset(lengths, split='validation', shuffle=False))
+  counts = truncation.since(before)
+  assert n and counts['inputs'].seen == n and counts['targets'].seen == n
+  assert counts['inputs'].cut == 0 and counts['targets'].cut == 0, counts
+
+
+def test_counts_exactly_the_examples_that_lose_tokens():
+  task = tasks.get_task_or_mixture('offline_num2words_en')
+  lengths = {'inputs': 64, 'targets': 20}
+  before = truncation.snapshot()
+  got = list(task.get_dataset(lengths, split='validation', shuffle=False).as_numpy_iterator())
+  counts = truncation.since(before)
+  texts = [t for _, t in offline_suite.GENERATION_TASKS['num2words'][0]('en')['validation']]
+  expected_cut = sum(len(t.encode()) + 1 > 20 for t in texts)
+  assert 0 < expected_cut < len(texts)
+  assert counts['targets'].seen == len(texts) and counts['targets'].cut == expected_cut
+  # `longest` is the longest seen by this process so far (earlier tests may have seen longer).
+  assert counts['targets'].longest >= max(len(t.encode()) + 1 for t in texts)
+  assert all(len(ex['targets']) <= 20 and ex['targets'][-1] == 1 for ex in got)  # EOS kept
+  msg = truncation.message(counts, lengths, 'eval')
+  assert f'{expected_cut} of {len(texts)} targets' in msg and 'longer than 20' in msg
+  assert 'inputs' not in msg.split('.')[0]
+
+
+def test_training_batches_warn_with_counts(caplog):
+  caplog.set_level(logging.WARNING)
+  batches = data_lib.train_batches('offline_num2words_ru', {'inputs': 32, 'targets': 24}, 8)
+  next(batches)
+  warnings = [r.getMessage() for r in caplog.records if 'truncated' in r.getMessage()]
+  assert len(warnings) == 1
+  assert 'training data' in warnings[0] and 'targets' in warnings[0]
+  assert 'longer than 24 tokens' in warnings[0] and 'TASK_FEATURE_LENGTHS' in warnings[0]
+
+
+def test_no_warning_when_everything_fits(caplog):
+  caplog.set_level(logging.WARNING)
+  batches = data_lib.train_batches('offline_num2words_en', {'inputs': 32, 'targets': 160}, 8)
+  next(batches)
+  assert not [r for r in caplog.records if 'truncated' in r.getMessage()]
+  assert truncation.message({'targets': truncation.Counts(10, 0, 5)}, {}, 'x') is None
