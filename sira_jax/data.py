@@ -10,6 +10,8 @@ decoder_input_tokens, decoder_loss_weights (plus segment ids / positions when pa
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -30,6 +32,21 @@ def import_task_modules() -> list[str]:
 def register_after_gin():
   """Re-registers tasks with the gin-configured vocabulary / data dirs (`tasks.register_all`)."""
   tasks.register_all()
+
+
+def task_registration() -> dict:
+  """How the optional task families (XTREME-UP) were registered: a training run records it in its
+  run_config.json (`tasks.registration()`); {} when only the bundled suite is registered."""
+  return tasks.registration()
+
+
+def register_run_tasks(run_config_path: str) -> list[str]:
+  """Re-applies the task registration a training run recorded in `run_config_path` (if the file
+  exists), so eval and infer see the run's tasks without repeating its settings."""
+  if not os.path.exists(run_config_path):
+    return []
+  with open(run_config_path) as f:
+    return tasks.apply_registration(json.load(f))
 
 
 def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:

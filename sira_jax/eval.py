@@ -3,8 +3,11 @@ r"""Evaluate a trained run on a task or mixture with seqio's Evaluator and the t
   python -m sira_jax.eval --gin_file=runs/eval.gin --gin.MODEL_DIR=/tmp/sira_run \
     --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix
 
-Writes `<MODEL_DIR>/eval/metrics_<task or mixture>_<step>_<split>.json` ({task: {metric: value}})
-and TensorBoard scalars `eval/<task>/<metric>` into `<MODEL_DIR>/eval/`.
+Writes `<MODEL_DIR>/eval/metrics_<task or mixture>_<step>_<split>.json` ({task: {metric: value}},
+plus the summary: each metric's mean over tasks and per task family) and TensorBoard scalars
+`eval/<task>/<metric>` into `<MODEL_DIR>/eval/`. Shows a progress bar over the examples, prints a
+summary line, and warns when predictions are empty or examples were truncated to the lengths.
+The tasks are registered as the training run registered them (its run_config.json).
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ if __name__ == '__main__':
 
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import gin
 import numpy as np
 import seqio
 from absl import flags
+from absl import logging
 
+import tasks
 from sira_jax import data as data_lib
 from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
 from sira_jax import infer as infer_lib
+from tasks import truncation
 
 
 def _scalar(v):
@@ -38,6 +45,45 @@ def _scalar(v):
     return float(np.asarray(v))
   except (TypeError, ValueError):
     return None
+
+
+def summarize(results: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+  """{'mean': {metric: mean over tasks}, 'families': {family: {metric: mean over its tasks}}}.
+
+  Each mean is over the tasks that report that metric; families come from `tasks.family`.
+  """
+  def means(names):
+    by_metric = {}
+    for name in names:
+      for k, v in results[name].items():
+        by_metric.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in sorted(by_metric.items())}
+
+  families = {}
+  for name in results:
+    families.setdefault(tasks.family(name), []).append(name)
+  return {'num_tasks': len(results), 'mean': means(results),
+          'families': {f: means(names) for f, names in sorted(families.items())}}
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+  """One line: 'mean over N tasks: m=v ... | family: m=v ...; ...'."""
+  def fmt(m):
+    return ' '.join(f'{k}={v:.2f}' for k, v in m.items())
+  families = '; '.join(f'{f}: {fmt(m)}' for f, m in summary['families'].items())
+  return f"mean over {summary['num_tasks']} tasks: {fmt(summary['mean'])} | {families}"
+
+
+def _empty_predictions(all_output) -> dict[str, tuple[int, int]]:
+  """{task: (empty, total)} of the decoded predictions (empty: EOS or padding first)."""
+  out = {}
+  for task, outputs in all_output.items():
+    preds = outputs.get(seqio.metrics.ModelOutputType.PREDICTION)
+    if preds is None:
+      continue
+    rows = [np.asarray(p[1] if isinstance(p, tuple) else p).reshape(-1) for p in preds]
+    out[task] = (sum(1 for r in rows if not r.size or r[0] in (0, 1)), len(rows))
+  return out
 
 
 @gin.configurable(denylist=['predict'])
@@ -53,14 +99,17 @@ def evaluate(
     decode_method: str = 'greedy',
     output_dir: str | None = None,
     tensorboard: bool = True,
+    progress_bar: bool = True,
     predict: Any = None,
 ) -> dict[str, dict[str, float]]:
   """Decodes `split` of every subtask, computes the tasks' metrics; returns {task: {metric: v}}.
 
   predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
   """
+  data_lib.register_run_tasks(os.path.join(model_dir, train_lib.RUN_CONFIG))
   data_lib.get_mixture_or_task(mixture_or_task_name)  # clear error for unknown names
   lengths = dict(task_feature_lengths)
+  before = truncation.snapshot()
   evaluator = seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name,
       feature_converter=data_lib.feature_converter(False), eval_split=split, use_cached=False,
@@ -72,12 +121,20 @@ def evaluate(
                                         method=decode_method)
   else:
     step = 0
-  all_metrics, _ = evaluator.evaluate(
-      compute_metrics=True, step=step,
-      predict_fn=infer_lib.seqio_predict_fn(predict, batch_size))
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  total = sum(int(ds.cardinality()) for ds in evaluator.cached_task_datasets.values())
+  with tqdm(total=total if total >= 0 else None, desc=f'eval {split}', unit='ex',
+            disable=not progress_bar) as bar:
+    all_metrics, all_output = evaluator.evaluate(
+        compute_metrics=True, step=step,
+        predict_fn=infer_lib.seqio_predict_fn(predict, batch_size, on_batch=bar.update))
   if hasattr(all_metrics, 'result'):  # seqio returns a Future of the metrics
     all_metrics = all_metrics.result()
   evaluator.close()
+  cut = truncation.message(truncation.since(before), lengths, f'eval {mixture_or_task_name}')
+  if cut:
+    logging.warning('%s', cut)
+  infer_lib.warn_empty(_empty_predictions(all_output), f'eval {mixture_or_task_name} {split}')
   results = {}
   for task, metrics in all_metrics.items():
     results[task] = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
@@ -85,7 +142,8 @@ def evaluate(
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, f'metrics_{mixture_or_task_name}_{step}_{split}.json'),
             'w') as f:
-    json.dump({'step': step, 'split': split, 'metrics': results}, f, indent=1, sort_keys=True)
+    json.dump({'step': step, 'split': split, 'metrics': results, 'summary': summarize(results)},
+              f, indent=1, sort_keys=True)
   if tensorboard:
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
     writer = metric_writers.create_default_writer(output_dir, asynchronous=False)
@@ -96,11 +154,15 @@ def evaluate(
   return results
 
 
+def _report(results):
+  print(json.dumps(results, indent=1, sort_keys=True))
+  print(summary_line(summarize(results)), file=sys.stderr)
+
+
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  gin_utils.run_gin_command(
-      evaluate, lambda results: print(json.dumps(results, indent=1, sort_keys=True)))
+  gin_utils.run_gin_command(evaluate, _report)
 
 
 

@@ -17,6 +17,7 @@ if __name__ == '__main__':
 
 import json
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 import gin
@@ -25,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 from absl import flags
+from absl import logging
 
 from sira_jax import data as data_lib
 from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
+from tasks import truncation
 
 PyTree = Any
 
@@ -52,8 +55,12 @@ def make_predict_fn(model, variables: Mapping[str, Any], *, max_decode_length: i
   return predict
 
 
-def seqio_predict_fn(predict: Callable, batch_size: int):
-  """Adapts `predict` to seqio.Evaluator: enumerated dataset -> [(index, tokens [L])]."""
+def seqio_predict_fn(predict: Callable, batch_size: int,
+                     on_batch: Callable[[int], Any] | None = None):
+  """Adapts `predict` to seqio.Evaluator: enumerated dataset -> [(index, tokens [L])].
+
+  on_batch(n) is called after each batch of n real examples (a progress bar's update).
+  """
 
   def fn(ds, model_feature_shapes=None):
     del model_feature_shapes
@@ -69,9 +76,25 @@ def seqio_predict_fn(predict: Callable, batch_size: int):
       for i, t in zip(idx, toks):
         # Fixed-length rows (0 after EOS): seqio needs equal-length arrays and cuts at EOS itself.
         out.append((int(i), np.asarray(t)))
+      if on_batch is not None:
+        on_batch(n)
     return out
 
   return fn
+
+
+def warn_empty(empty: Mapping[str, tuple[int, int]], where: str) -> str | None:
+  """Warns (and returns the message) when any task has empty predictions."""
+  bad = {t: c for t, c in empty.items() if c[0]}
+  if not bad:
+    return None
+  n, total = sum(c[0] for c in bad.values()), sum(c[1] for c in empty.values())
+  shown = ', '.join(f'{t} {e}/{n_t}' for t, (e, n_t) in sorted(bad.items())[:10])
+  msg = (f'{where}: {n} of {total} predictions are empty ({shown}'
+         f'{", ..." if len(bad) > 10 else ""}): the model emits EOS first; it may need more '
+         'training or a base checkpoint.')
+  logging.warning('%s', msg)
+  return msg
 
 
 def _strip(tokens) -> list[int]:
@@ -88,7 +111,7 @@ def _task_vocab(task: seqio.Task) -> seqio.Vocabulary:
   return task.output_features['targets'].vocabulary
 
 
-@gin.configurable
+@gin.configurable(denylist=['predict'])
 def infer(
     *,
     model_dir: str = gin.REQUIRED,
@@ -100,41 +123,68 @@ def infer(
     output_dir: str | None = None,
     num_examples: int | None = None,
     decode_method: str = 'greedy',
+    progress_bar: bool = True,
+    predict: Any = None,
 ) -> list[str]:
-  """Writes one JSONL file per task of the mixture; returns their paths."""
+  """Writes one JSONL file per task of the mixture; returns their paths.
+
+  Shows a progress bar over tasks, logs a summary, and warns when predictions are empty or
+  examples were truncated to `task_feature_lengths`. predict: optional `batch -> tokens [B, L]`
+  used instead of the run's model (step 0).
+  """
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  data_lib.register_run_tasks(os.path.join(model_dir, train_lib.RUN_CONFIG))
   mt = data_lib.get_mixture_or_task(mixture_or_task_name)
-  model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
   lengths = dict(task_feature_lengths)
-  predict = make_predict_fn(model, variables, max_decode_length=lengths['targets'],
-                            method=decode_method)
+  if predict is None:
+    model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
+    predict = make_predict_fn(model, variables, max_decode_length=lengths['targets'],
+                              method=decode_method)
+  else:
+    step = 0
   output_dir = output_dir or os.path.join(model_dir, 'infer')
   os.makedirs(output_dir, exist_ok=True)
-  tasks = seqio.get_subtasks(mt)
-  paths = []
-  conv = data_lib.feature_converter(False)
-  for task in tasks:
-    if split not in task.splits:
-      continue
-    ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False)
-    if num_examples:
-      ds = ds.take(num_examples)
-    examples = list(ds.as_numpy_iterator())
-    model_ds = conv(ds, lengths)
-    vocab = _task_vocab(task)
+  subtasks = [t for t in seqio.get_subtasks(mt) if split in t.splits]
+  before = truncation.snapshot()
+  paths, empty = [], {}
+  for task in tqdm(subtasks, desc=f'infer {split}', unit='task', disable=not progress_bar):
     path = os.path.join(output_dir, f'{task.name}_{split}_{step}.jsonl')
-    with open(path, 'w') as f:
-      i = 0
-      for batch in data_lib.eval_batches(model_ds, batch_size):
-        n = batch.pop('num_real')
-        toks = predict(batch)[:n]
-        for t in toks:
-          ex = examples[i]
-          rec = dict(task=task.name, index=i, inputs=_text(ex, 'inputs', vocab),
-                     targets=_text(ex, 'targets', vocab), prediction=vocab.decode(_strip(t)))
-          f.write(json.dumps(rec, ensure_ascii=False) + '\n')
-          i += 1
+    empty[task.name] = _write_predictions(task, split, lengths, num_examples, batch_size, predict,
+                                          path)
     paths.append(path)
+  cut = truncation.message(truncation.since(before), lengths, f'infer {mixture_or_task_name}')
+  if cut:
+    logging.warning('%s', cut)
+  warn_empty(empty, f'infer {mixture_or_task_name} {split}')
+  n_empty, n = sum(e for e, _ in empty.values()), sum(t for _, t in empty.values())
+  print(f'infer: {n} predictions of {len(paths)} tasks ({split}, step {step}) in {output_dir}; '
+        f'{n_empty} empty', file=sys.stderr)
   return paths
+
+
+def _write_predictions(task: seqio.Task, split: str, lengths: Mapping[str, int],
+                       num_examples: int | None, batch_size: int, predict: Callable,
+                       path: str) -> tuple[int, int]:
+  """Writes one task's predictions as JSONL; returns (empty predictions, predictions)."""
+  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False)
+  if num_examples:
+    ds = ds.take(num_examples)
+  examples = list(ds.as_numpy_iterator())
+  model_ds = data_lib.feature_converter(False)(ds, lengths)
+  vocab = _task_vocab(task)
+  n_empty = i = 0
+  with open(path, 'w') as f:
+    for batch in data_lib.eval_batches(model_ds, batch_size):
+      n = batch.pop('num_real')
+      for t in predict(batch)[:n]:
+        ex = examples[i]
+        prediction = vocab.decode(_strip(t))
+        n_empty += not prediction
+        rec = dict(task=task.name, index=i, inputs=_text(ex, 'inputs', vocab),
+                   targets=_text(ex, 'targets', vocab), prediction=prediction)
+        f.write(json.dumps(rec, ensure_ascii=False) + '\n')
+        i += 1
+  return n_empty, i
 
 
 def _text(ex, key, vocab):

@@ -533,7 +533,7 @@ def train(
       task_feature_lengths=dict(task_feature_lengths), batch_size=batch_size, pretrain=pretrain,
       initial_checkpoint_path=base_source, optimizer=optimizer,
       loss=dataclasses.asdict(loss_config), seed=seed, data_seed=data_seed, pack=pack,
-      full_checkpoints=full_checkpoints)
+      full_checkpoints=full_checkpoints, **data_lib.task_registration())
   resume = check_model_dir(model_dir, fingerprint, overwrite)
 
   # 2. The initial state, or the newest intact checkpoint's.

@@ -1,15 +1,25 @@
 """seqio tasks for sira-jax: the bundled offline suite and XTREME-UP.
 
 `import tasks` registers the offline suite (no download; see
-tasks/offline_suite.py and tasks/README.md) and, when $XTREME_UP_DATA_DIR is
-set, the XTREME-UP tasks (tasks/xtreme_up.py). The trainer selects tasks by
-name: `tasks.get_task_or_mixture(name)`; unknown names raise a KeyError that
-lists the closest registered names. After parsing gin, `tasks.register_all()`
-re-registers with the gin-configured vocabulary (and XTREME-UP data dir).
+tasks/offline_suite.py and tasks/README.md). XTREME-UP (tasks/xtreme_up.py)
+is registered explicitly: by `register_all()` (called after gin is parsed)
+when gin or $XTREME_UP_DATA_DIR names a data directory, or on the first
+`get_task_or_mixture('xtreme_up_...')`. The trainer selects tasks by name:
+`tasks.get_task_or_mixture(name)`; unknown names raise a KeyError that lists
+the closest registered names.
+
+A training run records `registration()` in its run_config.json, and eval and
+infer re-apply it (`apply_registration`), so they see the same tasks without
+repeating the data-directory settings.
 """
+from __future__ import annotations
+
 import os
+from typing import Any, Mapping
 
 import gin
+import seqio
+from absl import logging
 
 from tasks import metrics
 from tasks import offline_suite
@@ -17,7 +27,6 @@ from tasks import registry
 from tasks import vocab
 from tasks import xtreme_up
 from tasks.offline_suite import register_offline_suite
-from tasks.registry import get_task_or_mixture
 from tasks.registry import registered_names
 from tasks.xtreme_up import register_xtreme_up
 
@@ -48,5 +57,56 @@ def _gin_xtreme_up_data_dir() -> str | None:
     return None
 
 
-if os.environ.get(xtreme_up.ENV_VAR):
-  register_xtreme_up()
+def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+  """The registered seqio Task or Mixture `name`.
+
+  A name starting with 'xtreme_up' registers XTREME-UP first if nothing has
+  (data dir from gin or $XTREME_UP_DATA_DIR; a missing dir raises an error
+  naming the expected files and where to download them).
+
+  Raises:
+    KeyError: no such task or mixture; the message lists the closest names.
+  """
+  if (name.startswith('xtreme_up') and name not in registered_names()
+      and not xtreme_up.registered_data_dir()):
+    register_xtreme_up()
+  return registry.get_task_or_mixture(name)
+
+
+def family(name: str) -> str:
+  """The family of a task, for per-family summaries: `xtreme_up_<family>`
+  for XTREME-UP, `offline_<task>` for the bundled suite, else the name."""
+  xtreme_up_family = xtreme_up.family_of(name)
+  if xtreme_up_family:
+    return f'xtreme_up_{xtreme_up_family}'
+  for task in (*offline_suite.GENERATION_TASKS, 'span_corruption'):
+    prefix = offline_suite.task_name(task, '')
+    if name.startswith(prefix) or name == prefix[:-1]:
+      return prefix[:-1]
+  return name
+
+
+def registration() -> dict[str, Any]:
+  """How the optional task families were registered (JSON-able): {} when only
+  the bundled suite is, else {'xtreme_up': register_xtreme_up kwargs}."""
+  args = xtreme_up.registration_args()
+  return {'xtreme_up': args} if args else {}
+
+
+def apply_registration(record: Mapping[str, Any] | None) -> list[str]:
+  """Registers what a run's `registration()` record names; returns the names.
+
+  A registration already made in this process (gin or $XTREME_UP_DATA_DIR)
+  is kept when it differs from the record: explicit settings win, with a
+  warning.
+  """
+  args = (record or {}).get('xtreme_up')
+  if not args:
+    return []
+  current = xtreme_up.registration_args()
+  if current is None:
+    return register_xtreme_up(**args)
+  if current != args:
+    logging.warning('XTREME-UP is registered with %s, not with the run\'s %s: '
+                    'keeping the explicit settings.', current, args)
+  return []

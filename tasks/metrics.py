@@ -17,13 +17,16 @@ dicts that `seqio.Task(metric_fns=...)` / `seqio.Evaluator` accept.
 | semantic parsing          | sequence accuracy    | `sequence_accuracy` |
 | autocomplete              | top-3 accuracy       | `top3_accuracy`     |
 
-Deliberate deviation (documented, tested): the official `chrf` is written as
-`100 * sacrebleu.corpus_chrf(predictions, targets)`, which under sacrebleu 2.x
-raises a TypeError (the result is a `CHRFScore` object) and passes the
-references as a bare list of strings rather than a list of reference streams.
-We compute the intended corpus-level chrF2 of sacrebleu's defaults (character
-order 6, word order 0, beta 2, whitespace ignored), 0-100:
-`sacrebleu.corpus_chrf(predictions, [targets]).score`.
+chrF: the official `chrf` is `100 * sacrebleu.corpus_chrf(predictions,
+targets)`, written for sacrebleu 1.x (under 2.x it raises a TypeError: the
+result is a `CHRFScore` object, and the references must be a list of
+streams). We compute what it computes under 1.x (1.5.1): corpus chrF2,
+character order 6, beta 2, whitespace removed; n-gram counts summed over the
+corpus, then precision and recall averaged over the orders that have both
+hypothesis and reference n-grams. sacrebleu 2.x counts differently when a
+reference is shorter than 6 non-space characters (targets ['', 'x'],
+predictions ['.', 'x']: 2.x gives 100.0, 1.x and `chrf` 83.33); on longer
+references the two agree (tests/test_metrics.py checks both).
 """
 from __future__ import annotations
 
@@ -34,7 +37,6 @@ import unicodedata
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import sacrebleu
 
 # ---------------------------------------------------------------------------
 # Edit distance / CER
@@ -96,10 +98,34 @@ def cer(targets: Sequence[str], predictions: Sequence[str],
 # ---------------------------------------------------------------------------
 
 
-def chrf(targets: Sequence[str], predictions: Sequence[str]) -> float:
-  """Corpus chrF2 (sacrebleu defaults), 0-100. See the module docstring."""
+def _char_ngrams(text: str, n: int) -> collections.Counter:
+  return collections.Counter(text[i:i + n] for i in range(len(text) - n + 1))
+
+
+def chrf(targets: Sequence[str], predictions: Sequence[str], order: int = 6,
+         beta: float = 2.0) -> float:
+  """Corpus chrF2 as sacrebleu 1.x computes it, 0-100. See the module docstring.
+
+  stats[n] = (hypothesis n-grams, reference n-grams, common n-grams), summed
+  over the corpus; P and R are averaged over the orders where both counts are
+  positive; chrF = (1 + b^2) P R / (b^2 P + R).
+  """
   _check_lengths(targets, predictions)
-  return float(sacrebleu.corpus_chrf(list(predictions), [list(targets)]).score)
+  stats = np.zeros((order, 3))
+  for target, prediction in zip(targets, predictions):
+    ref, hyp = re.sub(r'\s+', '', target), re.sub(r'\s+', '', prediction)
+    for n in range(1, order + 1):
+      h, r = _char_ngrams(hyp, n), _char_ngrams(ref, n)
+      stats[n - 1] += (sum(h.values()), sum(r.values()), sum((h & r).values()))
+  valid = (stats[:, 0] > 0) & (stats[:, 1] > 0)
+  if not valid.any():
+    return 0.0
+  precision = float(np.mean(stats[valid, 2] / stats[valid, 0]))
+  recall = float(np.mean(stats[valid, 2] / stats[valid, 1]))
+  if precision + recall == 0:
+    return 0.0
+  b2 = beta ** 2
+  return 100.0 * (1 + b2) * precision * recall / (b2 * precision + recall)
 
 
 def sequence_accuracy(targets: Sequence[str],

@@ -3,8 +3,9 @@
 `add_task` / `add_mixture` replace an existing entry of the same name instead
 of raising, so importing or re-running a registration function twice is safe
 (and re-registering with another vocabulary or data dir takes effect).
-`get_task_or_mixture(name)` is what the trainer calls: an unknown name raises
-a KeyError listing the closest registered names (difflib).
+`get_task_or_mixture(name)` looks a name up: an unknown name raises a KeyError
+listing the closest registered names (difflib). This module knows no task
+family; `tasks.get_task_or_mixture` adds XTREME-UP's registration on first use.
 """
 from __future__ import annotations
 
@@ -55,18 +56,9 @@ def closest_names(name: str, n: int = 8) -> list[str]:
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
   """The registered seqio Task or Mixture `name`.
 
-  Names starting with 'xtreme_up' trigger XTREME-UP registration first if it
-  has not happened (data dir from gin or $XTREME_UP_DATA_DIR; a missing dir
-  raises an error naming the expected files and where to download them).
-
   Raises:
     KeyError: no such task or mixture; the message lists the closest names.
   """
-  if (name.startswith('xtreme_up') and name not in seqio.TaskRegistry.names()
-      and name not in seqio.MixtureRegistry.names()):
-    from tasks import xtreme_up  # pylint: disable=g-import-not-at-top
-    if not xtreme_up.registered_data_dir():
-      xtreme_up.register_xtreme_up()
   if name in seqio.MixtureRegistry.names():
     return seqio.MixtureRegistry.get(name)
   if name in seqio.TaskRegistry.names():

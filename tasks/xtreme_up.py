@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import gin
 import seqio
 import tensorflow as tf
+from absl import logging
 
 from tasks import metrics
 from tasks import registry
@@ -337,7 +338,8 @@ _PREPROCESSORS = [
 # Registration
 # ---------------------------------------------------------------------------
 
-_STATE: dict[str, Any] = {'data_dir': None, 'names': []}
+_STATE: dict[str, Any] = {'data_dir': None, 'names': [], 'args': None,
+                          'missing': [], 'family': {}}
 
 
 def registered_data_dir() -> str | None:
@@ -350,10 +352,28 @@ def registered_names() -> list[str]:
   return list(_STATE['names'])
 
 
+def registration_args() -> dict[str, Any] | None:
+  """The JSON-able arguments of the last successful registration (None if
+  none): what a training run records so eval and infer can register the same
+  tasks (`register_xtreme_up(**args)`)."""
+  return dict(_STATE['args']) if _STATE['args'] else None
+
+
+def family_of(name: str) -> str | None:
+  """The family of a registered XTREME-UP task (query tasks: their
+  retrieval family); None for any other name."""
+  return _STATE['family'].get(name)
+
+
+def missing_files() -> list[str]:
+  """Expected files the last registration did not find (their tasks skipped)."""
+  return list(_STATE['missing'])
+
+
 def unregister() -> None:
   """Removes every task and mixture of the last registration."""
   registry.remove(_STATE['names'])
-  _STATE['names'], _STATE['data_dir'] = [], None
+  _STATE.update(data_dir=None, names=[], args=None, missing=[], family={})
 
 
 def expected_files(data_dir: str, families: Sequence[str] | None = None,
@@ -372,10 +392,8 @@ def expected_files(data_dir: str, families: Sequence[str] | None = None,
 
 
 def _error(msg: str, missing: Sequence[str] = ()) -> XtremeUpDataError:
-  shown = ''.join(f'\n  {p}' for p in missing[:25])
-  more = (f'\n  ... and {len(missing) - 25} more' if len(missing) > 25 else '')
   return XtremeUpDataError(
-      f'{msg}{shown}{more}\nExpected the XTREME-UP v1.1 JSONL release laid '
+      f'{msg}{_listing(missing)}\nExpected the XTREME-UP v1.1 JSONL release laid '
       'out as <data_dir>/<task>/<split>/<file>.jsonl (split in train, '
       'validation, test; retrieval also <task>/index.jsonl). Download '
       f'{RELEASE_URL} (see {PROJECT_URL}), unpack it and pass its directory '
@@ -383,6 +401,128 @@ def _error(msg: str, missing: Sequence[str] = ()) -> XtremeUpDataError:
       "or gin 'tasks.xtreme_up.register_xtreme_up.data_dir'. Use "
       '`families=`/`languages=` to register a subset, `required_splits=` if a '
       'split is absent.')
+
+
+def _listing(paths: Sequence[str], shown: int = 25) -> str:
+  more = (f'\n  ... and {len(paths) - shown} more' if len(paths) > shown
+          else '')
+  return ''.join(f'\n  {p}' for p in paths[:shown]) + more
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a data directory allows: complete (task, language) units to
+  register, by family, and the expected files that are missing or empty."""
+  data_dir: str
+  units: dict[str, list[tuple[SubTask, dict[str, str]]]]  # family -> units
+  missing: list[str]
+  empty: list[str]
+
+
+def _split_files(data_dir: str, sub: SubTask, required_splits: Sequence[str],
+                 plan: Plan) -> dict[str, str] | None:
+  """{split: path} of one unit, or None (recording why) if it is incomplete."""
+  paths, absent = {}, []
+  for split in SPLITS:
+    path = os.path.join(data_dir, sub.family, split, f'{sub.stem}.jsonl')
+    if os.path.isfile(path):
+      if os.path.getsize(path) == 0:
+        plan.empty.append(path)
+      paths[split] = path
+    elif split in required_splits:
+      absent.append(path)
+  if not paths and not required_splits:
+    absent.append(os.path.join(data_dir, sub.family, '<any split>',
+                               f'{sub.stem}.jsonl'))
+  plan.missing += absent
+  return None if absent else paths
+
+
+def plan_registration(data_dir: str, families: Sequence[str] | None = None,
+                      languages: Iterable[str] | None = None,
+                      required_splits: Sequence[str] = SPLITS,
+                      include_code_switching: bool = False) -> Plan:
+  """Looks at `data_dir` (nothing is registered): which units are complete.
+
+  A unit (one task and language) is complete when every required split file
+  exists; a retrieval family also needs its index.jsonl.
+
+  Raises:
+    ValueError: an unknown family, or languages matching no requested family.
+  """
+  for family in families or ():
+    if family not in FAMILIES:
+      raise ValueError(f'Unknown XTREME-UP family {family!r}; known: '
+                       f'{FAMILIES} (ASR is speech and not registered).')
+  languages = set(languages) if languages is not None else None
+  plan = Plan(data_dir, {}, [], [])
+  for family in families or FAMILIES:
+    subs = subtasks(family, languages, include_code_switching)
+    if not subs:
+      if families is not None:
+        raise ValueError(f'None of the languages {sorted(languages)} belongs '
+                         f'to XTREME-UP family {family!r}.')
+      continue
+    index = os.path.join(data_dir, family, 'index.jsonl')
+    if family.startswith('retrieval') and not os.path.isfile(index):
+      plan.missing += [index] + expected_files(data_dir, [family], languages,
+                                               required_splits,
+                                               include_code_switching)[:-1]
+      continue
+    if family.startswith('retrieval') and os.path.getsize(index) == 0:
+      plan.empty.append(index)
+    units = [(sub, paths) for sub in subs
+             if (paths := _split_files(data_dir, sub, required_splits, plan))]
+    if units:
+      plan.units[family] = units
+  if not plan.units and languages is not None and families is None and not (
+      plan.missing):
+    raise ValueError(f'None of the languages {sorted(languages)} belongs to '
+                     'an XTREME-UP family.')
+  return plan
+
+
+def _add_task(name: str, paths: Mapping[str, str], kind: str, output_features,
+              metric_fns) -> str:
+  registry.add_task(
+      name,
+      source=seqio.FunctionDataSource(_make_dataset_fn(paths, kind),
+                                      splits=tuple(paths)),
+      preprocessors=list(_PREPROCESSORS),
+      output_features=output_features,
+      metric_fns=list(metric_fns))
+  return name
+
+
+def _register_family(family: str, units: Sequence[tuple[SubTask, dict]],
+                     data_dir: str, output_features) -> list[str]:
+  """The family's tasks (retrieval: also query and index tasks) and its
+  mixtures `xtreme_up_<family>`, `..._ul`, `..._query`."""
+  names = [_add_task(sub.name, paths, family, output_features,
+                     _METRICS[family]) for sub, paths in units]
+  mixtures = {f'xtreme_up_{family}': list(names),
+              f'xtreme_up_{family}_ul': [
+                  sub.name for sub, _ in units
+                  if is_under_represented(sub.lang)]}
+  if family.startswith('retrieval'):
+    queries = []
+    for sub, paths in units:
+      eval_paths = {s: p for s, p in paths.items() if s != 'train'}
+      if eval_paths:
+        queries.append(_add_task(f'{sub.name}_query', eval_paths,
+                                 'retrieval_query', output_features,
+                                 [metrics.mrr_seqio]))
+    names += queries
+    names.append(_add_task(
+        f'xtreme_up_{family}_index',
+        {'index': os.path.join(data_dir, family, 'index.jsonl')},
+        'retrieval_index', output_features, []))
+    mixtures[f'xtreme_up_{family}_query'] = queries
+  for name, members in mixtures.items():
+    if members:
+      registry.add_mixture(name, members)
+      names.append(name)
+  return names
 
 
 @gin.configurable
@@ -393,25 +533,35 @@ def register_xtreme_up(
     required_splits: Sequence[str] = SPLITS,
     vocabulary: seqio.Vocabulary | None = None,
     include_code_switching: bool = False,
+    strict: bool = False,
 ) -> list[str]:
-  """Registers XTREME-UP tasks and mixtures; returns the registered names.
+  """Registers the XTREME-UP tasks and mixtures the data dir holds.
+
+  A partial directory (say one family, one language) registers what is
+  complete and logs a warning naming the missing files (`missing_files()`
+  lists them); `strict=True` makes any missing file an error instead.
 
   Args:
     data_dir: the unpacked `xtreme-up-v1.1.jsonl` directory; default
       $XTREME_UP_DATA_DIR.
-    families: task families (folders) to register; default all nine text
+    families: task families (folders) to consider; default all nine text
       families in FAMILIES.
     languages: restrict to these language codes (default: every official
       language of each family).
-    required_splits: splits each (task, language) must have; other splits are
-      registered when their file exists.
+    required_splits: splits a (task, language) must have to be registered;
+      other splits are registered when their file exists.
     vocabulary: seqio vocabulary (default `tasks.vocab.get_vocabulary()`:
       bytes unless gin gives a SentencePiece path).
     include_code_switching: also semantic parsing bn_cs / hi_cs / ta_cs.
+    strict: raise if any expected file is missing.
+
+  Returns:
+    The registered task and mixture names.
 
   Raises:
-    XtremeUpDataError: data dir not given or not found, or any required file
-      missing or empty. Nothing is registered in that case.
+    XtremeUpDataError: data dir not given or not found, no complete unit at
+      all, an empty file, or (strict) any missing file. Nothing is registered
+      in that case.
   """
   data_dir = data_dir or os.environ.get(ENV_VAR)
   if not data_dir:
@@ -420,116 +570,42 @@ def register_xtreme_up(
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if not os.path.isdir(data_dir):
     raise _error(f'XTREME-UP data directory {data_dir} does not exist.')
-  explicit_families = families is not None
-  families = tuple(families or FAMILIES)
-  for family in families:
-    if family not in FAMILIES:
-      raise ValueError(f'Unknown XTREME-UP family {family!r}; known: '
-                       f'{FAMILIES} (ASR is speech and not registered).')
-  if languages is not None:
-    languages = set(languages)
+  families = tuple(families) if families is not None else None
+  languages = sorted(set(languages)) if languages is not None else None
+  plan = plan_registration(data_dir, families, languages, required_splits,
+                           include_code_switching)
+  if plan.empty:
+    raise _error(f'XTREME-UP data directory {data_dir} has empty file(s):',
+                 plan.empty)
+  if not plan.units or (strict and plan.missing):
+    raise _error(f'XTREME-UP data directory {data_dir} is incomplete: '
+                 f'{len(plan.missing)} expected file(s) missing:', plan.missing)
   vocabulary = vocabulary if vocabulary is not None else (
       vocab_lib.get_vocabulary())
   output_features = vocab_lib.get_output_features(vocabulary)
 
-  # Check everything before registering anything.
-  missing, empty = [], []
-  plan = []  # (SubTask, {split: path})
-  kept_families = []
-  for family in families:
-    subs = subtasks(family, languages, include_code_switching)
-    if not subs:
-      if explicit_families:
-        raise ValueError(f'None of the languages {sorted(languages)} belongs '
-                         f'to XTREME-UP family {family!r}.')
-      continue
-    kept_families.append(family)
-    for sub in subs:
-      paths = {}
-      for split in SPLITS:
-        path = os.path.join(data_dir, family, split, f'{sub.stem}.jsonl')
-        if os.path.isfile(path):
-          if os.path.getsize(path) == 0:
-            empty.append(path)
-          paths[split] = path
-        elif split in required_splits:
-          missing.append(path)
-      if not paths and not required_splits:
-        missing.append(os.path.join(data_dir, family, '<any split>',
-                                    f'{sub.stem}.jsonl'))
-      plan.append((sub, paths))
-    if family.startswith('retrieval'):
-      index = os.path.join(data_dir, family, 'index.jsonl')
-      if not os.path.isfile(index):
-        missing.append(index)
-      elif os.path.getsize(index) == 0:
-        empty.append(index)
-  if not kept_families:
-    raise ValueError(f'None of the languages {sorted(languages)} belongs to '
-                     'an XTREME-UP family.')
-  families = tuple(kept_families)
-  if missing:
-    raise _error(f'XTREME-UP data directory {data_dir} is incomplete: '
-                 f'{len(missing)} expected file(s) missing:', missing)
-  if empty:
-    raise _error(f'XTREME-UP data directory {data_dir} has empty file(s):',
-                 empty)
-
-  # Drop a previous registration (another dir or vocabulary) first.
-  unregister()
+  unregister()  # Drop a previous registration (another dir or vocabulary).
   names: list[str] = []
-  by_family: dict[str, list[SubTask]] = {f: [] for f in families}
-  query_tasks: dict[str, list[str]] = {f: [] for f in families}
-  for sub, paths in plan:
-    registry.add_task(
-        sub.name,
-        source=seqio.FunctionDataSource(
-            _make_dataset_fn(paths, sub.family), splits=tuple(paths)),
-        preprocessors=list(_PREPROCESSORS),
-        output_features=output_features,
-        metric_fns=list(_METRICS[sub.family]))
-    names.append(sub.name)
-    by_family[sub.family].append(sub)
-    if sub.family.startswith('retrieval'):
-      eval_paths = {s: p for s, p in paths.items() if s != 'train'}
-      if eval_paths:
-        registry.add_task(
-            f'{sub.name}_query',
-            source=seqio.FunctionDataSource(
-                _make_dataset_fn(eval_paths, 'retrieval_query'),
-                splits=tuple(eval_paths)),
-            preprocessors=list(_PREPROCESSORS),
-            output_features=output_features,
-            metric_fns=[metrics.mrr_seqio])
-        names.append(f'{sub.name}_query')
-        query_tasks[sub.family].append(f'{sub.name}_query')
-
-  multitask = []
-  for family in families:
-    subs = by_family[family]
-    family_names = [s.name for s in subs]
-    registry.add_mixture(f'xtreme_up_{family}', family_names)
-    names.append(f'xtreme_up_{family}')
-    multitask += family_names
-    ul = [s.name for s in subs if is_under_represented(s.lang)]
-    if ul:
-      registry.add_mixture(f'xtreme_up_{family}_ul', ul)
-      names.append(f'xtreme_up_{family}_ul')
-    if family.startswith('retrieval'):
-      index = os.path.join(data_dir, family, 'index.jsonl')
-      registry.add_task(
-          f'xtreme_up_{family}_index',
-          source=seqio.FunctionDataSource(
-              _make_dataset_fn({'index': index}, 'retrieval_index'),
-              splits=('index',)),
-          preprocessors=list(_PREPROCESSORS),
-          output_features=output_features,
-          metric_fns=[])
-      names.append(f'xtreme_up_{family}_index')
-      if query_tasks[family]:
-        registry.add_mixture(f'xtreme_up_{family}_query', query_tasks[family])
-        names.append(f'xtreme_up_{family}_query')
-  registry.add_mixture('xtreme_up_multitask', multitask)
+  for family, units in plan.units.items():
+    names += _register_family(family, units, data_dir, output_features)
+  registry.add_mixture('xtreme_up_multitask', [
+      sub.name for units in plan.units.values() for sub, _ in units])
   names.append('xtreme_up_multitask')
-  _STATE['names'], _STATE['data_dir'] = names, data_dir
+  _STATE['family'] = {
+      name: family for family, units in plan.units.items() for sub, _ in units
+      for name in (sub.name, f'{sub.name}_query')}
+  _STATE.update(data_dir=data_dir, names=names, missing=plan.missing, args=dict(
+      data_dir=data_dir, families=list(families) if families else None,
+      languages=languages, required_splits=list(required_splits),
+      include_code_switching=include_code_switching, strict=strict))
+  if plan.missing:
+    registered = '; '.join(
+        f'{family}: {" ".join(sub.lang for sub, _ in units)}'
+        for family, units in plan.units.items())
+    logging.warning(
+        'XTREME-UP data directory %s is partial: registered %d tasks (%s). '
+        '%d expected file(s) missing, so their tasks are not registered '
+        '(strict=True makes this an error):%s', data_dir,
+        sum(len(u) for u in plan.units.values()), registered,
+        len(plan.missing), _listing(plan.missing, shown=10))
   return names

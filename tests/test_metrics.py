@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import sacrebleu
 
 from tasks import metrics
 
@@ -69,6 +70,28 @@ def test_chrf_by_hand():
   # Whitespace is ignored by default.
   assert metrics.chrf(['a b'], ['ab']) == pytest.approx(100.0)
   assert metrics.chrf(['abc'], ['xyz']) == 0.0
+
+
+def test_chrf_counts_as_sacrebleu_1x_on_short_references():
+  """The official scorer was written for sacrebleu 1.x; 2.x counts short references differently.
+
+  ['', 'x'] vs ['.', 'x']: order 1 has 2 hypothesis chars, 1 reference char, 1 common, orders >= 2
+  have no n-grams (left out): P = 1/2, R = 1, F2 = 5 * 1/2 / (4/2 + 1) = 5/6. (sacrebleu 1.5.1
+  gives 83.33 too; 2.6.0 gives 100.0.)
+  """
+  assert metrics.chrf(['', 'x'], ['.', 'x']) == pytest.approx(500 / 6)
+  assert sacrebleu.corpus_chrf(['.', 'x'], [['', 'x']]).score == pytest.approx(100.0)
+
+
+def test_chrf_agrees_with_sacrebleu_2x_on_long_references():
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    k = int(rng.integers(1, 4))
+    words = lambda: ' '.join(''.join(rng.choice(list('abcde.'), int(rng.integers(6, 12))))
+                             for _ in range(int(rng.integers(1, 3))))
+    targets, predictions = [words() for _ in range(k)], [words() for _ in range(k)]
+    assert metrics.chrf(targets, predictions) == pytest.approx(
+        sacrebleu.corpus_chrf(predictions, [targets]).score, abs=1e-9)
 
 
 def test_sequence_accuracy_exact_no_strip():
