@@ -525,6 +525,30 @@ def _register_family(family: str, units: Sequence[tuple[SubTask, dict]],
   return names
 
 
+def _partial_message(plan: Plan, families, languages,
+                     include_code_switching: bool) -> str:
+  """'registered ... ; not registered (files missing): ...', one line per family."""
+  def langs(units):
+    return ' '.join(sub.lang if sub.family != 'transliteration' else
+                    sub.name[len('xtreme_up_transliteration_'):]
+                    for sub, _ in units)
+  registered = '; '.join(f'{f}: {langs(u)}' for f, u in plan.units.items())
+  absent = []
+  for family in families or FAMILIES:
+    subs = subtasks(family, languages, include_code_switching)
+    kept = {sub.name for sub, _ in plan.units.get(family, [])}
+    lost = [(sub, None) for sub in subs if sub.name not in kept]
+    if lost and not kept:
+      absent.append(f'{family} (all {len(lost)})')
+    elif lost:
+      absent.append(f'{family}: {langs(lost)}')
+  return (f'XTREME-UP data directory {plan.data_dir} is partial: registered '
+          f'{sum(len(u) for u in plan.units.values())} tasks ({registered}). '
+          f'Not registered, their files missing: {"; ".join(absent)}. '
+          f'{len(plan.missing)} file(s) in all (tasks.xtreme_up.missing_files()'
+          ' lists them; strict=True makes this an error).')
+
+
 @gin.configurable
 def register_xtreme_up(
     data_dir: str | None = None,
@@ -599,13 +623,6 @@ def register_xtreme_up(
       languages=languages, required_splits=list(required_splits),
       include_code_switching=include_code_switching, strict=strict))
   if plan.missing:
-    registered = '; '.join(
-        f'{family}: {" ".join(sub.lang for sub, _ in units)}'
-        for family, units in plan.units.items())
-    logging.warning(
-        'XTREME-UP data directory %s is partial: registered %d tasks (%s). '
-        '%d expected file(s) missing, so their tasks are not registered '
-        '(strict=True makes this an error):%s', data_dir,
-        sum(len(u) for u in plan.units.values()), registered,
-        len(plan.missing), _listing(plan.missing, shown=10))
+    logging.warning('%s', _partial_message(plan, families, languages,
+                                           include_code_switching))
   return names

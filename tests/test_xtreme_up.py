@@ -204,7 +204,8 @@ def test_partial_dir_registers_what_is_there_and_names_the_rest(tmp_path, caplog
     assert os.path.join(str(tmp_path), 'retrieval_in_lang', 'index.jsonl') in missing
     warning = ' '.join(r.getMessage() for r in caplog.records)
     assert 'partial' in warning and 'registered 1 tasks (ner: yo)' in warning
-    assert f'{len(missing)} expected file(s) missing' in warning
+    assert 'translation (all 93)' in warning and 'ner: am bm' in warning
+    assert f'{len(missing)} file(s) in all' in warning
     assert _first('xtreme_up_ner_yo')[0]['targets_pretokenized'] == 'PER: Zoë $$ LOC: Lagos'
     # strict=True: any missing file is an error, and nothing changes.
     with pytest.raises(xtreme_up.XtremeUpDataError, match='incomplete'):
