@@ -12,14 +12,10 @@ from sira_jax import train as train_lib  # noqa: F401  registers `train` for the
 from tasks import offline_suite
 from tasks import truncation
 
-RUN_MACROS = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'offline_suite_mix'",
-              'TRAIN_STEPS = 1', "INITIAL_CHECKPOINT_PATH = '/tmp/unused'"]
-
-
 def _default_lengths(run_file):
   gin.clear_config()
   try:
-    gin_utils.parse_gin([run_file], RUN_MACROS, ['.', gin_utils.PROJECT_GIN_DIR], finalize=False)
+    gin_utils.parse_gin([run_file], [], ['.', gin_utils.PROJECT_GIN_DIR], finalize=False)
     return gin.query_parameter('%TASK_FEATURE_LENGTHS')
   finally:
     gin.clear_config()
