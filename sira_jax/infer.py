@@ -128,8 +128,8 @@ def infer(
 ) -> list[str]:
   """Writes one JSONL file per task of the mixture; returns their paths.
 
-  Shows a progress bar over tasks, logs a summary, and warns when predictions are empty or
-  examples were truncated to `task_feature_lengths`. predict: optional `batch -> tokens [B, L]`
+  Shows a progress bar over examples (its total grows as each task is read), prints a summary,
+  and warns when predictions are empty or examples were truncated to `task_feature_lengths`. predict: optional `batch -> tokens [B, L]`
   used instead of the run's model (step 0).
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -147,11 +147,12 @@ def infer(
   subtasks = [t for t in seqio.get_subtasks(mt) if split in t.splits]
   before = truncation.snapshot()
   paths, empty = [], {}
-  for task in tqdm(subtasks, desc=f'infer {split}', unit='task', disable=not progress_bar):
-    path = os.path.join(output_dir, f'{task.name}_{split}_{step}.jsonl')
-    empty[task.name] = _write_predictions(task, split, lengths, num_examples, batch_size, predict,
-                                          path)
-    paths.append(path)
+  with tqdm(total=0, desc=f'infer {split}', unit='ex', disable=not progress_bar) as bar:
+    for task in subtasks:
+      path = os.path.join(output_dir, f'{task.name}_{split}_{step}.jsonl')
+      empty[task.name] = _write_predictions(task, split, lengths, num_examples, batch_size,
+                                            predict, path, bar)
+      paths.append(path)
   cut = truncation.message(truncation.since(before), lengths, f'infer {mixture_or_task_name}')
   if cut:
     logging.warning('%s', cut)
@@ -164,12 +165,17 @@ def infer(
 
 def _write_predictions(task: seqio.Task, split: str, lengths: Mapping[str, int],
                        num_examples: int | None, batch_size: int, predict: Callable,
-                       path: str) -> tuple[int, int]:
-  """Writes one task's predictions as JSONL; returns (empty predictions, predictions)."""
+                       path: str, bar) -> tuple[int, int]:
+  """Writes one task's predictions as JSONL; returns (empty predictions, predictions).
+
+  bar: a tqdm progress bar; its total grows by the task's examples, then it advances per batch.
+  """
   ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False)
   if num_examples:
     ds = ds.take(num_examples)
   examples = list(ds.as_numpy_iterator())
+  bar.total += len(examples)
+  bar.refresh()
   model_ds = data_lib.feature_converter(False)(ds, lengths)
   vocab = _task_vocab(task)
   n_empty = i = 0
@@ -184,6 +190,7 @@ def _write_predictions(task: seqio.Task, split: str, lengths: Mapping[str, int],
                    targets=_text(ex, 'targets', vocab), prediction=prediction)
         f.write(json.dumps(rec, ensure_ascii=False) + '\n')
         i += 1
+      bar.update(n)
   return n_empty, i
 
 

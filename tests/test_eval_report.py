@@ -74,6 +74,7 @@ def test_infer_summary_and_empty_warning(tmp_path, caplog, capsys):
       r.getMessage() for r in caplog.records)
   err = capsys.readouterr().err
   assert f'infer: {len(rows)} predictions of 1 tasks' in err and f'{n_empty} empty' in err
+  assert f'{len(rows)}/{len(rows)}' in err  # the progress bar over examples
 
 
 def test_summary_means_over_tasks_and_families():
