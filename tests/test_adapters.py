@@ -446,14 +446,20 @@ def test_logits_expert_dropout_reroutes_at_rate():
 @pytest.mark.parametrize('kind', ['sira', 'molora', 'adamix', 'smoe_dropout'])
 @pytest.mark.parametrize('form', ['dense', 'einsum'])
 def test_eval_output_independent_of_other_examples(kind, form):
+  """Also with padded groups: 3 x 5 tokens make 2 groups of 8 (one padding position)."""
   cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=4, top_k=1,
                       max_group_size=8, expert_compute=form,
                       batch_prioritized_routing=True)
   params = make_params(cfg)
-  x = random_x((3, 8, D_IN))
-  mask = jnp.ones((3, 8), bool).at[0, 6:].set(False)
+  for length in (8, 5):
+    _check_independent(cfg, params, length)
+
+
+def _check_independent(cfg, params, length):
+  x = random_x((3, length, D_IN))
+  mask = jnp.ones((3, length), bool).at[0, 4:].set(False)
   y = apply(cfg, params, x, mask)
-  x_other = x.at[1:].set(random_x((2, 8, D_IN), seed=42) * 5)
+  x_other = x.at[1:].set(random_x((2, length, D_IN), seed=42) * 5)
   y_other = apply(cfg, params, x_other, mask)
   np.testing.assert_allclose(y[0], y_other[0], rtol=1e-6, atol=1e-6)
   alone = apply(cfg, params, x[:1], mask[:1])
