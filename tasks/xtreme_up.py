@@ -41,12 +41,17 @@ Mixtures: `xtreme_up_{family}` (all languages), `xtreme_up_{family}_ul` (the
 under-represented languages the official scorer reports), and
 `xtreme_up_multitask` (every registered generation task, rate 1 each).
 
-Registration is explicit: `register_xtreme_up(data_dir)`, also reached through
-gin (`tasks.xtreme_up.register_xtreme_up.data_dir = '...'`) or the
-XTREME_UP_DATA_DIR variable (read when `tasks` is imported, and when
-`tasks.get_task_or_mixture('xtreme_up_...')` is first called). A missing or
-incomplete directory raises `XtremeUpDataError` naming the missing paths and
-the release URL; nothing is registered then.
+Registration is explicit, never at import: `register_xtreme_up(data_dir)`,
+also reached through `tasks.register_all()` after gin is parsed (gin
+`tasks.xtreme_up.register_xtreme_up.data_dir = '...'` or the
+XTREME_UP_DATA_DIR variable) and on the first
+`tasks.get_task_or_mixture('xtreme_up_...')`. A subset of the release
+registers the complete (task, language) units it holds and warns about the
+rest (`missing_files()`; `strict=True` makes them an error). A missing
+directory, one without any complete unit, or an empty file raises
+`XtremeUpDataError` naming the paths and the release URL; nothing is
+registered then. `registration_args()` is what a training run records so eval
+and infer register the same tasks.
 """
 from __future__ import annotations
 

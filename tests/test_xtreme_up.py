@@ -254,6 +254,30 @@ def test_registration_record_is_reapplied(tmp_path, monkeypatch):
     xtreme_up.unregister()
 
 
+def test_infer_registers_the_tasks_of_the_run(tmp_path, monkeypatch):
+  """infer (like eval) re-applies the registration recorded in the run's run_config.json."""
+  from sira_jax import infer as infer_lib
+  write_release(str(tmp_path / 'data'), families=('autocomplete',), languages=['ga'])
+  monkeypatch.delenv(xtreme_up.ENV_VAR, raising=False)
+  run = tmp_path / 'run'
+  run.mkdir()
+  try:
+    xtreme_up.register_xtreme_up(str(tmp_path / 'data'))
+    (run / 'run_config.json').write_text(json.dumps(tasks.registration()))
+    xtreme_up.unregister()
+
+    def echo_target(batch):  # 'mat' + EOS for every row
+      return np.tile(np.array([[ord('m') + 3, ord('a') + 3, ord('t') + 3, 1]]),
+                     (len(batch['encoder_input_tokens']), 1))
+
+    [path] = infer_lib.infer(model_dir=str(run), mixture_or_task_name='xtreme_up_autocomplete',
+                             split='test', task_feature_lengths={'inputs': 64, 'targets': 8},
+                             predict=echo_target, progress_bar=False)
+    assert [json.loads(l)['prediction'] for l in open(path)] == ['mat']
+  finally:
+    xtreme_up.unregister()
+
+
 def test_no_import_cycle_and_no_registration_at_import(tmp_path):
   """tasks.registry knows no family; importing tasks registers no XTREME-UP task, even with
   $XTREME_UP_DATA_DIR set (registration waits for register_all or first use)."""
