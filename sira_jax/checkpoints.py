@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -55,7 +56,7 @@ class CheckpointManager:
     self.directory = os.path.abspath(os.path.join(directory))
     self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=False, read_only=not create)
+        max_to_keep=keep, create=create, enable_async_checkpointing=False)
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
@@ -115,6 +116,7 @@ class CheckpointManager:
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(state=state_args))
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_pending_reads()
       raise DamagedCheckpointError(self.directory, step, e) from None
     return out['state'], meta
 
@@ -150,6 +152,22 @@ class CheckpointManager:
 
   def close(self):
     self._mngr.close()
+
+
+def _quiet_pending_reads():
+  """After a failed restore, tensorstore still completes the other reads of that restore and
+  reports each to an asyncio loop orbax has already closed: dozens of identical `RuntimeError:
+  Event loop is closed` tracebacks (unraisable exceptions). Drops exactly those."""
+  hook = sys.unraisablehook
+  if getattr(hook, '_drops_closed_loop', False):
+    return
+
+  def unraisablehook(info):
+    if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed':
+      return
+    hook(info)
+  unraisablehook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = unraisablehook
 
 
 class DamagedCheckpointError(CheckpointError):

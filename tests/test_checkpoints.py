@@ -1,4 +1,5 @@
 """Checkpointing: exact resume, SIGTERM, kill -9 during a save, adapter-only contents, NaN stop."""
+import glob
 import json
 import os
 import signal
@@ -128,3 +129,41 @@ def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path):
   state, meta = mngr.restore({'w': np.zeros((4, 4), np.float32), 'step': np.int32(0)})
   assert meta['note'] == 'first'
   np.testing.assert_array_equal(np.asarray(state['w']), np.ones((4, 4)))
+
+
+def _snapshot(d):
+  return {os.path.relpath(os.path.join(r, f), d): os.path.getmtime(os.path.join(r, f))
+          for r, _, fs in os.walk(d) for f in fs}
+
+
+def test_damaged_checkpoint_falls_back_to_newest_intact_step(tmp_path, capfd):
+  d = tmp_path / 'r'
+  first = _train(d, train_steps=4)  # checkpoints 2 and 4
+  assert [h['step'] for h in first.history] == [1, 4]
+  for f in glob.glob(str(d / 'checkpoints' / '4' / 'state' / '**' / 'd' / '*'), recursive=True):
+    with open(f, 'r+b') as fh:  # zero the array data of step 4
+      fh.write(b'\0' * os.path.getsize(f))
+  before = _snapshot(d)
+  # By flag: stop, naming the damaged step; nothing in MODEL_DIR is touched.
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoint step 4 in .*checkpoints is damaged'):
+    _train(d, train_steps=6, fallback_to_intact_checkpoint=False)
+  assert _snapshot(d) == before
+  # Default: report step 4, resume from step 2, keep the damaged step aside.
+  capfd.readouterr()
+  res = _train(d, train_steps=6)
+  err = capfd.readouterr().err
+  assert 'checkpoint step 4' in err and 'damaged' in err and 'resuming from step 2' in err
+  assert 'Event loop is closed' not in err and 'Traceback' not in err
+  assert res.step == 6 and (d / 'damaged_checkpoints' / '4' / 'state').is_dir()
+  assert ckpt_lib.CheckpointManager(str(d / 'checkpoints')).all_steps() == [4, 6]
+  # train_summary.json keeps the history before the resume point.
+  with open(d / 'train_summary.json') as f:
+    assert [h['step'] for h in json.load(f)['history']] == [1, 3, 6]
+  # A checkpoint whose state metadata is gone: an error naming the checkpoint, or the fallback.
+  os.remove(d / 'checkpoints' / '6' / 'state' / '_METADATA')
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoint step 6 in .*checkpoints is damaged'):
+    _train(d, train_steps=8, fallback_to_intact_checkpoint=False)
+  # Already past TRAIN_STEPS: said plainly, nothing trained.
+  capfd.readouterr()
+  res = _train(d, train_steps=3)
+  assert res.step == 4 and 'already holds step 4 >= TRAIN_STEPS 3' in capfd.readouterr().err
