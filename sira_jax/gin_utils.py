@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from typing import Sequence
 
 import gin
@@ -226,3 +227,88 @@ def quiet_logs():
   logging.getLogger('absl').addFilter(
       lambda record: 'Using an uncached FunctionDataset' not in record.getMessage())
   logging.getLogger('tensorflow').setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------------------------
+# --help (fast: reads the gin files, imports nothing heavy)
+# ----------------------------------------------------------------------------------------------
+def _gin_file_summary(rel: str) -> tuple[str, list[tuple[str, str]]]:
+  """(first comment line, [(MACRO, default)]) of a project gin file."""
+  with open(os.path.join(PROJECT_GIN_DIR, rel)) as f:
+    lines = f.read().splitlines()
+  head = []
+  for ln in lines:  # the leading comment block, up to its first sentence
+    if not ln.startswith('#'):
+      break
+    head.append(ln.lstrip('# ').strip())
+  title = ' '.join(head)
+  m = re.search(r'\.(\s|$)', title)
+  title = title[:m.start() + 1] if m else title
+  macros = []
+  for ln in lines:
+    m = re.match(r'^([A-Z][A-Z0-9_]*)\s*=\s*(.+)$', ln)
+    if m:
+      macros.append((m.group(1), m.group(2).strip()))
+  return title, macros
+
+
+def gin_help(groups: Sequence[str]) -> str:
+  """Help text listing the project gin files of `groups` (e.g. 'models', 'adapters', or a
+  file 'runs/eval.gin') with their macros and defaults (%gin.REQUIRED: must be set)."""
+  out = []
+  for g in groups:
+    if g.endswith('.gin'):
+      files = [g]
+    else:
+      files = sorted(os.path.join(g, n) for n in os.listdir(os.path.join(PROJECT_GIN_DIR, g))
+                     if n.endswith('.gin'))
+    out.append(f'{g} (--gin_file=...):' if not g.endswith('.gin') else f'{g}:')
+    for rel in files:
+      title, macros = _gin_file_summary(rel)
+      out.append(f'  {rel:28s} {title}')
+      if macros and not rel.startswith('models/'):
+        out.append(textwrap.fill(', '.join(f'{k}={v}' for k, v in macros), width=100,
+                                 initial_indent=' ' * 6, subsequent_indent=' ' * 6))
+  return '\n'.join(out)
+
+
+def exit_if_help(doc: str, groups: Sequence[str], argv: Sequence[str] | None = None) -> None:
+  """`--help` / `-h`: prints the command's docstring and the gin files/macros of `groups`, exits 0.
+
+  Runs before the command imports jax/TensorFlow, so help takes a fraction of a second.
+  `--helpfull` still goes to absl (every flag).
+  """
+  argv = sys.argv[1:] if argv is None else argv
+  if not any(a in ('--help', '-h', '--helpshort', '-?') for a in argv):
+    return
+  print(doc.strip('\n'))
+  print()
+  print('Set a macro with --gin.NAME=value (e.g. --gin.NUM_EXPERTS=8); a macro no gin file uses is '
+        'refused.')
+  print(gin_help(groups))
+  print('\nFlags: --gin_file (repeatable), --gin.NAME=value / --gin_bindings, --gin_search_paths'
+        + (', --overwrite' if 'runs/finetune.gin' in groups else '') + '; --helpfull lists all.')
+  sys.exit(0)
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow and seqio (the input pipelines) for a CLI, without the start-up noise.
+
+  TensorFlow's C++ libraries print their start-up lines (oneDNN, "Could not find cuda drivers",
+  each twice) straight to the stderr file descriptor, and on a machine without a GPU its first op
+  logs "failed call to cuInit". The imports run with fd 2 pointed at /dev/null, and TensorFlow is
+  kept off the GPUs (it only feeds data; JAX owns the accelerators, as in T5X). A failing import
+  still raises, with stderr restored.
+  """
+  sys.stderr.flush()
+  fd = sys.stderr.fileno()
+  saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, fd)
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import seqio  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    tf.config.set_visible_devices([], 'GPU')
+  finally:
+    os.dup2(saved, fd)
+    os.close(saved)
+    os.close(devnull)

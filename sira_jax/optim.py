@@ -6,7 +6,7 @@ Pretraining trains every parameter (`partition_params(params, mask=None)`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import gin
 import jax
@@ -146,5 +146,3 @@ def current_learning_rate(learning_rate, step) -> float:
     return float(learning_rate(step))
   return float(learning_rate)
 
-
-Schedule = Callable[[int], float]

@@ -14,7 +14,6 @@ Params carry logical axis names (`nn.with_logical_partitioning` in the network a
     rules = logical_axis_rules()
     abstract = abstract_variables(model)                      # boxed ShapeDtypeStructs
     shardings = variable_shardings(abstract, mesh, rules)     # NamedSharding per variable
-    variables = init_sharded(model, rng, shardings)           # created directly on the mesh
     batch = shard_batch(numpy_batch, mesh, rules)
 
 Multi-host (TPU/GPU pods, or several CPU processes): call `initialize_distributed(...)` before
@@ -24,7 +23,6 @@ global arrays from the batch (the same global batch on every host, or each host'
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,15 +44,6 @@ BATCH_AXES = ('data', 'expert')
 # ----------------------------------------------------------------------------------------------
 # Mesh
 # ----------------------------------------------------------------------------------------------
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Mesh shape; -1 on one axis = all remaining devices."""
-  data: int = -1
-  expert: int = 1
-  model: int = 1
-
-
 def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A Mesh with axes ('data', 'expert', 'model') over `devices` (default: all, all hosts)."""
@@ -78,11 +67,6 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
   except Exception:  # pylint: disable=broad-except  # e.g. CPU or unusual topologies
     arr = np.asarray(devices, dtype=object).reshape(sizes)
   return Mesh(arr, MESH_AXES)
-
-
-def mesh_from_config(config: MeshConfig | None = None, devices=None) -> Mesh:
-  config = config or MeshConfig()
-  return make_mesh(config.data, config.expert, config.model, devices=devices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,12 +143,6 @@ def variable_shardings(abstract: PyTree, mesh: Mesh, rules: Rules | None = None)
   """NamedSharding per variable (plain tree, same structure as the unboxed variables)."""
   specs = logical_specs(abstract)
   return nn.logical_to_mesh_sharding(specs, mesh, rules or logical_axis_rules())
-
-
-def init_sharded(model, rng: jax.Array, shardings: PyTree, init_fn: Callable | None = None):
-  """Variables created directly in their shardings (no host copy; works multi-host)."""
-  init_fn = init_fn or default_init_fn(model)
-  return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
 
 
 def place(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -19,6 +19,9 @@ from __future__ import annotations
 if __name__ == '__main__':
   # Run the CLI from the importable module `sira_jax.train`, so gin registers its configurables once
   # (not a second time as `__main__.*`).
+  from sira_jax import gin_utils as _gin_utils
+  _gin_utils.exit_if_help(__doc__, ('models', 'adapters', 'runs/common_train.gin', 'runs/finetune.gin', 'runs/pretrain.gin'))
+  _gin_utils.import_tensorflow_quietly()
   from sira_jax import train as _module  # pylint: disable=import-self
   _module.cli()
 
@@ -602,19 +605,33 @@ def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, mode
   """Raises ConfigError / CheckpointError / ValueError for bad inputs; returns the model config
   to train (the checkpoint's architecture, `freeze_base=False` when pretraining)."""
   check_model_dir_path(model_dir)
-  data_lib.get_mixture_or_task(mixture_or_task_name)
+  task = data_lib.get_mixture_or_task(mixture_or_task_name)
   if train_steps < 1 or batch_size < 1:
     raise ConfigError(f'TRAIN_STEPS and BATCH_SIZE must be >= 1 (got {train_steps}, {batch_size})')
   if pretrain:
     if model_config.adapted_sites():
       raise ConfigError('pretraining trains a plain T5: use adapter kind "none" (no adapters/gin)')
-    return model_config.replace(freeze_base=False)
-  if not model_config.adapted_sites():
-    raise ConfigError('fine-tuning needs an adapter (include an adapters/*.gin file), or set '
-                      'train.pretrain = True to train every parameter')
-  if not initial_checkpoint_path:
-    logging.warning('fine-tuning without INITIAL_CHECKPOINT_PATH: the frozen base is random')
-  return resolve_model_config(model_config, initial_checkpoint_path, configured_fields)
+    model_config = model_config.replace(freeze_base=False)
+  else:
+    if not model_config.adapted_sites():
+      raise ConfigError('fine-tuning needs an adapter (include an adapters/*.gin file), or set '
+                        'train.pretrain = True to train every parameter')
+    if not initial_checkpoint_path:
+      logging.warning('fine-tuning without INITIAL_CHECKPOINT_PATH: the frozen base is random')
+    model_config = resolve_model_config(model_config, initial_checkpoint_path, configured_fields)
+  check_vocabulary(task, model_config)
+  return model_config
+
+
+def check_vocabulary(task, cfg: T5Config):
+  """The task's token ids must fit the model's embedding (an id past it would be clamped)."""
+  for name, feature in task.output_features.items():
+    size = feature.vocabulary.vocab_size
+    if size > cfg.vocab_size:
+      raise ConfigError(
+          f'task {task.name!r} feature {name!r} has a vocabulary of {size} ids but the model '
+          f'embeds {cfg.vocab_size}: use the model\'s own vocabulary '
+          '(--gin.get_vocabulary.spm_path=<checkpoint>/spiece.model) or a model of that vocabulary')
 
 
 def _metric_writer(model_dir: str, tensorboard: bool):

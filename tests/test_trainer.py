@@ -116,3 +116,16 @@ def test_same_losses_on_one_device_and_on_a_mesh(tmp_path):
   flat = jax.tree_util.tree_flatten_with_path(many.state.params)[0]
   specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in flat}
   assert any('expert' in str(s) for k, s in specs.items() if 'lora' in k), specs
+
+
+def test_compile_caches_are_bounded_and_keyed_by_devices():
+  cache = train_lib._Bounded(2)  # pylint: disable=protected-access
+  for i in range(5):
+    cache.put(i, i)
+  assert list(cache) == [3, 4]
+  a = train_lib.Placement({'data': 1})
+  b = train_lib.Placement({'data': 2})
+  assert a.key != b.key  # a step compiled for one mesh is never reused on another
+  # Parameter init and the dropout stream draw from different keys.
+  params_key, dropout_key = train_lib.run_keys(0)
+  assert not np.array_equal(np.asarray(params_key), np.asarray(dropout_key))

@@ -1,0 +1,96 @@
+"""Every command the README shows runs as written, so a README edit that breaks one fails CI.
+
+The commands are read from README.md itself: every line of a ```bash block (continuation lines
+joined, comments dropped), split on `&&`. Environment setup (venv, activate, pip) and the test
+command that runs this file are skipped; every other part must be `python -m <module> ...`. Each
+runs in order in a subprocess from a scratch working directory, with `/tmp/` paths moved into it and
+the module's TINY arguments appended (later gin bindings win, so sizes shrink and nothing else
+changes). A README command for a module without a TINY entry fails this test: add its tiny sizes.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"
+TINY = {
+    'sira_jax.train': ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=2', _LENGTHS,
+                       '--gin.train.progress_bar=False', '--gin.train.tensorboard=False'],
+    'sira_jax.eval': ['--gin.BATCH_SIZE=2', _LENGTHS, '--gin.evaluate.num_examples=2'],
+    'sira_jax.infer': ['--gin.BATCH_SIZE=2', _LENGTHS, '--gin.infer.num_examples=2'],
+    'sira_jax.main': ['--gin.PRETRAIN_STEPS=2', '--gin.FINETUNE_STEPS=2',
+                      '--gin.run_main.pretrain_batch_size=2', '--gin.run_main.finetune_batch_size=2',
+                      "--gin.run_main.pretrain_feature_lengths={'inputs': 16, 'targets': 16}",
+                      "--gin.run_main.finetune_feature_lengths={'inputs': 16, 'targets': 16}",
+                      '--gin.run_main.eval_num_examples=2', '--gin.run_main.eval_batch_size=2',
+                      '--gin.run_main.val_batches=1', '--gin.run_main.progress_bar=False'],
+}
+_SETUP = re.compile(r'^(python3? -m venv\b|\. |source |pip3? install\b|python -m pytest\b)')
+
+
+def readme_commands(path: str = os.path.join(ROOT, 'README.md')) -> list[str]:
+  """The README's shell commands, in order (see the module docstring)."""
+  with open(path) as f:
+    text = f.read()
+  commands = []
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    joined = re.sub(r'\\\n\s*', ' ', block)
+    for line in joined.splitlines():
+      line = line.split(' # ')[0].strip() if not line.lstrip().startswith('#') else ''
+      for part in (p.strip() for p in line.split('&&')):
+        if part and not _SETUP.match(part):
+          commands.append(part)
+  return commands
+
+
+def test_readme_commands_are_found():
+  commands = readme_commands()
+  modules = [shlex.split(c)[2] for c in commands]
+  assert {'sira_jax.main', 'sira_jax.train', 'sira_jax.eval', 'sira_jax.infer'} <= set(modules)
+  for c in commands:
+    argv = shlex.split(c)
+    assert argv[:2] == ['python', '-m'], f'README command is not `python -m ...`: {c}'
+    assert argv[2] in TINY, f'add tiny sizes for README command {argv[2]} to TINY: {c}'
+
+
+def test_readme_commands_run(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             XLA_FLAGS='')
+  for c in readme_commands():
+    argv = [a.replace('/tmp/', f'{tmp_path}/') for a in shlex.split(c)]
+    cmd = [sys.executable] + argv[1:] + TINY[argv[2]]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f'README command failed: {c}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}'
+    noise = [n for n in _NOISE if n in r.stderr]
+    assert not noise, f'start-up noise {noise} from {c}:\n{r.stderr[-3000:]}'
+
+
+# TensorFlow's C++ start-up lines and CUDA probing on a CPU machine, tracebacks.
+_NOISE = ('oneDNN custom operations', 'Could not find cuda drivers', 'failed call to cuInit',
+          'Traceback (most recent call last)')
+
+
+@pytest.mark.parametrize('module,names', [
+    ('sira_jax.train', ('adapters/sira.gin', 'adapters/lora.gin', 'adapters/molora.gin',
+                        'adapters/adamix.gin', 'adapters/smoe_dropout.gin', 'NUM_EXPERTS=4',
+                        'TOP_K=2', 'ADAPTER_RANK=4', 'CAPACITY_FACTOR', 'TRAIN_STEPS',
+                        'INITIAL_CHECKPOINT_PATH', 'models/t5_tiny.gin')),
+    ('sira_jax.eval', ('MODEL_DIR', 'MIXTURE_OR_TASK_NAME', 'SPLIT')),
+    ('sira_jax.infer', ('MODEL_DIR', 'MIXTURE_OR_TASK_NAME', 'SPLIT')),
+])
+def test_help_names_choices_and_macros_without_heavy_imports(module, names):
+  probe = ('import atexit, runpy, sys\n'
+           'atexit.register(lambda: print("HEAVY", sorted(m for m in ("jax", "tensorflow", "seqio") '
+           'if m in sys.modules)))\n'
+           f'sys.argv = ["{module}", "--help"]\n'
+           f'runpy.run_module("{module}", run_name="__main__", alter_sys=True)\n')
+  r = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert r.returncode == 0, r.stderr
+  assert 'HEAVY []' in r.stdout  # help imports neither jax nor TensorFlow: it is instant
+  for n in names:
+    assert n in r.stdout, n
