@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from sira_jax import experts as experts_lib
+from sira_jax import partitioning
 from sira_jax import routing
 
 Array = jax.Array
@@ -275,6 +276,7 @@ class AdaptedDense(nn.Module):
               nn.initializers.normal(cfg.router_init_stddev),
               (self.kernel_axes[0], 'unmodeled')), (d_in, e), jnp.float32)
     logits = jnp.einsum('gtd,de->gte', router_in, router_kernel)
+    logits = partitioning.with_logical_constraint(logits, ('batch', None, 'unmodeled'))
 
     routing_logits = logits
     drop_experts = (enable_dropout and cfg.expert_dropout_rate > 0 and

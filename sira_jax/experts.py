@@ -18,10 +18,12 @@ gradients, drops included):
 
 from __future__ import annotations
 
-import flax.linen as nn
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
+from sira_jax.partitioning import with_logical_constraint as constrain
 from sira_jax.routing import RoutingInstructions
 
 Array = jax.Array
@@ -46,6 +48,14 @@ def einsum_experts(x: Array, a: Array, b: Array,
                    input_axis: str = 'embed', output_axis: str = 'mlp') -> Array:
   """Mask form: dispatch to [G, E, C, d_in] buffers, run experts, combine.
 
+  Expert parallel on a mesh with an 'expert' axis (under `partitioning.activate`): tokens and
+  the freshly dispatched buffers are group-major, G split over the batch mesh axes ('data',
+  'expert'); the buffers are then resharded expert-major, G over 'data' and E over 'expert'
+  (logical ('batch', 'expert', ...)), which XLA implements as one all-to-all over the 'expert'
+  axis; each device runs only its E/X experts, whose weights it holds; the outputs go back
+  group-major with a second all-to-all before the combine (flaxformer's `_call_experts`
+  layout). The backward pass mirrors both. Without a bound mesh the constraints do nothing.
+
   Args:
     x: [G, T, d_in] grouped tokens.
     a: [E, r, d_in].
@@ -58,33 +68,69 @@ def einsum_experts(x: Array, a: Array, b: Array,
   """
   dispatch = instructions.dispatch_mask(x.dtype)  # [G, T, E, C]
   combine = instructions.combine_array(x.dtype)   # [G, T, E, C]
+  x = constrain(x, ('batch', None, input_axis))
   expert_in = jnp.einsum('gtd,gtec->gecd', x, dispatch)
-  expert_in = nn.with_logical_constraint(
-      expert_in, ('batch', 'expert', None, input_axis))
+  expert_in = constrain(expert_in, ('batch', None, None, input_axis))
+  expert_in = constrain(expert_in, ('batch', 'expert', None, input_axis))  # all-to-all
   hidden = jnp.einsum('gecd,erd->gecr', expert_in, a)
   expert_out = jnp.einsum('gecr,ero->geco', hidden, b)
-  expert_out = nn.with_logical_constraint(
-      expert_out, ('batch', 'expert', None, output_axis))
-  return jnp.einsum('geco,gtec->gto', expert_out, combine)
+  expert_out = constrain(expert_out, ('batch', 'expert', None, output_axis))
+  expert_out = constrain(expert_out, ('batch', None, None, output_axis))  # all-to-all
+  y = jnp.einsum('geco,gtec->gto', expert_out, combine)
+  return constrain(y, ('batch', None, output_axis))
 
 
 def dense_in_rank_experts(x: Array, a: Array, b: Array,
                           instructions: RoutingInstructions,
                           input_axis: str = 'embed',
-                          output_axis: str = 'mlp') -> Array:
+                          output_axis: str = 'mlp',
+                          hidden: Optional[Array] = None) -> Array:
   """Dense-in-rank form: gate the E*r low-rank columns, no dispatch tensors.
 
-  Args and returns as `einsum_experts`.
+  Args and returns as `einsum_experts`; `hidden` optionally gives x @ A^T, [G, T, E*r], when the
+  caller computed it already (`AdaptedDense` fuses it with the router matmul).
   """
   del input_axis, output_axis  # Nothing to shard: no expert buffers.
   e, r, d_in = a.shape
   gates = instructions.expert_gates(x.dtype)               # [G, T, E]
-  hidden = jnp.einsum('gtd,kd->gtk', x, a.reshape(e * r, d_in))
+  if hidden is None:
+    hidden = jnp.einsum('gtd,kd->gtk', x, a.reshape(e * r, d_in))
   hidden = hidden * jnp.repeat(gates, r, axis=-1)           # [G, T, E*r]
   return jnp.einsum('gtk,ko->gto', hidden, b.reshape(e * r, b.shape[-1]))
+
+
+def gather_experts(x: Array, a: Array, b: Array,
+                   instructions: RoutingInstructions,
+                   input_axis: str = 'embed', output_axis: str = 'mlp') -> Array:
+  """Index form, flat in E: gather tokens into [G, E, C, d_in] buffers, per-expert matmuls,
+  gather each token's k outputs back.
+
+  The matmuls cost 2*E*C*r*(d_in + d_out) per group (E*C ~ k*cf*T rows: flat in E); the gathers
+  move E*C rows of x in and T*k rows of output out (and scatter in the backward pass). Slots no
+  token fills gather row 0 and are never combined (zero weight, zero gradient).
+
+  Args and returns as `einsum_experts`.
+  """
+  del input_axis, output_axis  # Token-major throughout: data parallel.
+  g, t, d_in = x.shape
+  e, c = instructions.num_experts, instructions.capacity
+  k = instructions.expert_index.shape[-1]
+  # Buffer row of each choice; E*C (out of range, dropped by the scatter) when not dispatched.
+  row = jnp.where(instructions.dispatched,
+                  instructions.expert_index * c + instructions.slot, e * c).reshape(g, t * k)
+  token = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
+  # Per group (vmap: a scatter with a batch dimension, which partitions over G under SPMD).
+  source = jax.vmap(lambda r: jnp.zeros((e * c,), jnp.int32).at[r].set(token, mode='drop'))(row)
+  expert_in = jnp.take_along_axis(x, source[..., None], axis=1).reshape(g, e, c, d_in)
+  hidden = jnp.einsum('gecd,erd->gecr', expert_in, a)
+  expert_out = jnp.einsum('gecr,ero->geco', hidden, b).reshape(g, e * c, -1)
+  picked = jnp.take_along_axis(expert_out, jnp.minimum(row, e * c - 1)[..., None], axis=1)
+  weight = instructions.weight.astype(x.dtype).reshape(g, t, k, 1)
+  return jnp.sum(picked.reshape(g, t, k, -1) * weight, axis=2)
 
 
 EXPERT_FORMS = {
     'einsum': einsum_experts,
     'dense': dense_in_rank_experts,
+    'gather': gather_experts,
 }

@@ -23,6 +23,7 @@ global arrays from the batch (the same global batch on every host, or each host'
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -74,15 +75,24 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
 # ----------------------------------------------------------------------------------------------
 @gin.configurable
 def logical_axis_rules(model_parallel_params: bool = True,
-                       additional_rules: Rules = ()) -> tuple[tuple[str, Any], ...]:
+                       additional_rules: Rules = (),
+                       batch_axes: Sequence[str] = BATCH_AXES) -> tuple[tuple[str, Any], ...]:
   """T5X's standard rules (1-D parameter partitioning) + 'expert' and 'rank'.
 
-  Earlier rules win; `additional_rules` come first so they override. Names not listed map to
-  None (replicated).
+  Flax assigns mesh axes rule by rule, earlier rules first, and never gives one mesh axis to two
+  dimensions of an array. So 'expert' comes first and 'batch' has a fallback: an activation named
+  ('batch', 'expert', ...) (the einsum form's expert-major buffers, `sira_jax.experts`) resolves
+  to P('data', 'expert', ...), E on the expert mesh axis, while ('batch', 'length') still splits
+  the batch over `batch_axes` (default ('data', 'expert'), T5X's MoE convention). The same tuple
+  serves T5X's partitioners (`PjitPartitioner(logical_axis_rules=logical_axis_rules())`);
+  `additional_rules` come first so they override. Names not listed map to None (replicated).
   """
   mp = 'model' if model_parallel_params else None
+  batch_axes = tuple(batch_axes)
   rules = [
-      ('batch', BATCH_AXES),
+      ('expert', 'expert'),
+      ('batch', batch_axes),
+      ('batch', 'data'),
       ('vocab', mp),
       ('embed', None),
       ('mlp', mp),
@@ -95,15 +105,50 @@ def logical_axis_rules(model_parallel_params: bool = True,
       ('layers', None),
       ('stack', None),
       ('mlp_activations', None),
-      ('expert', 'expert'),
       ('rank', None),
       ('unmodeled', None),
-      ('cache_batch', BATCH_AXES),
+      ('cache_batch', batch_axes),
+      ('cache_batch', 'data'),
       ('cache_heads', mp),
       ('cache_kv', None),
       ('cache_length', None),
   ]
   return tuple(additional_rules) + tuple(rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules | None = None):
+  """Binds `mesh` (`jax.set_mesh`) and the logical axis rules (flax) while the model is traced.
+
+  Without both, every `nn.with_logical_constraint` / `with_logical_constraint` inside the model
+  is a no-op (flax reads the *abstract* mesh, which `with mesh:` alone does not set), and the
+  einsum form's expert buffers are never resharded onto the 'expert' axis. Wrap every jit call
+  (its first call traces) of a model step in it.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules or logical_axis_rules()):
+    yield mesh
+
+
+def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint from logical axis names under the bound mesh and rules (`activate`).
+
+  Unlike `nn.with_logical_constraint`, a dimension whose mesh axes do not divide it keeps the
+  longest prefix of them that does (or none: replicated), and mesh axes the bound mesh lacks are
+  ignored, so one model runs on any mesh (e.g. 1 routing group cannot split over 8 devices). A
+  no-op when no mesh or no rules are bound.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  spec = []
+  for dim, axes in zip(x.shape, nn.logical_to_mesh_axes(tuple(names), rules)):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.shape)
+    while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+      axes = axes[:-1]
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def logical_to_mesh_spec(names: Sequence[str | None], rules: Rules | None = None) -> P:

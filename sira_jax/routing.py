@@ -170,6 +170,17 @@ def assign_slots(expert_index: Array, active: Array, num_experts: int,
   return jnp.where(active, slot, -1).astype(jnp.int32)
 
 
+def top_k(probs: Array, k: int) -> tuple[Array, Array]:
+  """`jax.lax.top_k` over the last axis, as a stable sort: ([..., k] values, [..., k] indices).
+
+  Largest first, ties to the lower index (like `lax.top_k`). A sort partitions along the token
+  dimensions under XLA's SPMD partitioner, where XLA's TopK op is all-gathered (measured on a CPU
+  mesh: every device would route the whole global batch).
+  """
+  index = jnp.argsort(-probs, axis=-1, stable=True)[..., :k]
+  return jnp.take_along_axis(probs, index, axis=-1), index
+
+
 def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
                   capacity: int, renormalize: bool = False,
                   choice_keep: Optional[Array] = None,
@@ -198,7 +209,7 @@ def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
     raise ValueError(
         f'num_selected (top_k) must be in [1, num_experts={num_experts}], got '
         f'{num_selected}.')
-  gates, expert_index = jax.lax.top_k(probs, num_selected)
+  gates, expert_index = top_k(probs, num_selected)
   active = jnp.broadcast_to(token_mask[..., None], gates.shape)
   if num_active is not None:
     active = active & (jnp.arange(num_selected) < num_active)

@@ -20,13 +20,13 @@ from sira_jax.t5.network import Transformer
 CONFIG = small_test_config(
     vocab_size=64, num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0,
     adapter=AdapterConfig(kind='sira', num_experts=4, top_k=2, expert_compute='einsum',
-                          capacity_factor=1.0, expert_dropout_rate=0.1),
+                          capacity_factor=1.0, expert_dropout_rate=0.1, max_group_size=6),
     adapter_targets=('*/query', '*/value', '*/mlp/wo'))
 AUX_FACTOR = 0.01
 _SINGLE = []
 
 
-def batch(batch_size=8, inp=6, tgt=5):
+def batch(batch_size=8, inp=6, tgt=6):
   rs = np.random.RandomState(0)
   enc = rs.randint(2, 64, (batch_size, inp)).astype(np.int32)
   enc[1, 4:] = 0
@@ -81,8 +81,13 @@ def load_params(path):
     return traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep='/')
 
 
-def run(mesh=None, process_local_batch=False, params=None):
-  """-> (loss, grads, new_trainable) for one step; mesh None = 1 device."""
+def run(mesh=None, process_local_batch=False, params=None, hlo=None):
+  """-> (loss, grads, new_trainable) for one step; mesh None = 1 device.
+
+  Routing groups are one example each (max_group_size=6 = the input and target lengths), so the
+  8 groups of a batch split over any batch mesh axes. hlo: an optional list that receives the
+  compiled step's HLO text (mesh runs).
+  """
   model = Transformer(CONFIG)
   # SGD with momentum: a params-shaped optimizer state, and an update linear in the grads (Adam's
   # first step, ~lr * sign(g), would amplify float noise on near-zero grads).
@@ -119,7 +124,11 @@ def run(mesh=None, process_local_batch=False, params=None):
   rep = partitioning.replicated(mesh)
   jstep = jax.jit(step, in_shardings=(t_sh, f_sh, o_sh, b_sh, rep),
                   out_shardings=(rep, t_sh, t_sh, o_sh))
-  loss, grads, new, _ = jstep(trainable, frozen, opt_state, gb, rng)
+  with partitioning.activate(mesh, rules):
+    compiled = jstep.lower(trainable, frozen, opt_state, gb, rng).compile()
+  if hlo is not None:
+    hlo.append(compiled.as_text())
+  loss, grads, new, _ = compiled(trainable, frozen, opt_state, gb, rng)
   return loss, grads, new
 
 

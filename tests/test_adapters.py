@@ -13,6 +13,7 @@ import pytest
 from adapter_reference import routed_reference
 from sira_jax import adapters, routing
 from sira_jax.adapters import AdaptedDense, AdapterConfig
+from sira_jax.experts import EXPERT_FORMS
 
 D_IN, D_OUT, RANK = 6, 5, 3
 
@@ -60,7 +61,7 @@ def random_x(shape, seed=1):
 # ---------------------------------------------------------------- equalities
 
 
-@pytest.mark.parametrize('form', ['dense', 'einsum'])
+@pytest.mark.parametrize('form', EXPERT_FORMS)
 def test_sira_one_expert_equals_lora(form):
   sira = AdapterConfig(kind='sira', rank=RANK, num_experts=1, top_k=1,
                        capacity_factor=None, expert_compute=form, alpha=6.0)
@@ -77,7 +78,7 @@ def test_sira_one_expert_equals_lora(form):
                              apply(lora, pl, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('form', ['dense', 'einsum'])
+@pytest.mark.parametrize('form', EXPERT_FORMS)
 def test_molora_one_expert_equals_lora(form):
   molora = AdapterConfig(kind='molora', rank=RANK, num_experts=1,
                          expert_compute=form)
@@ -184,7 +185,7 @@ def test_forms_match_per_token_reference(num_experts, k_frac, capacity_factor,
     return float(np.sum(routed_reference(xx, mask, p, **ref_kw)[0] * cot))
 
   outputs = {}
-  for form in ('dense', 'einsum'):
+  for form in EXPERT_FORMS:
     cfg = dataclasses.replace(base, expert_compute=form)
     y, stats = apply_with_stats(cfg, params, x, mask)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -201,16 +202,17 @@ def test_forms_match_per_token_reference(num_experts, k_frac, capacity_factor,
     outputs[form] = (y, grads)
     directional_check(f_np, grads, params, x, rng,
                       ['lora_a', 'lora_b', 'router_kernel', 'x'])
-  # And the two forms agree with each other tightly.
-  for key in ('lora_a', 'lora_b', 'router_kernel', 'x'):
-    np.testing.assert_allclose(outputs['dense'][1][key],
-                               outputs['einsum'][1][key], rtol=1e-4, atol=1e-5)
+  # And the forms agree with each other tightly.
+  for form in EXPERT_FORMS:
+    for key in ('lora_a', 'lora_b', 'router_kernel', 'x'):
+      np.testing.assert_allclose(outputs['dense'][1][key],
+                                 outputs[form][1][key], rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ capacity
 
 
-@pytest.mark.parametrize('form', ['dense', 'einsum'])
+@pytest.mark.parametrize('form', EXPERT_FORMS)
 def test_capacity_drops_exactly_the_late_tokens(form):
   """All tokens prefer expert 0; C = 2: the first 2 real tokens keep it."""
   cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=2, top_k=1,
@@ -316,7 +318,7 @@ def test_group_layout_pads_instead_of_collapsing():
   np.testing.assert_array_equal(routing.from_groups(grouped, 5), x)
 
 
-@pytest.mark.parametrize('form', ['dense', 'einsum'])
+@pytest.mark.parametrize('form', EXPERT_FORMS)
 def test_capacity_binds_with_a_prime_token_count(form):
   """97 tokens that all prefer expert 0: capacity binds in each padded group of 25."""
   cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=2, top_k=1,
@@ -336,7 +338,7 @@ def test_capacity_binds_with_a_prime_token_count(form):
   np.testing.assert_allclose(stats['expert_usage'], info['expert_usage'], atol=1e-6)
 
 
-@pytest.mark.parametrize('form', ['dense', 'einsum'])
+@pytest.mark.parametrize('form', EXPERT_FORMS)
 def test_padding_moves_no_statistic_and_no_real_output(form):
   cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=4, top_k=2,
                       eval_capacity_factor=None, max_group_size=64,
@@ -444,7 +446,7 @@ def test_logits_expert_dropout_reroutes_at_rate():
 
 
 @pytest.mark.parametrize('kind', ['sira', 'molora', 'adamix', 'smoe_dropout'])
-@pytest.mark.parametrize('form', ['dense', 'einsum'])
+@pytest.mark.parametrize('form', EXPERT_FORMS)
 def test_eval_output_independent_of_other_examples(kind, form):
   """Also with padded groups: 3 x 5 tokens make 2 groups of 8 (one padding position)."""
   cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=4, top_k=1,
