@@ -48,6 +48,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from sira_jax import cost_model
 from sira_jax import experts as experts_lib
 from sira_jax import partitioning
 from sira_jax import routing
@@ -87,8 +88,10 @@ class AdapterConfig:
     expert_dropout_placement: 'gate' (after top-k, per choice) or 'logits'
       (before top-k, whole experts per token).
     expert_dropout_rescale: divide kept gates by (1 - rate) ('gate' only).
-    expert_compute: 'dense' (dense-in-rank, fast on one device) or 'einsum'
-      (one-hot dispatch/combine, shards over the expert mesh axis).
+    expert_compute: 'auto' (default: `cost_model.choose_form` picks per layer
+      from its shapes, the bound mesh and the backend), 'dense' (dense-in-rank,
+      a LoRA of rank E*r), 'gather' (index form, flat in E) or 'einsum'
+      (one-hot dispatch/combine, expert parallel over the 'expert' mesh axis).
     smoe_eval_num_experts: active experts at evaluation (smoe_dropout);
       None = E.
     router_init_stddev: stddev of the normal init of the trained router.
@@ -109,7 +112,7 @@ class AdapterConfig:
   expert_dropout_rate: float = 0.0
   expert_dropout_placement: str = 'gate'
   expert_dropout_rescale: bool = True
-  expert_compute: str = 'dense'
+  expert_compute: str = 'auto'
   smoe_eval_num_experts: Optional[int] = None
   router_init_stddev: float = 0.02
 
@@ -145,9 +148,9 @@ class AdapterConfig:
       fail('expert_dropout_placement',
            f'unknown placement {self.expert_dropout_placement!r}',
            "Use 'gate' or 'logits'.")
-    if self.expert_compute not in experts_lib.EXPERT_FORMS:
+    if self.expert_compute not in ('auto',) + tuple(experts_lib.EXPERT_FORMS):
       fail('expert_compute', f'unknown form {self.expert_compute!r}',
-           f'Use one of {tuple(experts_lib.EXPERT_FORMS)}.')
+           f"Use 'auto' or one of {tuple(experts_lib.EXPERT_FORMS)}.")
     if self.min_expert_capacity < 1 or self.max_group_size < 1:
       fail('min_expert_capacity/max_group_size', 'must be >= 1',
            'Use e.g. 4 and 1024.')
@@ -260,8 +263,23 @@ class AdaptedDense(nn.Module):
     g, t = routing.group_layout(n, cfg.max_group_size)
     mask = routing.to_groups(token_mask.reshape(n), g, t)
 
+    train_cf = cfg.capacity_factor if enable_dropout else cfg.eval_capacity_factor
+    if cfg.kind == 'sira':
+      num_selected, num_active, cf = cfg.top_k, None, train_cf
+    elif cfg.kind == 'molora':
+      num_selected, num_active, cf = e, None, None
+    else:  # smoe_dropout
+      num_selected, cf = e, None
+      progress = self._smoe_progress()  # Created at init even in eval mode.
+      num_active = (cfg.top_k + jnp.round(progress * (e - cfg.top_k)).astype(
+          jnp.int32) if enable_dropout else (cfg.smoe_eval_num_experts or e))
+    capacity = routing.expert_capacity(t, e, num_selected, cf,
+                                       cfg.min_expert_capacity)
+    form = self._expert_form(g, t, d_in, num_selected, cf)
+
     router_in = routing.to_groups(x.reshape(n, d_in), g, t).astype(jnp.float32)
-    if enable_dropout and cfg.router_jitter > 0:
+    jitter = enable_dropout and cfg.router_jitter > 0
+    if jitter:
       router_in = router_in * jax.random.uniform(
           self.make_rng('dropout'), router_in.shape, jnp.float32,
           1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
@@ -275,7 +293,19 @@ class AdaptedDense(nn.Module):
           'router_kernel', nn.with_logical_partitioning(
               nn.initializers.normal(cfg.router_init_stddev),
               (self.kernel_axes[0], 'unmodeled')), (d_in, e), jnp.float32)
-    logits = jnp.einsum('gtd,de->gte', router_in, router_kernel)
+    expert_kwargs = {}
+    if (form == 'dense' and a.dtype == jnp.float32 and not jitter and
+        not (enable_dropout and cfg.dropout_rate > 0)):
+      # The router and every expert's A read the same float32 tokens: one matmul of width
+      # E*(1+r) instead of a separate narrow float32 router matmul (REFERENCE.md 6b).
+      # A used whole (replicated) like the dense form's weights: one all-gather on a mesh.
+      a_all = partitioning.with_logical_constraint(a.reshape(e * cfg.rank, d_in),
+                                                   ('unmodeled', self.kernel_axes[0]))
+      fused = jnp.einsum('gtd,kd->gtk', router_in,
+                         jnp.concatenate([router_kernel.T, a_all], axis=0))
+      logits, expert_kwargs['hidden'] = fused[..., :e], fused[..., e:]
+    else:
+      logits = jnp.einsum('gtd,de->gte', router_in, router_kernel)
     logits = partitioning.with_logical_constraint(logits, ('batch', None, 'unmodeled'))
 
     routing_logits = logits
@@ -289,18 +319,6 @@ class AdaptedDense(nn.Module):
       routing_logits = logits - 1e9 * dropped
     probs = jax.nn.softmax(routing_logits, axis=-1)
 
-    train_cf = cfg.capacity_factor if enable_dropout else cfg.eval_capacity_factor
-    if cfg.kind == 'sira':
-      num_selected, num_active, cf = cfg.top_k, None, train_cf
-    elif cfg.kind == 'molora':
-      num_selected, num_active, cf = e, None, None
-    else:  # smoe_dropout
-      num_selected, cf = e, None
-      progress = self._smoe_progress()  # Created at init even in eval mode.
-      num_active = (cfg.top_k + jnp.round(progress * (e - cfg.top_k)).astype(
-          jnp.int32) if enable_dropout else (cfg.smoe_eval_num_experts or e))
-    capacity = routing.expert_capacity(t, e, num_selected, cf,
-                                       cfg.min_expert_capacity)
     choice_keep = None
     if drop_experts and cfg.expert_dropout_placement == 'gate':
       choice_keep = jax.random.bernoulli(
@@ -320,11 +338,28 @@ class AdaptedDense(nn.Module):
         logits, probs, instructions, mask).items():
       self.sow('intermediates', name, value)
 
-    compute = experts_lib.EXPERT_FORMS[cfg.expert_compute]
+    compute = experts_lib.EXPERT_FORMS[form]
     delta = compute(routing.to_groups(adapter_in.reshape(n, d_in), g, t), a, b, instructions,
                     input_axis=self.kernel_axes[0],
-                    output_axis=self.kernel_axes[1])
+                    output_axis=self.kernel_axes[1], **expert_kwargs)
     return routing.from_groups(delta, n).reshape(lead_shape + (self.features,))
+
+  def _expert_form(self, g: int, t: int, d_in: int, num_selected: int,
+                   capacity_factor: Optional[float]) -> str:
+    """`expert_compute`, with 'auto' resolved by `cost_model.choose_form` for this layer's
+    shapes, the bound mesh (`partitioning.activate`; none: one device) and the backend."""
+    cfg = self.adapter
+    if cfg.expert_compute != 'auto':
+      return cfg.expert_compute
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(mesh.shape)
+    shape = cost_model.MeshShape(**{a: sizes.get(a, 1) for a in ('data', 'expert', 'model')})
+    site = cost_model.Site(
+        tokens=g * t, d_in=d_in, d_out=self.features, rank=cfg.rank,
+        num_experts=cfg.num_experts, top_k=num_selected, capacity_factor=capacity_factor,
+        group_size=t, min_capacity=cfg.min_expert_capacity,
+        dtype_bytes=jnp.dtype(self.dtype).itemsize)
+    return cost_model.choose_form(site, shape, jax.default_backend())
 
   def _smoe_progress(self) -> Array:
     """Training progress in [0, 1] for SMoE-Dropout's schedule.

@@ -165,7 +165,7 @@ def step_seconds(cost: Cost, hardware: Hardware) -> float:
 
 # Measured on the project's 2-core CPU (experiments/bench, one 512x512 projection, fwd+bwd,
 # 8192 tokens): the dense form wins up to this many low-rank columns E*r, the gather form above.
-CPU_DENSE_MAX_COLUMNS = 128
+CPU_DENSE_MAX_COLUMNS = 256
 
 
 def choose_form(site: Site, mesh: MeshShape = MeshShape(), backend: str = 'cpu',
@@ -177,9 +177,11 @@ def choose_form(site: Site, mesh: MeshShape = MeshShape(), backend: str = 'cpu',
   An expert axis X > 1: the cheapest of all forms by the roofline (`step_seconds`).
   """
   local = ('dense', 'gather')
-  if mesh.expert == 1 and backend == 'cpu':
+  if site.top_k >= site.num_experts:  # a dense mixture (MoLoRA): every expert for every token
+    local = ('dense',)
+  if mesh.expert == 1 and backend == 'cpu' and len(local) > 1:
     return 'dense' if site.num_experts * site.rank <= CPU_DENSE_MAX_COLUMNS else 'gather'
-  candidates = local if mesh.expert == 1 else FORMS
+  candidates = local if mesh.expert == 1 else local + ('einsum',)
   return min(candidates, key=lambda f: step_seconds(form_cost(f, site, mesh), hardware))
 
 

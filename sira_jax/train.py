@@ -517,6 +517,7 @@ def train(
   stop with an error instead).
   """
   t_start = time.time()
+  partitioning.enable_compilation_cache()
   model_dir = os.path.abspath(model_dir)
   # 1. Inputs, checked before anything is written or compiled.
   model_config = _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size,
@@ -581,7 +582,7 @@ def train(
   step_fn = compiled_train_step(
       model, tx, optimizer, loss_config, placement, state_sh,
       cache_key=(model_config, None if schedule == 'constant' else train_steps))
-  with placement.mesh:
+  with partitioning.activate(placement.mesh):  # mesh + logical axis rules while the step traces
     loop = trainer_lib.train_loop(
         state, step_fn, batches, total_steps=train_steps, put_batch=placement.put_batch,
         save_fn=save_fn, writer=_metric_writer(model_dir, tensorboard), log_every=log_every,

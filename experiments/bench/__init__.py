@@ -1,0 +1,1 @@
+"""sira-jax benchmarks: `python -m experiments.bench` (see __main__.py)."""

@@ -1,0 +1,39 @@
+"""CI smoke of the benchmark command (`python -m experiments.bench --smoke`): tiny shapes, one
+repeat; checks the files and their structure, never a timing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_smoke_writes_results(tmp_path):
+  out = tmp_path / 'bench'
+  cmd = [sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}',
+         '--parts=cost,layer,model,peer', '--model_variants=lora,sira8']
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
+  results = json.loads((out / 'results.json').read_text())
+  assert {r['form'] for r in results['layer']} == {'-', 'dense', 'gather', 'einsum'}
+  assert all(r['median_s'] > 0 for r in results['layer'])
+  rows = results['model']['rows']
+  assert set(rows) == {'lora', 'sira8'}
+  assert rows['sira8']['trainable_params'] > rows['lora']['trainable_params'] > 0
+  assert results['cost_table'] and all(r['best'] for r in results['cost_table'])
+  assert '## Layer level' in (out / 'results.md').read_text()
+  # Results are never overwritten.
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode != 0 and 'exists' in again.stderr
+
+
+@pytest.mark.parametrize('bad', ['--parts=layer,fast', '--model_variants=lora,huge'])
+def test_bench_rejects_bad_flags_before_work(tmp_path, bad):
+  out = tmp_path / 'b'
+  run = subprocess.run([sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}', bad],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  assert run.returncode != 0 and 'unknown' in run.stderr and not out.exists()
