@@ -164,8 +164,9 @@ def step_seconds(cost: Cost, hardware: Hardware) -> float:
 
 
 # Measured on the project's 2-core CPU (experiments/bench, one 512x512 projection, fwd+bwd,
-# 8192 tokens): the dense form wins up to this many low-rank columns E*r, the gather form above.
-CPU_DENSE_MAX_COLUMNS = 256
+# 8192 tokens, groups of 256 and 1024, r=4): dense/LoRA 1.7-1.9 vs gather 2.3-2.4 at E*r = 128,
+# 2.6-3.0 vs 2.1-2.5 at E*r = 256. The dense form up to this many columns E*r, gather above.
+CPU_DENSE_MAX_COLUMNS = 128
 
 
 def choose_form(site: Site, mesh: MeshShape = MeshShape(), backend: str = 'cpu',

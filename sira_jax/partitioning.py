@@ -32,6 +32,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import mesh as jax_mesh  # the mesh `with mesh:` binds (no public getter)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -137,9 +138,13 @@ def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Ar
   Unlike `nn.with_logical_constraint`, a dimension whose mesh axes do not divide it keeps the
   longest prefix of them that does (or none: replicated), and mesh axes the bound mesh lacks are
   ignored, so one model runs on any mesh (e.g. 1 routing group cannot split over 8 devices). A
-  no-op when no mesh or no rules are bound.
+  no-op when no mesh or no rules are bound. The mesh is `jax.set_mesh`'s (`activate`) or, as T5X's
+  partitioners bind it, `with mesh:`'s, which flax's own `nn.with_logical_constraint` ignores
+  on jax 0.10.
   """
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh, legacy = jax.sharding.get_abstract_mesh(), None
+  if mesh.empty:  # `with mesh:` (T5X's partitioners) sets only the legacy thread-local mesh
+    legacy = mesh = jax_mesh.thread_resources.env.physical_mesh
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return x
@@ -150,7 +155,8 @@ def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Ar
     while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
       axes = axes[:-1]
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
-  return jax.lax.with_sharding_constraint(x, P(*spec))
+  spec = P(*spec)
+  return jax.lax.with_sharding_constraint(x, spec if legacy is None else NamedSharding(legacy, spec))
 
 
 def logical_to_mesh_spec(names: Sequence[str | None], rules: Rules | None = None) -> P:

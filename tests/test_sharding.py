@@ -1,4 +1,5 @@
 """Mesh, logical rules and shardings: a SiRA step on a (data 2, expert 2, model 2) mesh == 1 device."""
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -92,6 +93,12 @@ def test_expert_buffers_take_the_expert_axis():
   assert seen['buf'].is_equivalent_to(NamedSharding(mesh, P('data', 'expert')), 4)
   assert seen['one'].is_equivalent_to(NamedSharding(mesh, P(None, 'expert')), 4)
   assert not seen['one'].is_equivalent_to(NamedSharding(mesh, P('data', 'expert')), 4)
+  # T5X's partitioners bind the mesh with `with mesh:` and the rules with flax's context.
+  seen.clear()
+  with mesh, nn.logical_axis_rules(partitioning.logical_axis_rules()):
+    jax.jit(f).lower(jax.ShapeDtypeStruct((4, 8, 3, 5), np.float32),
+                     jax.ShapeDtypeStruct((1, 8, 3, 5), np.float32)).compile()
+  assert seen['buf'].is_equivalent_to(NamedSharding(mesh, P('data', 'expert')), 4)
   # Unbound (no mesh, no rules): the constraint is a no-op.
   x = np.ones((4, 8, 3, 5), np.float32)
   assert partitioning.with_logical_constraint(x, ('batch', 'expert', None, None)) is x
@@ -108,7 +115,6 @@ def test_opt_state_and_variable_shardings():
   assert sh['encoder']['relpos_bias']['rel_embedding'].spec == P('model', None)
   tx = optax.adam(1e-3)
   params_shapes = jax.tree.map(lambda x: x, jax.eval_shape(lambda: abstract)['params'])
-  import flax.linen as nn
   params_shapes = nn.unbox(params_shapes)
   o_sh = partitioning.opt_state_shardings(jax.eval_shape(tx.init, params_shapes), sh, mesh)
   mu = o_sh[0].mu
