@@ -113,3 +113,11 @@ def test_run_files(run, freeze):
     assert gin.query_parameter('%USE_CACHED_TASKS') is False
   else:
     assert gin.query_parameter('%SPLIT') == 'validation'
+
+
+def test_moe_partitioning_switches_adapters_to_the_einsum_form():
+  _parse(['t5x/models/t5_tiny.gin', 't5x/adapters/sira.gin', 't5x/runs/finetune.gin',
+          't5x/runs/moe_partitioning.gin'])
+  cfg = T5Config()
+  assert cfg.adapter.kind == 'sira' and cfg.adapter.expert_compute == 'einsum'
+  assert repr(gin.query_parameter('%NUM_EXPERT_PARTITIONS')) == '%NUM_EXPERTS'

@@ -12,7 +12,9 @@ A thin adapter over `t5x.models.EncoderDecoderModel` (module: `sira_jax.t5.netwo
   'NUM_REAL_TARGET_TOKENS' = the mean per real target token of the project's trainer, so one batch's
   loss is the same number on both paths and `aux_factor` means the same (see sira_jax/losses.py;
   with `loss_normalizing_factor=None`, T5X's sum over tokens, the aux factor weighs ~#tokens times
-  less). Train summaries get T5X's base metrics (loss, z_loss, accuracy, timing, ...),
+  less). With T5X microbatching (`num_microbatches` m > 1) T5X sums the gradients of the m
+  microbatch losses, each normalised by its own tokens: about m times the full-batch mean, as for any
+  T5X model with a per-token normaliser. Train summaries get T5X's base metrics (loss, z_loss, accuracy, timing, ...),
   `cross_ent_loss` = the cross-entropy alone, and the shared metric names: cross_entropy, aux_loss,
   router_z_loss, dropped_fraction, gate_entropy, router_confidence, expert_usage_min/max.
 * Routing randomness (expert dropout, jitter, AdaMix's choice) comes from T5X's 'dropout' rng.
