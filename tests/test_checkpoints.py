@@ -136,13 +136,17 @@ def _snapshot(d):
           for r, _, fs in os.walk(d) for f in fs}
 
 
+def _zero_arrays(step_dir):
+  for f in glob.glob(str(step_dir / 'state' / '**' / 'd' / '*'), recursive=True):
+    with open(f, 'r+b') as fh:
+      fh.write(b'\0' * os.path.getsize(f))
+
+
 def test_damaged_checkpoint_falls_back_to_newest_intact_step(tmp_path, capfd):
   d = tmp_path / 'r'
   first = _train(d, train_steps=4)  # checkpoints 2 and 4
   assert [h['step'] for h in first.history] == [1, 4]
-  for f in glob.glob(str(d / 'checkpoints' / '4' / 'state' / '**' / 'd' / '*'), recursive=True):
-    with open(f, 'r+b') as fh:  # zero the array data of step 4
-      fh.write(b'\0' * os.path.getsize(f))
+  _zero_arrays(d / 'checkpoints' / '4')
   before = _snapshot(d)
   # By flag: stop, naming the damaged step; nothing in MODEL_DIR is touched.
   with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoint step 4 in .*checkpoints is damaged'):
@@ -163,6 +167,11 @@ def test_damaged_checkpoint_falls_back_to_newest_intact_step(tmp_path, capfd):
   os.remove(d / 'checkpoints' / '6' / 'state' / '_METADATA')
   with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoint step 6 in .*checkpoints is damaged'):
     _train(d, train_steps=8, fallback_to_intact_checkpoint=False)
+  # Eval/infer's loader skips a step whose arrays cannot be read, saying so.
+  _zero_arrays(d / 'checkpoints' / '6')
+  capfd.readouterr()
+  assert train_lib.load_trained(str(d))[3] == 4
+  assert 'checkpoint step 6' in capfd.readouterr().err
   # Already past TRAIN_STEPS: said plainly, nothing trained.
   capfd.readouterr()
   res = _train(d, train_steps=3)
