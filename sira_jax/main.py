@@ -17,6 +17,9 @@ from __future__ import annotations
 if __name__ == '__main__':
   # Run the CLI from the importable module `sira_jax.main`, so gin registers its configurables once
   # (not a second time as `__main__.*`).
+  from sira_jax import gin_utils as _gin_utils
+  _gin_utils.exit_if_help(__doc__, ('main.gin',))
+  _gin_utils.import_tensorflow_quietly()
   from sira_jax import main as _module  # pylint: disable=import-self
   _module.cli()
 

@@ -544,13 +544,7 @@ def train(
   lr = optim.make_schedule(schedule, learning_rate, warmup_steps, train_steps)
   tx = optim.make_optimizer(optimizer_name, lr, weight_decay=weight_decay,
                             clip_grad_norm=clip_grad_norm)
-  variables = init_variables(model, model_config, seed)
-  if base is not None:
-    variables = with_base(variables, base)
-  mask = None if pretrain else trainable_mask(variables['params'])
-  state = trainer_lib.create_state(variables, tx, trainable_mask=mask, rng=run_keys(seed)[1])
-  state_sh = placement.state_shardings(model, state, mask)
-  state = placement.place(state, state_sh)
+  state, state_sh = initial_state(model, model_config, seed, base, tx, placement, pretrain)
   ckpts = RunCheckpoints(model_dir, base_source=base_source,
                          includes_base=full_checkpoints or pretrain, pretrain=pretrain,
                          model_config=fingerprint['model_config'], every=checkpoint_every,
@@ -599,6 +593,19 @@ def train(
   return TrainResult(model_dir=model_dir, step=int(loop.state.step), stopped_by=loop.stopped_by,
                      last_metrics=last_metrics, history=history,
                      wall_time=time.time() - t_start, base_dir=base_dir, state=loop.state)
+
+
+def initial_state(model, cfg: T5Config, seed: int, base: Mapping[tuple, Any] | None, tx,
+                  placement: Placement, pretrain: bool):
+  """(state, its shardings): fresh params (the checked `base` weights in place), the trainable
+  part's optimizer state, placed on the mesh. Pretraining trains every parameter."""
+  variables = init_variables(model, cfg, seed)
+  if base is not None:
+    variables = with_base(variables, base)
+  mask = None if pretrain else trainable_mask(variables['params'])
+  state = trainer_lib.create_state(variables, tx, trainable_mask=mask, rng=run_keys(seed)[1])
+  state_sh = placement.state_shardings(model, state, mask)
+  return placement.place(state, state_sh), state_sh
 
 
 def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, model_config,
