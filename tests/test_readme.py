@@ -31,7 +31,9 @@ TINY = {
                       "--gin.run_main.finetune_feature_lengths={'inputs': 16, 'targets': 16}",
                       '--gin.run_main.eval_num_examples=2', '--gin.run_main.eval_batch_size=2',
                       '--gin.run_main.val_batches=1', '--gin.run_main.progress_bar=False',
-                      '--gin.WORK_DIR=/tmp/runs/main'],
+                      '--gin.WORK_DIR=/tmp/runs/main',
+                      # 4 tasks instead of 45: the job's steps unchanged, a tenth of the eval set-up.
+                      "--gin.run_main.finetune_mixture='offline_lang_de'"],
     # The README's T5X commands are tiny already (20 steps, batch 8).
     't5x.train': [], 't5x.eval': [], 't5x.infer': [],
 }
