@@ -14,8 +14,14 @@ Formats:
   (b) T5X: an orbax checkpoint directory whose tree holds T5X example-network names (under
       'target', 'params' or at the root; optimizer state is ignored), or a legacy T5X checkpoint
       directory (a msgpack file named `checkpoint` whose leaves are tensorstore specs of
-      `target.<path>` arrays). The architecture comes from `config=` or, if absent, from a
-      `config.json` / `config.gin`-free inference over the parameter shapes (see `_infer_t5x_config`).
+      `target.<path>` arrays). The architecture comes from the parameter shapes and a
+      `config.json` saved beside them, if any (see `_infer_t5x_config`).
+
+The checkpoint's architecture always wins: a `config=` must agree with every architecture field
+the checkpoint records (sizes, activations, tying, logit scaling, relative-position buckets and
+max distance, layer-norm epsilon), or loading raises ArchitectureMismatchError naming the field
+and both values. Fields that do not change what the weights compute (dropout, dtypes, adapters)
+are taken from `config=`.
 
 If the models' variables hold non-params collections (e.g. the SMoE-Dropout 'schedule'), use
 `load_pretrained_variables`, which returns them all.
