@@ -30,6 +30,8 @@ flags.DEFINE_list('experts', ['4', '8', '32', '64'], 'Layer level: expert counts
 flags.DEFINE_list('tokens', ['8192'], 'Layer level: tokens per step.')
 flags.DEFINE_list('group_sizes', ['256', '1024'], 'Layer level: max_group_size values.')
 flags.DEFINE_integer('einsum_max_experts', 8, 'Layer level: largest E timed in the einsum form.')
+flags.DEFINE_integer('peer_threads', None, 'torch threads of the PEFT peer (default: all cores, '
+                     'as jax uses).')
 flags.DEFINE_list('model_variants', ['lora', 'sira8', 'sira32', 'sira8_einsum', 'lora_qv',
                                      'sira8_qv'], 'Model level variants.')
 
@@ -157,7 +159,7 @@ def main(argv):
       log(f'peer: building PEFT LoRA {targets} and the project LoRA {targets}')
       fns[f'peft lora {targets}'], facts[f'peft lora {targets}'] = peer.peft_step(
           targets, small=smoke, batch_size=shapes['batch_size'], inputs=shapes['inputs'],
-          target_len=shapes['targets'])
+          target_len=shapes['targets'], threads=FLAGS.peer_threads)
       cfg = model.t5_small(AdapterConfig(kind='lora', rank=4), targets, small=smoke)
       fns[f'project lora {targets}'], facts[f'project lora {targets}'] = (
           model.train_step_variant(cfg, model.batch(cfg, **shapes)))
@@ -168,7 +170,9 @@ def main(argv):
                     **{k: v for k, v in facts[n].items() if not isinstance(v, bytes)})
             for n in fns}
     results['peer'] = dict(rows=rows, load=timing['_load'])
-    md += ['', '## Peer: Hugging Face PEFT LoRA (PyTorch, same T5 shapes, same threads)', '',
+    threads = facts[f'peft lora {peer_targets[0]}']['threads']
+    md += ['', f'## Peer: Hugging Face PEFT LoRA (PyTorch, same T5 shapes; torch threads: {threads})',
+           '',
            f'load {timing["_load"]["before"][0]}-{timing["_load"]["after"][0]}.', '',
            '| variant | step ms | tokens/s | trainable params |', '|---|---|---|---|']
     md += [f'| {n} | {1e3 * r["median_s"]:.0f} | {r["tokens_per_s"]:.0f} | '
