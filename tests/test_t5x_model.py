@@ -155,6 +155,65 @@ def test_cached_decoding_equals_full_recomputation():
   assert upto_eos.sum() > 8
 
 
+def test_prompt_prefill_continues_decoder_prompts_like_full_recomputation():
+  """T5X enables prompt prefilling for this network (module.decode takes `prefill`); prompts of
+  different lengths (0 included) continue exactly as greedy decoding by full recomputation."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  assert 'prefill' in inspect.signature(network.Transformer.decode).parameters
+  greedy = functools.partial(decoding.temperature_sample, temperature=1.0, topk=1)
+  model = _model(decode_fn=greedy)
+  params, _ = _params(model)
+  batch = dict(_batch(3))
+  lengths = np.array([0, 1, 2, 3, 0, 4, 2, 1])  # prompt tokens after BOS, per example
+  tgt = np.asarray(batch['decoder_target_tokens'])
+  prompt = np.zeros_like(tgt)
+  for i, n in enumerate(lengths):
+    prompt[i, 1:n + 1] = np.where(tgt[i, :n] > 1, tgt[i, :n], 7)  # no EOS/pad inside a prompt
+  batch['decoder_input_tokens'] = jnp.asarray(prompt, jnp.int32)
+  decodes, _ = model.predict_batch_with_aux(params, batch, rng=jax.random.PRNGKey(0),
+                                            prompt_with_targets=True)
+  decodes = np.asarray(decodes)
+  full = jax.jit(lambda dec_in: model._compute_logits(params, {  # pylint: disable=protected-access
+      'encoder_input_tokens': batch['encoder_input_tokens'], 'decoder_input_tokens': dec_in,
+      'decoder_target_tokens': jnp.ones_like(dec_in)}))
+  tokens = np.zeros_like(decodes)
+  for i, n in enumerate(lengths):
+    tokens[i, :n] = prompt[i, 1:n + 1]
+  for t in range(tokens.shape[1]):
+    dec_in = np.concatenate([np.zeros((8, 1), np.int32), tokens[:, :-1]], 1)
+    nxt = np.asarray(jnp.argmax(full(jnp.asarray(dec_in)), -1))[:, t]
+    tokens[:, t] = np.where(t >= lengths, nxt, tokens[:, t])
+  after = np.arange(tokens.shape[1])[None] >= lengths[:, None]
+  upto_eos = np.cumsum(np.cumsum((tokens == 1) & after, 1), 1) <= 1  # through the first new EOS
+  assert np.array_equal(decodes * upto_eos, tokens * upto_eos)
+  assert (upto_eos & after).sum() > 8
+
+
+def test_beam_search_is_the_same_with_and_without_the_prefill_path():
+  """With `prefill` in module.decode T5X starts beam search from a prefilled cache with a
+  per-example cache index; the beams are those of the plain token-by-token path."""
+
+  class NoPrefill(network.Transformer):
+
+    def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+               encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
+               enable_dropout=True, decode=False, max_decode_length=None):
+      return super().decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                            decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                            decoder_positions, enable_dropout, decode, max_decode_length)
+
+  model = _model()
+  params, _ = _params(model)
+  plain = models.SiraEncoderDecoderModel(NoPrefill(_config()), VOCAB, VOCAB, _optimizer(),
+                                         decode_fn=decoding.beam_search)
+  batch = _batch(4)
+  kw = dict(rng=jax.random.PRNGKey(0), return_all_decodes=True, num_decodes=3)
+  with_prefill, scores = model.predict_batch_with_aux(params, batch, **kw)
+  without, scores_plain = plain.predict_batch_with_aux(params, batch, **kw)
+  np.testing.assert_array_equal(np.asarray(with_prefill), np.asarray(without))
+  np.testing.assert_allclose(scores['scores'], scores_plain['scores'], rtol=1e-5, atol=1e-5)
+
+
 def test_smoe_dropout_schedule_grows_k_under_t5x():
   model = _model('smoe_dropout', smoe_schedule_steps=4)
   variables = model.get_initial_variables(jax.random.PRNGKey(0), SHAPES)

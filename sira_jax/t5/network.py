@@ -206,8 +206,16 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
                bias: Array | None = None, *, q_token_mask: Array | None = None,
                kv_token_mask: Array | None = None, enable_dropout: bool = False,
-               decode: bool = False) -> Array:
-    """[b, lq, d], [b, lk, d], mask [b, 1, lq, lk], bias [1, h, lq, lk] -> [b, lq, d]."""
+               decode: bool = False, prefill: bool = False,
+               prefill_lengths: Array | None = None) -> Array:
+    """[b, lq, d], [b, lk, d], mask [b, 1, lq, lk], bias [1, h, lq, lk] -> [b, lq, d].
+
+    decode: one query token per call against the 'cache' collection. The cache index is a scalar
+    (every example at the same position) or, after `prefill`, a vector [b] of per-example positions.
+    prefill: the teacher-forced (causal) pass over a whole decoder prompt [b, L] that also writes
+    its keys/values into the cache and sets each example's next position to `prefill_lengths` [b]
+    (T5X's prompt prefilling).
+    """
     cfg = self.config
     h, dk = cfg.num_heads, cfg.d_kv
     inner = h * dk
@@ -224,13 +232,27 @@ class MultiHeadAttention(nn.Module):
     k = k.reshape(b, k.shape[1], h, dk)
     v = v.reshape(b, v.shape[1], h, dk)
 
-    if decode:
+    if decode and prefill:
+      raise ValueError('decode and prefill are exclusive: prefill is the one teacher-forced pass '
+                       'over the prompt, decode the one-token steps after it.')
+    if decode or prefill:
       is_initialized = self.has_variable('cache', 'cached_key')
       swap = lambda s: (s[0], s[2], s[3], s[1])  # noqa: E731  [b, l, h, d] -> [b, h, d, l]
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, swap(k.shape), k.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, swap(v.shape), v.dtype)
       cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, dtype=jnp.int32))
-      if is_initialized:
+      if prefill:
+        if prefill_lengths is None:
+          raise ValueError('prefill needs prefill_lengths [batch]: each prompt\'s length.')
+        if cached_key.value.shape != swap(k.shape):
+          raise ValueError(f'Prefill cache shape error: the cache holds {cached_key.value.shape}, '
+                           f'the prompt gives {swap(k.shape)}; prefill with the full '
+                           f'max_decode_length prompt.')
+        cached_key.value = jnp.transpose(k, (0, 2, 3, 1))
+        cached_value.value = jnp.transpose(v, (0, 2, 3, 1))
+        cache_index.value = jnp.asarray(prefill_lengths, jnp.int32).reshape(b)
+        # Attention below is the ordinary causal pass over the prompt.
+      elif is_initialized:
         cb, ch, cd, length = cached_key.value.shape
         if q.shape != (cb, 1, ch, cd):
           raise ValueError(f'Autoregressive cache shape error: expected query shape '
@@ -238,16 +260,31 @@ class MultiHeadAttention(nn.Module):
         cur = cache_index.value
         k_new = jnp.transpose(k, (0, 2, 3, 1))  # [b, h, d, 1]
         v_new = jnp.transpose(v, (0, 2, 3, 1))
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_new, (0, 0, 0, cur))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_new,
+        if cur.ndim == 0:  # every example at one position
+          cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_new,
                                                           (0, 0, 0, cur))
+          cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_new,
+                                                            (0, 0, 0, cur))
+          # Attend only to filled positions 0..cur; take row `cur` of the [L, L] bias.
+          mask = (jnp.arange(length) <= cur)[None, None, None, :].astype(jnp.float32)
+          if bias is not None:
+            bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=2)
+        else:  # per-example positions (after prefill): one-hot writes, per-example rows.
+          # T5X's beam search keeps the index [batch, beams] while the cache rows are flattened
+          # to [batch * beams]: the index's own shape is kept, its flat view is used.
+          index_shape, cur = cur.shape, cur.reshape(cb)
+          at = jax.nn.one_hot(cur, length, dtype=k_new.dtype)[:, None, None, :]  # [b, 1, 1, L]
+          cached_key.value = cached_key.value * (1 - at) + k_new * at
+          cached_value.value = cached_value.value * (1 - at) + v_new * at
+          mask = (jnp.arange(length)[None, :] <= cur[:, None])[:, None, None, :].astype(
+              jnp.float32)
+          if bias is not None:  # [1, h, L, L] -> row cur_b of each example: [b, h, 1, L]
+            row = jnp.take(bias[0], cur, axis=1, mode='clip')  # past the end: T5X's busy work
+            bias = jnp.transpose(row, (1, 0, 2))[:, :, None, :]
+          cur = cur.reshape(index_shape)
         cache_index.value = cur + 1
         k = jnp.transpose(cached_key.value, (0, 3, 1, 2))
         v = jnp.transpose(cached_value.value, (0, 3, 1, 2))
-        # Attend only to filled positions 0..cur; take row `cur` of the [L, L] bias.
-        mask = (jnp.arange(length) <= cur)[None, None, None, :].astype(jnp.float32)
-        if bias is not None:
-          bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=2)
 
     logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.activation_dtype
     logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(logits_dtype), k.astype(logits_dtype))
@@ -326,14 +363,16 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, encoded, decoder_mask, encoder_decoder_mask, token_mask,
-               encoder_token_mask, enable_dropout=False, decode=False, max_decode_length=None):
+               encoder_token_mask, enable_dropout=False, decode=False, max_decode_length=None,
+               prefill=False, prefill_lengths=None):
     cfg = self.config
     length = max_decode_length if decode and max_decode_length else inputs.shape[-2]
     bias = self.relative_embedding(length, length, False)
     x = _norm(cfg, 'pre_self_attention_layer_norm')(inputs)
     x = MultiHeadAttention(cfg, 'decoder/self_attention', in_decoder=True, name='self_attention')(
         x, x, decoder_mask, bias, q_token_mask=token_mask, kv_token_mask=token_mask,
-        enable_dropout=enable_dropout, decode=decode)
+        enable_dropout=enable_dropout, decode=decode, prefill=prefill,
+        prefill_lengths=prefill_lengths)
     x = _dropout(cfg, x, enable_dropout) + inputs
     y = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
     y = MultiHeadAttention(cfg, 'decoder/encoder_decoder_attention', in_decoder=True,
@@ -379,7 +418,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                token_mask, encoder_token_mask, enable_dropout=False, decode=False,
-               max_decode_length=None):
+               max_decode_length=None, prefill=False, prefill_lengths=None):
     cfg = self.config
     rel = _relpos(cfg)
     y = self.shared_embedding(decoder_input_tokens)
@@ -387,7 +426,8 @@ class Decoder(nn.Module):
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, rel, name=f'layers_{i}')(
           y, encoded, decoder_mask, encoder_decoder_mask, token_mask, encoder_token_mask,
-          enable_dropout=enable_dropout, decode=decode, max_decode_length=max_decode_length)
+          enable_dropout=enable_dropout, decode=decode, max_decode_length=max_decode_length,
+          prefill=prefill, prefill_lengths=prefill_lengths)
     y = _norm(cfg, 'decoder_norm')(y)
     y = _dropout(cfg, y, enable_dropout)
     if cfg.logits_scaled:
@@ -424,13 +464,18 @@ class Transformer(nn.Module):
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
-             enable_dropout=True, decode=False, max_decode_length=None):
+             enable_dropout=True, decode=False, max_decode_length=None, prefill=False,
+             prefill_lengths=None):
     """Decoder branch -> logits [batch, len, vocab].
 
     With `decode=True` the 'cache' collection must be mutable; the first call (cache absent)
     creates a zero cache for length `max_decode_length` (or the input length), later calls take
     one token [batch, 1] each. Token masks for adapter routing: targets > 0 in training; every
     token counts during decoding (the BOS id is 0).
+    With `prefill=True` (T5X's prompt prefilling; 'cache' mutable and already created for the
+    prompt's length): one causal pass over the decoder prompt [batch, L] writes the cache, and
+    each example continues from its own position `prefill_lengths` [batch] in later `decode`
+    calls. T5X passes `decoder_target_tokens` of ones here, so every prompt position is routed.
     """
     del decoder_positions  # relative positions use the index in the sequence, as in T5X.
     encoder_valid = encoder_input_tokens > 0
@@ -451,7 +496,8 @@ class Transformer(nn.Module):
     return self.decoder(encoded, decoder_input_tokens, decoder_mask,
                         enc_dec_mask.astype(jnp.float32), token_mask, encoder_valid,
                         enable_dropout=enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length)
+                        max_decode_length=max_decode_length, prefill=prefill,
+                        prefill_lengths=prefill_lengths)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
