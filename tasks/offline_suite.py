@@ -20,6 +20,9 @@ Mixtures (rate 1 per task-language):
 - `offline_{num2words,date,currency,unit,translit}`: one task over languages.
 - `offline_lang_L`: all tasks of language L (FORMAT_LANGUAGES).
 - `offline_suite_mix`: every generation task and language (45 tasks).
+- `offline_bench`: the sweeps' benchmark (experiments/): date, currency and
+  unit formatting in the 10 FORMAT_LANGUAGES (30 tasks; inputs <= 39 bytes,
+  targets <= 54 bytes, so gin/benchmark's lengths 48/64 truncate nothing).
 - `offline_suite_xl_train` / `offline_suite_xl_heldout`: cross-lingual split;
   train on the formatting tasks in 8 languages, evaluate on the held-out
   languages fi and tr (parallel inputs, so no test input is seen in training).
@@ -47,6 +50,7 @@ from tasks import vocab as vocab_lib
 
 PREFIX = 'offline'
 HELD_OUT_LANGUAGES = ('fi', 'tr')
+BENCH_TASKS = ('date', 'currency', 'unit')
 
 GeneratorFn = Callable[[str], dict[str, list[tuple[str, str]]]]
 
@@ -168,6 +172,8 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
                    for lang, members in by_lang.items() if len(members) > 1})
   every = [n for members in by_task.values() for n in members]
   mixtures[f'{PREFIX}_suite_mix'] = every
+  mixtures[f'{PREFIX}_bench'] = [task_name(t, l) for t in BENCH_TASKS
+                                 for l in data.FORMAT_LANGUAGES]
   formatting = [task_name(t, l) for t in ('num2words', 'date', 'currency',
                                           'unit')
                 for l in data.FORMAT_LANGUAGES]

@@ -1,0 +1,430 @@
+r"""Turn sweeps' result files into a markdown report with tables, plots and a verdict per claim.
+
+  python -m experiments.report                       # every sweep with results -> experiments/results/REPORT.md
+  python -m experiments.report --sweep=c1 --sweep=c3 --out_dir=/tmp/report
+
+For each sweep: per point (a compared configuration) the learning rate with the best mean
+validation metric is chosen, and the test metrics at that rate are reported as mean +- standard
+deviation over seeds (n shown). Plots (PNG, in <out_dir>/plots/): the metric against each numeric
+axis of the sweep (rank, experts, capacity factor, k, ...), per-family and per-language bars, and
+the routing analysis of the sweep's routing points (expert load per family and per language for
+each adapted site, gate entropy and dropped fraction per site). Every number comes from the
+`result.json` files of the sweep's runs; `<out_dir>/<sweep>.json` holds the aggregated numbers the
+tables and plots show.
+
+Verdicts compare two points with Welch's t interval (95%) on the per-seed test metric: a claim
+"A beats B" is *reproduced* when the interval of A - B lies above 0, *contradicted* when it lies
+below 0, and *inconclusive* otherwise; a claim with unfinished runs is *not measured*.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from experiments import evaluation
+from experiments import runner
+from experiments import sweeps as sweeps_lib
+
+METRICS = ('sequence_accuracy', 'chrf', 'cer', 'token_accuracy')
+LABELS = {'sequence_accuracy': 'sequence accuracy', 'chrf': 'chrF', 'cer': 'CER',
+          'token_accuracy': 'token accuracy (teacher-forced)'}
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation
+# ------------------------------------------------------------------------------------------------
+def _mean_std(vals: Sequence[float]) -> tuple[float, float, int]:
+  vals = [v for v in vals if v is not None]
+  if not vals:
+    return float('nan'), float('nan'), 0
+  return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
+  """Per point: the chosen learning rate, per-seed and mean/std metrics, params, times.
+
+  Returns {'points': {point: {...}}, 'missing': [run names], 'finished': n, 'total': n}.
+  """
+  by_point: dict[str, dict[Any, list]] = {}
+  missing = []
+  for run in sweep.runs:
+    res = runner.load_result(results_dir, run)
+    if res is None:
+      missing.append(run.name)
+      continue
+    by_point.setdefault(run.point, {}).setdefault(run.learning_rate, []).append((run, res))
+  points = {}
+  for point in sweep.points():
+    lrs = by_point.get(point)
+    if not lrs:
+      continue
+
+    def sel(items):
+      return np.mean([res['metrics'][sweep.select_split]['summary'][sweep.metric]
+                      for _, res in items])
+
+    lr = max(lrs, key=lambda k: sel(lrs[k]))
+    items = sorted(lrs[lr], key=lambda x: x[0].seed)
+    runs_here = [r for r in sweep.runs if r.point == point]
+    rep = [res['metrics'][sweep.report_split] for _, res in items]
+    entry = dict(
+        learning_rate=lr, seeds=[r.seed for r, _ in items], axes=dict(items[0][0].axes),
+        kind=items[0][0].kind, runs=[r.key for r, _ in items],
+        expected_runs=len(runs_here), finished_runs=sum(len(v) for v in lrs.values()),
+        validation_by_lr={str(k): float(sel(v)) for k, v in lrs.items()},
+        params=items[0][1]['params'],
+        train_time_s=float(np.mean([res['wall_time_s']['train'] for _, res in items])),
+        per_seed={m: [s['summary'].get(m) for s in rep] for m in METRICS
+                  if any(m in s['summary'] for s in rep)})
+    entry['mean'] = {m: _mean_std(v)[0] for m, v in entry['per_seed'].items()}
+    entry['std'] = {m: _mean_std(v)[1] for m, v in entry['per_seed'].items()}
+    tasks = sorted(rep[0]['tasks'])
+    entry['per_task'] = {t: {m: float(np.mean([s['tasks'][t][m] for s in rep]))
+                             for m in rep[0]['tasks'][t]} for t in tasks}
+    routing = [res['routing'] for _, res in items if res.get('routing')]
+    if routing:
+      entry['routing'] = routing[0]
+      entry['routing_seed'] = [r.seed for r, res in items if res.get('routing')][0]
+    points[point] = entry
+  return dict(points=points, missing=missing, finished=len(sweep.runs) - len(missing),
+              total=len(sweep.runs))
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
+                   ) -> tuple[float, float, float]:
+  """(mean(a) - mean(b), low, high): Welch's t interval; nan bounds with fewer than 2 seeds each."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  diff = float(a.mean() - b.mean())
+  if len(a) < 2 or len(b) < 2:
+    return diff, float('nan'), float('nan')
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  se = math.sqrt(va + vb)
+  if se == 0:
+    return diff, diff, diff
+  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  t = float(stats.t.ppf(0.5 + level / 2, dof))
+  return diff, diff - t * se, diff + t * se
+
+
+def compare(agg: Mapping, a: str, b: str, metric: str) -> dict:
+  pa, pb = agg['points'].get(a), agg['points'].get(b)
+  if pa is None or pb is None:
+    return dict(a=a, b=b, verdict='not measured')
+  diff, lo, hi = welch_interval(pa['per_seed'][metric], pb['per_seed'][metric])
+  if math.isnan(lo):
+    verdict = 'inconclusive (fewer than 2 seeds)'
+  elif lo > 0:
+    verdict = 'reproduced'
+  elif hi < 0:
+    verdict = 'contradicted'
+  else:
+    verdict = 'inconclusive'
+  return dict(a=a, b=b, diff=diff, low=lo, high=hi, verdict=verdict,
+              n=(len(pa['per_seed'][metric]), len(pb['per_seed'][metric])))
+
+
+def _fmt_cmp(c: Mapping, metric: str) -> str:
+  if 'diff' not in c:
+    return f'{c["a"]} vs {c["b"]}: not measured'
+  ci = '' if math.isnan(c['low']) else f', 95% CI [{c["low"]:+.2f}, {c["high"]:+.2f}]'
+  return (f'{c["a"]} - {c["b"]}: {c["diff"]:+.2f} {LABELS.get(metric, metric)}{ci} '
+          f'(seeds {c["n"][0]}/{c["n"][1]}): **{c["verdict"]}**')
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims: which comparisons decide each sweep's verdict
+# ------------------------------------------------------------------------------------------------
+def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, str]]:
+  """(A, B) pairs where the paper claims A >= B (c1: higher ranks vs rank 4, which it claims do
+  *not* help: 'reproduced' there means the higher rank is *not* better)."""
+  pts = [p for p in sweep.points() if p in agg['points']]
+  find = lambda prefix: [p for p in pts if p.startswith(prefix)]  # noqa: E731
+  sira = [p for p in pts if p.startswith('sira')]
+  if sweep.name == 'c1':
+    return [(p, 'lora r4') for p in find('lora r') if p != 'lora r4']
+  if sweep.name in ('c2', 'c3') and sira:
+    return [(sira[0], p) for p in pts if p.split()[0] in ('lora', 'adamix', 'molora')]
+  if sweep.name == 'c4':
+    return [('sira E16 k2', p) for p in find('sira E') if p != 'sira E16 k2']
+  if sweep.name == 'c5':
+    return [('sira cf4', p) for p in find('sira cf') if p != 'sira cf4']
+  if sweep.name == 'c6':
+    return [('sira E8 k2', 'sira no expert dropout'), ('sira E8 k2', 'smoe_dropout E8')]
+  return []
+
+
+def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
+  """Normalised mutual information between routed expert and task family / language, per site.
+
+  I(G; X) / H(X) for a uniform choice of task within the group, X the expert a routed choice goes
+  to (shares from `usage`); 0 when every group routes alike, 1 when the expert identifies the group.
+  """
+  out: dict[str, dict[str, float]] = {'family': {}, 'language': {}}
+  tasks = routing['tasks']
+  for kind, idx in (('family', 0), ('language', 1)):
+    groups: dict[str, list[str]] = {}
+    for t in tasks:
+      groups.setdefault(evaluation.family_and_language(t)[idx], []).append(t)
+    if len(groups) < 2:
+      continue
+    for site in routing['sites']:
+      rows = np.array([np.mean([routing['usage'][t][site] for t in g], axis=0)
+                       for g in groups.values()])  # [groups, E]
+      px = rows.mean(0)
+      h = lambda p: -float(np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)))  # noqa
+      hx = h(px)
+      mi = hx - float(np.mean([h(r) for r in rows]))
+      out[kind][site] = mi / hx if hx > 0 else 0.0
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------
+def _plt():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def plot_axis(agg, sweep, x_axis, series, metric, path) -> dict | None:
+  pts = {p: e for p, e in agg['points'].items() if x_axis in e['axes']}
+  if not pts:
+    return None
+  plt = _plt()
+  data: dict[str, list] = {}
+  for p, e in pts.items():
+    data.setdefault(str(e['axes'].get(series, '')), []).append(
+        (e['axes'][x_axis], e['mean'].get(metric), e['std'].get(metric), p))
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for s, rows in sorted(data.items()):
+    rows.sort(key=lambda r: r[0])
+    xs = [r[0] for r in rows]
+    ax.errorbar(range(len(xs)) if not all(isinstance(x, (int, float)) for x in xs) else xs,
+                [r[1] for r in rows], yerr=[r[2] for r in rows], marker='o', capsize=3, label=s)
+  if all(isinstance(e['axes'][x_axis], (int, float)) and e['axes'][x_axis] > 0
+         for e in pts.values()) and x_axis in ('rank', 'experts'):
+    ax.set_xscale('log', base=2)
+  ax.set_xlabel(x_axis)
+  ax.set_ylabel(f'{sweep.report_split} {LABELS.get(metric, metric)}')
+  ax.set_title(f'{sweep.name}: {LABELS.get(metric, metric)} vs {x_axis} (mean +- sd over seeds)',
+               fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return {s: [[r[0], r[1], r[2]] for r in rows] for s, rows in data.items()}
+
+
+def plot_groups(agg, sweep, metric, idx, path) -> dict | None:
+  """Bars of the metric per task family (idx 0) or language (idx 1), one bar per point."""
+  pts = agg['points']
+  if not pts:
+    return None
+  groups: dict[str, dict[str, float]] = {}
+  for p, e in pts.items():
+    per: dict[str, list] = {}
+    for t, m in e['per_task'].items():
+      if metric in m:
+        per.setdefault(evaluation.family_and_language(t)[idx], []).append(m[metric])
+    for g, v in per.items():
+      groups.setdefault(g, {})[p] = float(np.mean(v))
+  if not groups:
+    return None
+  plt = _plt()
+  names = sorted(groups)
+  width = 0.8 / max(len(pts), 1)
+  fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(names) * len(pts) ** 0.5 + 2), 3.6))
+  for i, p in enumerate(pts):
+    ax.bar(np.arange(len(names)) + i * width, [groups[g].get(p, np.nan) for g in names],
+           width, label=p)
+  ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha='right',
+                fontsize=8)
+  ax.set_ylabel(f'{sweep.report_split} {LABELS.get(metric, metric)}')
+  ax.set_title(f'{sweep.name}: per {"family" if idx == 0 else "language"} (mean over seeds)',
+               fontsize=9)
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return groups
+
+
+def plot_routing(routing, title, path) -> None:
+  """Per site: expert load per family and per language (heatmaps), gate entropy, dropped."""
+  plt = _plt()
+  sites = routing['sites']
+  fams: dict[str, list] = {}
+  langs: dict[str, list] = {}
+  for t in routing['tasks']:
+    f, l = evaluation.family_and_language(t)
+    fams.setdefault(f, []).append(t)
+    langs.setdefault(l, []).append(t)
+  cols = min(len(sites), 4)
+  rows = math.ceil(len(sites) / cols)
+  fig, axes = plt.subplots(2 * rows + 1, cols, figsize=(3.2 * cols, 2.6 * (2 * rows + 1)),
+                           squeeze=False)
+  for kind, groups, off in (('family', fams, 0), ('language', langs, rows)):
+    names = sorted(groups)
+    for i, site in enumerate(sites):
+      ax = axes[off + i // cols][i % cols]
+      mat = np.array([np.mean([routing['usage'][t][site] for t in groups[g]], 0) for g in names])
+      im = ax.imshow(mat, aspect='auto', cmap='viridis', vmin=0, vmax=max(mat.max(), 1e-6))
+      ax.set_yticks(range(len(names)), names, fontsize=6)
+      ax.set_xticks(range(mat.shape[1]), range(mat.shape[1]), fontsize=6)
+      ax.set_title(f'{site}\n{kind} x expert', fontsize=6)
+      fig.colorbar(im, ax=ax, fraction=0.04)
+    for j in range(len(sites), rows * cols):
+      axes[off + j // cols][j % cols].axis('off')
+  for j, (key, label) in enumerate((('gate_entropy', 'gate entropy (nats)'),
+                                    ('dropped_fraction_train', 'dropped fraction (train mode)'),
+                                    ('router_confidence', 'router confidence'))):
+    if j >= cols:
+      break
+    ax = axes[-1][j]
+    vals = [routing[key].get(s, np.nan) for s in sites]
+    ax.bar(range(len(sites)), vals)
+    ax.set_xticks(range(len(sites)), [s.replace('/', '\n', 1) for s in sites], fontsize=4,
+                  rotation=90)
+    ax.set_title(label, fontsize=7)
+  for j in range(3, cols):
+    axes[-1][j].axis('off')
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------------
+def _slug(s: str) -> str:
+  return ''.join(c if c.isalnum() else '_' for c in s).strip('_')
+
+
+def _cell(e, m):
+  mean, std = e['mean'].get(m), e['std'].get(m)
+  if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    return '-'
+  return f'{mean:.2f} ± {std:.2f}'
+
+
+def points_table(agg: Mapping, sweep: sweeps_lib.Sweep) -> str:
+  pts = agg['points']
+  metrics = [m for m in METRICS if any(m in e['mean'] for e in pts.values())]
+  head = (['point', 'seeds'] + [f'{sweep.report_split} {LABELS[m]}' for m in metrics] +
+          ['trainable params', 'active params / token', 'LR (chosen on validation)',
+           'train time (s)'])
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for p, e in pts.items():
+    lr = '-' if e['learning_rate'] is None else f'{e["learning_rate"]:g}'
+    lines.append('| ' + ' | '.join(
+        [p, str(len(e['seeds']))] + [_cell(e, m) for m in metrics] +
+        [f'{e["params"]["trainable"]:,}', f'{e["params"]["active_per_token"]:,}', lr,
+         f'{e["train_time_s"]:.0f}']) + ' |')
+  return '\n'.join(lines)
+
+
+def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tuple[str, dict]:
+  agg = aggregate(sweep, results_dir)
+  plots_dir = os.path.join(out_dir, 'plots')
+  os.makedirs(plots_dir, exist_ok=True)
+  md = [f'## {sweep.name}: {sweep.claim}', '',
+        f'{agg["finished"]} of {agg["total"]} runs finished.']
+  if not agg['points']:
+    md.append('No results yet.')
+    return '\n'.join(md) + '\n', agg
+  md += ['', points_table(agg, sweep), '']
+  comps = [compare(agg, a, b, sweep.metric) for a, b in claim_comparisons(sweep, agg)]
+  agg['comparisons'] = comps
+  if comps:
+    md.append('Comparisons (test, at each point\'s chosen learning rate):')
+    md += [f'- {_fmt_cmp(c, sweep.metric)}' for c in comps]
+    md.append('')
+  agg['plots'] = {}
+  rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+  for x_axis, series in sweep.plots:
+    path = os.path.join(plots_dir, f'{sweep.name}_{sweep.metric}_vs_{x_axis}.png')
+    data = plot_axis(agg, sweep, x_axis, series, sweep.metric, path)
+    if data is not None:
+      agg['plots'][rel(path)] = data
+      md.append(f'![{sweep.metric} vs {x_axis}]({rel(path)})')
+  for idx, kind in ((0, 'family'), (1, 'language')):
+    path = os.path.join(plots_dir, f'{sweep.name}_per_{kind}.png')
+    data = plot_groups(agg, sweep, sweep.metric, idx, path)
+    if data is not None:
+      agg['plots'][rel(path)] = data
+      md.append(f'![per {kind}]({rel(path)})')
+  for point, e in agg['points'].items():
+    if 'routing' not in e:
+      continue
+    r = e['routing']
+    path = os.path.join(plots_dir, f'{sweep.name}_routing_{_slug(point)}.png')
+    plot_routing(r, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing', path)
+    spec = specialisation(r)
+    e['specialisation'] = spec
+    agg['plots'][rel(path)] = dict(usage=r['usage'], specialisation=spec)
+    md += ['', f'Routing of {point} (seed {e["routing_seed"]}, {sweep.select_split} split): '
+           f'![routing]({rel(path)})', '',
+           '| site | gate entropy (nats) | dropped (train mode) | NMI(expert; family) | '
+           'NMI(expert; language) |', '|---|---|---|---|---|']
+    for s in r['sites']:
+      md.append(f'| {s} | {r["gate_entropy"].get(s, float("nan")):.3f} | '
+                f'{r["dropped_fraction_train"].get(s, float("nan")):.3f} | '
+                f'{spec["family"].get(s, float("nan")):.3f} | '
+                f'{spec["language"].get(s, float("nan")):.3f} |')
+    md.append(f'(log E = {math.log(max(r["num_experts"], 1)):.3f} nats is the entropy of a '
+              'uniform router.)')
+  if agg['missing']:
+    md += ['', f'Unfinished runs ({len(agg["missing"])}): ' + ', '.join(agg['missing'][:20]) +
+           (' ...' if len(agg['missing']) > 20 else '')]
+  return '\n'.join(md) + '\n', agg
+
+
+def write_report(sweep_names: Sequence[str] | None = None, *,
+                 results_dir: str = runner.DEFAULT_RESULTS_DIR, out_dir: str | None = None,
+                 title: str = 'SiRA reproduction on the bundled benchmark') -> str:
+  """Writes <out_dir>/REPORT.md (+ plots/ and <sweep>.json); returns the report path."""
+  out_dir = out_dir or results_dir
+  os.makedirs(out_dir, exist_ok=True)
+  chosen = [sweeps_lib.get_sweep(n) if isinstance(n, str) else n
+            for n in (sweep_names or sweeps_lib.SWEEPS)]
+  parts = [f'# {title}', '', 'Generated by `python -m experiments.report` from the result files '
+           f'in `{os.path.relpath(results_dir, out_dir)}/runs/`; see the module docstring for '
+           'how points, learning rates and verdicts are chosen.', '']
+  for sweep in chosen:
+    md, agg = sweep_section(sweep, results_dir, out_dir)
+    parts.append(md)
+    with open(os.path.join(out_dir, f'{sweep.name}.json'), 'w') as f:
+      json.dump(agg, f, indent=1, sort_keys=True, default=runner._json_default)  # pylint: disable=protected-access
+  path = os.path.join(out_dir, 'REPORT.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(parts))
+  return path
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--sweep', action='append', help='sweeps to report (default: all)')
+  p.add_argument('--results_dir', default=runner.DEFAULT_RESULTS_DIR)
+  p.add_argument('--out_dir', default=None, help='default: --results_dir')
+  args = p.parse_args(argv)
+  try:
+    path = write_report(args.sweep, results_dir=args.results_dir, out_dir=args.out_dir)
+  except ValueError as e:
+    p.error(str(e))
+  print(path)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,236 @@
+"""The paper's experiments as data: every sweep is a list of named runs (gin files + overrides + seed).
+
+A `Run` is one fine-tuning (or one evaluation of the frozen base: the floor) on the bundled
+benchmark; a `Sweep` groups runs that answer one of the paper's claims (c1-c7, see README), plus the
+base they all start from and how they are evaluated. `experiments/run.py` executes a sweep,
+`experiments/report.py` turns its result files into a markdown report with plots.
+
+Runs are identified by their content (`Run.key`: gin files, bindings, seed, learning rate), so the
+same run in two sweeps is trained once and its result file is shared.
+
+Tuning budget: every adapter method gets the same learning-rate grid `LR_GRID`; the report picks,
+per point, the rate with the best mean validation sequence accuracy and reports test numbers at that
+rate. Full fine-tuning (the ceiling) gets its own grid `FULL_FT_LR_GRID` (it trains 100x more
+parameters; adapter rates make it diverge).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping, Sequence
+
+# The benchmark (gin/benchmark/*.gin): frozen base pretrained by `BASE`, fine-tuned on
+# `offline_bench` (tasks/offline_suite.py), evaluated on every validation and test example.
+BASE_GIN = ('benchmark/pretrain.gin',)
+FINETUNE_GIN = ('benchmark/finetune.gin',)
+FULL_FINETUNE_GIN = ('benchmark/full_finetune.gin',)
+SEEDS = (0, 1, 2)
+LR_GRID = (3e-3, 1e-2, 3e-2)
+FULL_FT_LR_GRID = (3e-4, 1e-3, 3e-3)
+
+ADAPTER_GIN = {
+    'lora': 'adapters/lora.gin',
+    'sira': 'adapters/sira.gin',
+    'molora': 'adapters/molora.gin',
+    'adamix': 'adapters/adamix.gin',
+    'smoe_dropout': 'adapters/smoe_dropout.gin',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run (kind 'finetune') or one evaluation of the frozen base (kind 'floor').
+
+  point: the configuration this run measures (seeds and learning rates of a point are aggregated);
+  gin_files / bindings: what `sira_jax.train` parses (the runner adds MODEL_DIR, SEED,
+  LEARNING_RATE and INITIAL_CHECKPOINT_PATH); axes: plot coordinates, e.g. {'method': 'lora',
+  'rank': 8}.
+  """
+  point: str
+  gin_files: tuple[str, ...]
+  bindings: tuple[str, ...] = ()
+  seed: int = 0
+  learning_rate: float | None = None
+  axes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  kind: str = 'finetune'
+
+  def __post_init__(self):
+    if self.kind not in ('finetune', 'floor'):
+      raise ValueError(f'Run.kind must be "finetune" or "floor", got {self.kind!r}')
+    object.__setattr__(self, 'gin_files', tuple(self.gin_files))
+    object.__setattr__(self, 'bindings', tuple(self.bindings))
+    object.__setattr__(self, 'axes', dict(self.axes))
+
+  @property
+  def key(self) -> str:
+    """Content hash: the same run in two sweeps has the same key (and one result file)."""
+    blob = json.dumps([self.kind, self.gin_files, self.bindings, self.seed, self.learning_rate],
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+  @property
+  def name(self) -> str:
+    lr = '' if self.learning_rate is None else f'-lr{self.learning_rate:g}'
+    return f'{self.point}{lr}-s{self.seed}'
+
+  def as_dict(self) -> dict:
+    return dict(point=self.point, name=self.name, key=self.key, kind=self.kind,
+                gin_files=list(self.gin_files), bindings=list(self.bindings), seed=self.seed,
+                learning_rate=self.learning_rate, axes=dict(self.axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """Runs answering one claim, the base they share and how they are evaluated.
+
+  base_gin / base_bindings: the pretraining run of the frozen base (cached by content).
+  eval_splits: decoded and scored splits; `select_split` picks the learning rate, `report_split`
+  is reported. eval_num_examples: per task (None: all). plots: (x axis, series axis) pairs over
+  `Run.axes`. routing_point: the point whose checkpoint gets the routing analysis.
+  """
+  name: str
+  claim: str
+  runs: tuple[Run, ...]
+  base_gin: tuple[str, ...] = BASE_GIN
+  base_bindings: tuple[str, ...] = ()
+  eval_splits: tuple[str, ...] = ('validation', 'test')
+  select_split: str = 'validation'
+  report_split: str = 'test'
+  eval_num_examples: int | None = None
+  eval_batch_size: int = 128
+  metric: str = 'sequence_accuracy'
+  plots: tuple[tuple[str, str], ...] = ()
+  routing_points: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    names = [r.name for r in self.runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise ValueError(f'sweep {self.name!r}: run names must be unique, repeated: {dup}')
+    if self.select_split not in self.eval_splits or self.report_split not in self.eval_splits:
+      raise ValueError(f'sweep {self.name!r}: select/report splits must be among {self.eval_splits}')
+
+  def points(self) -> list[str]:
+    return list(dict.fromkeys(r.point for r in self.runs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+def grid(point: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
+         axes: Mapping[str, Any] | None = None, seeds: Sequence[int] = SEEDS,
+         learning_rates: Sequence[float | None] = LR_GRID, kind: str = 'finetune') -> list[Run]:
+  """Every (learning rate, seed) of one point."""
+  return [Run(point=point, gin_files=tuple(gin_files), bindings=tuple(bindings), seed=s,
+              learning_rate=lr, axes=dict(axes or {}), kind=kind)
+          for lr in learning_rates for s in seeds]
+
+
+def method_runs(method: str, point: str | None = None, bindings: Sequence[str] = (), *,
+                axes: Mapping[str, Any] | None = None, seeds: Sequence[int] = SEEDS,
+                learning_rates: Sequence[float | None] = LR_GRID,
+                finetune_gin: Sequence[str] = FINETUNE_GIN) -> list[Run]:
+  """Runs of one adapter method (`ADAPTER_GIN` key) with extra gin bindings."""
+  return grid(point or method, (ADAPTER_GIN[method], *finetune_gin), bindings,
+              axes=dict({'method': method}, **(axes or {})), seeds=seeds,
+              learning_rates=learning_rates)
+
+
+def floor_run() -> list[Run]:
+  """The frozen base evaluated as is (no adapter, no training): one run, seedless."""
+  return [Run(point='floor (frozen base)', gin_files=FINETUNE_GIN, seed=0, kind='floor',
+              axes={'method': 'floor'})]
+
+
+def ceiling_runs(seeds: Sequence[int] = SEEDS, bindings: Sequence[str] = ()) -> list[Run]:
+  """Full fine-tuning of every parameter from the same base (the ceiling)."""
+  return grid('ceiling (full fine-tuning)', FULL_FINETUNE_GIN, bindings, seeds=seeds,
+              learning_rates=FULL_FT_LR_GRID, axes={'method': 'full_ft'})
+
+
+# SiRA's defaults in the benchmark (gin/adapters/sira.gin: k=2, cf=1.25, expert dropout 0.1),
+# with E=8 experts of rank 4 on every adapted projection.
+SIRA_E = 8
+RANK = 4
+
+
+def _sira(point: str, extra: Sequence[str] = (), axes=None, **kw) -> list[Run]:
+  return method_runs('sira', point, (f'NUM_EXPERTS={SIRA_E}', *extra), axes=axes, **kw)
+
+
+def single_task(mixture: str = 'offline_unit_ru') -> tuple[str, ...]:
+  return (f"MIXTURE_OR_TASK_NAME='{mixture}'",)
+
+
+def _comparison(extra: Sequence[str] = ()) -> list[Run]:
+  """c2/c3: LoRA vs AdaMix vs MoLoRA vs SiRA at matched rank and at matched trainable params."""
+  e = f'NUM_EXPERTS={SIRA_E}'
+  runs = floor_run() + ceiling_runs(bindings=extra)
+  runs += method_runs('lora', f'lora r{RANK}', extra, axes={'rank': RANK})
+  runs += method_runs('lora', f'lora r{RANK * SIRA_E} (params of E={SIRA_E})',
+                      (*extra, f'ADAPTER_RANK={RANK * SIRA_E}'), axes={'rank': RANK * SIRA_E})
+  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e))
+  runs += method_runs('molora', f'molora E{SIRA_E}', (*extra, e))
+  runs += _sira(f'sira E{SIRA_E} k2', extra)
+  return runs
+
+
+def _sweeps() -> dict[str, Sweep]:
+  s = {}
+  s['c1'] = Sweep(
+      'c1', 'Raising LoRA\'s rank does not help (rank 4 to 64).',
+      tuple(floor_run() + [r for rank in (4, 8, 16, 32, 64) for r in method_runs(
+          'lora', f'lora r{rank}', (f'ADAPTER_RANK={rank}',), axes={'rank': rank})]),
+      plots=(('rank', 'method'),))
+  s['c2'] = Sweep(
+      'c2', 'Single task: SiRA beats LoRA, AdaMix and MoLoRA at matched rank and at matched '
+      'trainable parameters.', tuple(_comparison(single_task())), routing_points=(
+          f'sira E{SIRA_E} k2',))
+  s['c3'] = Sweep(
+      'c3', 'Multitask (30 tasks, 10 languages, no task ids): SiRA beats LoRA, AdaMix and MoLoRA '
+      'at matched rank and at matched trainable parameters.', tuple(_comparison()),
+      routing_points=(f'sira E{SIRA_E} k2',))
+  s['c4'] = Sweep(
+      'c4', 'More experts help SiRA (E = 2 to 16, k=2).',
+      tuple(r for e in (2, 4, 8, 16) for r in method_runs(
+          'sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}',), axes={'experts': e})),
+      plots=(('experts', 'method'),), routing_points=('sira E16 k2',))
+  s['c5'] = Sweep(
+      'c5', 'Capacity matters: a capacity limit (cf) trades dropped tokens against accuracy.',
+      tuple(r for cf in (0.5, 1.0, 1.25, 2.0, 4.0) for r in _sira(
+          f'sira cf{cf:g}', (f'CAPACITY_FACTOR={cf}',), axes={'capacity_factor': cf})),
+      plots=(('capacity_factor', 'method'),), routing_points=('sira cf0.5', 'sira cf1.25'))
+  c6 = _sira(f'sira E{SIRA_E} k2', axes={'dropout': 'sira', 'expert_dropout_rate': 0.1,
+                                         'top_k': 2, 'aux_factor': 0.01})
+  c6 += _sira('sira no expert dropout', ('EXPERT_DROPOUT_RATE=0.0',),
+              axes={'dropout': 'none', 'expert_dropout_rate': 0.0})
+  c6 += method_runs('smoe_dropout', f'smoe_dropout E{SIRA_E}', (f'NUM_EXPERTS={SIRA_E}',),
+                    axes={'dropout': 'smoe_dropout'})
+  for rate in (0.05, 0.2, 0.3):
+    c6 += _sira(f'sira expert dropout {rate:g}', (f'EXPERT_DROPOUT_RATE={rate}',),
+                axes={'dropout': 'sira', 'expert_dropout_rate': rate})
+  c6 += _sira('sira expert dropout 0.1 on logits',
+              ("adapter/AdapterConfig.expert_dropout_placement='logits'",),
+              axes={'dropout': 'sira_logits'})
+  for k in (1, 4):
+    c6 += _sira(f'sira E{SIRA_E} k{k}', (f'TOP_K={k}',), axes={'top_k': k})
+  for aux in (0.0, 0.1):
+    c6 += _sira(f'sira aux {aux:g}', (f'LossConfig.aux_factor={aux}',), axes={'aux_factor': aux})
+  s['c6'] = Sweep(
+      'c6', 'SiRA\'s expert dropout beats no dropout and SMoE-Dropout; its rate and placement, k '
+      'and the aux-loss factor.', tuple(c6), plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'),
+                             ('aux_factor', 'method')))
+  s['c7'] = Sweep(
+      'c7', 'Experts specialise by task and language without task ids.',
+      tuple(_sira(f'sira E{SIRA_E} k2')), routing_points=(f'sira E{SIRA_E} k2',))
+  return s
+
+
+SWEEPS: dict[str, Sweep] = _sweeps()
+
+
+def get_sweep(name: str) -> Sweep:
+  if name not in SWEEPS:
+    raise ValueError(f'unknown sweep {name!r}; known: {sorted(SWEEPS)}')
+  return SWEEPS[name]

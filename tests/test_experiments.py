@@ -1,0 +1,97 @@
+"""Sweep runner + report smoke test (tiny sizes), and the sweep definitions."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import report as report_lib
+from experiments import runner
+from experiments import sweeps as sweeps_lib
+
+TINY = ('EMBED_DIM=16', 'MLP_DIM=32', 'NUM_HEADS=2', 'HEAD_DIM=8', 'NUM_ENCODER_LAYERS=1',
+        'NUM_DECODER_LAYERS=1', 'BATCH_SIZE=8', 'train.tensorboard=False', 'train.log_every=1')
+
+
+def _tiny_sweep():
+  run_gin = ('adapters/sira.gin', 'models/t5_tiny.gin', 'runs/finetune.gin')
+  binds = (*TINY, "MIXTURE_OR_TASK_NAME='offline_currency_en'", 'TRAIN_STEPS=2', 'NUM_EXPERTS=2',
+           "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 24}")
+  runs = tuple(sweeps_lib.Run(point='sira E2', gin_files=run_gin, bindings=binds, seed=s,
+                              learning_rate=1e-2, axes={'experts': 2, 'method': 'sira'})
+               for s in (0, 1))
+  return sweeps_lib.Sweep(
+      'smoke', 'a smoke test', runs,
+      base_gin=('models/t5_tiny.gin', 'runs/pretrain.gin'),
+      base_bindings=(*TINY, "MIXTURE_OR_TASK_NAME='offline_span_corruption'", 'TRAIN_STEPS=1'),
+      eval_num_examples=4, eval_batch_size=8, plots=(('experts', 'method'),),
+      routing_points=('sira E2',))
+
+
+def test_runner_and_report_on_a_two_run_sweep(tmp_path):
+  sweep = _tiny_sweep()
+  results, work, out = (str(tmp_path / d) for d in ('results', 'work', 'report'))
+  first = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
+                           log=lambda m: None)
+  assert sorted(first.done) == sorted(r.name for r in sweep.runs)
+  # Finished runs are skipped on a second call (resumable sweeps).
+  again = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
+                           log=lambda m: None)
+  assert again.done == [] and len(again.skipped) == 2
+  res = [runner.load_result(results, r) for r in sweep.runs]
+  for r, run in zip(res, sweep.runs):
+    assert r['run']['seed'] == run.seed and r['git_revision'] and r['hardware']['cpu_count']
+    assert r['params']['trainable'] > 0 and r['params']['total'] > r['params']['trainable']
+    assert set(r['metrics']) == {'validation', 'test'}
+    assert r['train']['steps'] == 2 and r['wall_time_s']['total'] > 0
+    assert r['routing']['num_experts'] == 2
+    assert 'offline_currency_en' in r['metrics']['test']['tasks']
+
+  path = report_lib.write_report([sweep], results_dir=results, out_dir=out)
+  text = open(path).read()
+  with open(os.path.join(out, 'smoke.json')) as f:
+    agg = json.load(f)
+  point = agg['points']['sira E2']
+  for metric in ('sequence_accuracy', 'token_accuracy'):
+    vals = [r['metrics']['test']['summary'][metric] for r in res]
+    assert point['per_seed'][metric] == pytest.approx(vals)
+    assert point['mean'][metric] == pytest.approx(np.mean(vals))
+    # The table shows exactly these numbers.
+    assert f'{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}' in text
+  plots = sorted(os.listdir(os.path.join(out, 'plots')))
+  assert plots == ['smoke_per_family.png', 'smoke_per_language.png', 'smoke_routing_sira_E2.png',
+                   'smoke_sequence_accuracy_vs_experts.png']
+  for p in plots:
+    assert open(os.path.join(out, 'plots', p), 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    assert f'plots/{p}' in text
+  # The plotted points are the aggregated runs' numbers.
+  curve = agg['plots']['plots/smoke_sequence_accuracy_vs_experts.png']['sira']
+  assert curve == [[2, pytest.approx(point['mean']['sequence_accuracy']),
+                    pytest.approx(point['std']['sequence_accuracy'])]]
+  usage = agg['plots']['plots/smoke_routing_sira_E2.png']['usage']
+  assert usage == res[0]['routing']['usage']
+
+
+def test_sweep_definitions():
+  assert {'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'} <= set(sweeps_lib.SWEEPS)
+  for sweep in sweeps_lib.SWEEPS.values():
+    lrs = {}
+    for r in sweep.runs:
+      if r.kind == 'finetune' and r.axes.get('method') != 'full_ft':
+        lrs.setdefault(r.axes.get('method'), set()).add(r.learning_rate)
+        assert {0, 1, 2} <= {x.seed for x in sweep.runs if x.point == r.point}
+    # The same learning-rate grid for every adapter method (no method tuned more than another).
+    assert all(v == set(sweeps_lib.LR_GRID) for v in lrs.values()), (sweep.name, lrs)
+  c3 = sweeps_lib.get_sweep('c3')
+  assert {r.axes['method'] for r in c3.runs} >= {'lora', 'adamix', 'molora', 'sira', 'floor',
+                                                  'full_ft'}
+  with pytest.raises(ValueError, match='unknown sweep'):
+    sweeps_lib.get_sweep('c9')
+
+
+def test_family_and_language():
+  from experiments.evaluation import family_and_language
+  assert family_and_language('offline_date_ru') == ('date', 'ru')
+  assert family_and_language('xtreme_up_semantic_parsing_hi') == ('semantic_parsing', 'hi')
+  assert family_and_language('xtreme_up_translation_en_sw') == ('translation', 'sw')
+  assert family_and_language('xtreme_up_transliteration_hi_Deva_Latn') == ('transliteration', 'hi')
