@@ -109,7 +109,7 @@ def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], s
 def _flat_stats(intermediates) -> dict[tuple[str, str], np.ndarray]:
   """{(site, stat): value} from the sown 'intermediates' (one value per site per call)."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from sira_jax.trainer import ROUTING_STATS  # pylint: disable=import-outside-toplevel
+  from sira_jax.losses import ROUTING_STATS  # pylint: disable=import-outside-toplevel
   out = {}
   for path, val in traverse_util.flatten_dict(dict(intermediates)).items():
     if path[-1] in ROUTING_STATS:

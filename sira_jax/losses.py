@@ -66,11 +66,16 @@ class LossConfig:
   router_z_factor: coefficient of the routers' z-loss (layer mean).
   label_smoothing: T5X-style label smoothing of the targets (the smoothed target's entropy is
     subtracted, so a perfect model scores 0).
+  consistency_factor: AdaMix's consistency regularisation (Wang et al., 2022): > 0 makes the
+    trainer run a second stochastic forward pass (another 'dropout' rng, so other random experts)
+    and add `consistency_factor * symmetric_kl(pass 1, pass 2)` per target token (extra part
+    'consistency'); 0 (default) runs one pass. adapters/adamix.gin turns it on.
   """
   z_loss: float = 1e-4
   aux_factor: float = 0.01
   router_z_factor: float = 0.001
   label_smoothing: float = 0.0
+  consistency_factor: float = 0.0
 
 
 def cross_entropy_with_z(logits, targets, weights, *, z_loss=0.0, label_smoothing=0.0):
@@ -92,6 +97,18 @@ def cross_entropy_with_z(logits, targets, weights, *, z_loss=0.0, label_smoothin
     ce = ce + (conf * jnp.log(conf) + (vocab - 1) * low * jnp.log(low + 1e-20))
   w = weights.astype(jnp.float32)
   return jnp.sum(ce * w), jnp.sum(z_loss * jnp.square(lse) * w), jnp.sum(w)
+
+
+def symmetric_kl(logits_a, logits_b):
+  """Per-token symmetric KL divergence between two predictive distributions, in nats.
+
+  logits_a, logits_b: [B, L, V] (computed in float32). Returns [B, L]:
+  (KL(p_a || p_b) + KL(p_b || p_a)) / 2 with p = softmax(logits). Zero iff the two distributions
+  are equal; gradients flow into both arguments (neither pass is treated as a fixed target).
+  """
+  la = jax.nn.log_softmax(logits_a.astype(jnp.float32), axis=-1)
+  lb = jax.nn.log_softmax(logits_b.astype(jnp.float32), axis=-1)
+  return 0.5 * jnp.sum((jnp.exp(la) - jnp.exp(lb)) * (la - lb), axis=-1)
 
 
 def collect_intermediates(intermediates: Mapping[str, Any] | None) -> dict[str, list]:

@@ -67,6 +67,29 @@ def model_inputs(batch):
   return args
 
 
+def training_loss(model, variables, batch, rng, loss_cfg: LossConfig, rng_b=None):
+  """The training loss of one batch: `(loss, metrics)` from `losses.batch_loss`.
+
+  One stochastic forward pass (dropout, expert dropout, routing noise and AdaMix's random experts
+  drawn from `rng`). With `loss_cfg.consistency_factor > 0` (AdaMix's consistency
+  regularisation) a second pass draws from `rng_b` (default `fold_in(rng, 1)`) and the symmetric
+  KL between the two passes' token distributions is added through the shared loss as the extra
+  part 'consistency'; the cross-entropy and router losses are those of the first pass, and the KL
+  differentiates through both passes.
+  """
+  def forward(key):
+    logits, mods = model.apply(variables, *model_inputs(batch), enable_dropout=True,
+                               rngs={'dropout': key}, mutable=['intermediates'])
+    return logits, mods.get('intermediates')
+
+  logits, intermediates = forward(rng)
+  extra = None
+  if loss_cfg.consistency_factor:
+    logits_b, _ = forward(jax.random.fold_in(rng, 1) if rng_b is None else rng_b)
+    extra = {'consistency': (loss_cfg.consistency_factor, losses.symmetric_kl(logits, logits_b))}
+  return losses.batch_loss(logits, batch, intermediates, loss_cfg, extra=extra)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfig
                     ) -> Callable[[TrainState, Mapping, Any], tuple[TrainState, dict]]:
   """Returns the (un-jitted) step `(state, batch, total_steps) -> (state, metrics)`.
@@ -83,9 +106,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfi
     def loss_fn(trainable):
       variables = {'params': optim.merge_params(trainable, state.frozen), **state.extra}
       variables = with_training_progress(variables, progress)
-      logits, mods = model.apply(variables, *model_inputs(batch), enable_dropout=True,
-                                 rngs={'dropout': rng}, mutable=['intermediates'])
-      return losses.batch_loss(logits, batch, mods.get('intermediates'), loss_cfg)
+      return training_loss(model, variables, batch, rng, loss_cfg)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
