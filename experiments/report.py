@@ -129,7 +129,7 @@ def compare(agg: Mapping, a: str, b: str, metric: str) -> dict:
               n=(len(pa['per_seed'][metric]), len(pb['per_seed'][metric])))
 
 
-def _fmt_cmp(c: Mapping, metric: str) -> str:
+def format_comparison(c: Mapping, metric: str) -> str:
   if 'diff' not in c:
     return f'{c["a"]} vs {c["b"]}: not measured'
   ci = '' if math.isnan(c['low']) else f', 95% CI [{c["low"]:+.2f}, {c["high"]:+.2f}]'
@@ -148,7 +148,7 @@ def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, 
   sira = [p for p in pts if p.startswith('sira')]
   if sweep.name == 'c1':
     return [(p, 'lora r4') for p in find('lora r') if p != 'lora r4']
-  if sweep.name in ('c2', 'c3') and sira:
+  if sweep.name in ('c2', 'c3', 'main') and sira:
     return [(sira[0], p) for p in pts if p.split()[0] in ('lora', 'adamix', 'molora')]
   if sweep.name == 'c4':
     return [('sira E16 k2', p) for p in find('sira E') if p != 'sira E16 k2']
@@ -347,7 +347,7 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
   agg['comparisons'] = comps
   if comps:
     md.append('Comparisons (test, at each point\'s chosen learning rate):')
-    md += [f'- {_fmt_cmp(c, sweep.metric)}' for c in comps]
+    md += [f'- {format_comparison(c, sweep.metric)}' for c in comps]
     md.append('')
   agg['plots'] = {}
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731

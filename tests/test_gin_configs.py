@@ -26,6 +26,7 @@ SIZES = {  # expected (d_model, layers, vocab) of each size file
     'models/t5_1_1_xl.gin': (2048, 24, 32128), 'models/t5_1_1_xxl.gin': (4096, 24, 32128),
     'models/mt5_large.gin': (1024, 24, 250112), 'models/mt5_xl.gin': (2048, 24, 250112),
     'models/mt5_xxl.gin': (4096, 24, 250112),
+    'models/t5_bench.gin': (128, 3, 384),
 }
 
 
@@ -42,8 +43,8 @@ def _parse(files, bindings=()):
 
 def test_every_gin_file_is_covered():
   covered = set(SIZES) | {'models/t5_architecture.gin', 'main.gin', 'runs/common_train.gin'}
-  covered |= {f for f in ALL_FILES if f.startswith(('adapters/', 'runs/', 't5x/'))}  # t5x/:
-  # tests/test_t5x_configs.py
+  covered |= {f for f in ALL_FILES if f.startswith(('adapters/', 'runs/', 't5x/', 'benchmark/'))}
+  # t5x/: tests/test_t5x_configs.py
   assert set(ALL_FILES) <= covered, set(ALL_FILES) - covered
   assert len(ALL_FILES) >= 16
 
@@ -121,14 +122,35 @@ def test_eval_and_infer_run_files(run, fn):
   assert b['split'] == ('validation' if fn == 'evaluate' else 'test')
 
 
-def test_main_gin_builds_methods():
+def test_main_gin_builds_its_sweep():
   _parse(['main.gin'])
-  b = gin.get_bindings('run_main')
-  assert set(b['methods']) == {'sira', 'lora'}
-  assert b['methods']['sira'].kind == 'sira' and b['methods']['sira'].top_k == 2
-  assert b['methods']['lora'].kind == 'lora'
-  assert isinstance(b['model_config'], T5Config) and b['model_config'].adapter.kind == 'none'
-  assert b['pretrain_steps'] > 0 and b['finetune_steps'] > 0
+  sweep = main_lib.main_sweep()
+  points = sweep.points()
+  assert points[0] == 'floor (frozen base)' and len(points) == 4
+  seeds = gin.query_parameter('SEEDS/macro.value')
+  assert len(seeds) >= 2 and all(len([r for r in sweep.runs if r.point == p]) == len(seeds)
+                                 for p in points[1:])
+  assert {r.learning_rate for r in sweep.runs if r.kind == 'finetune'} == {
+      gin.query_parameter('LEARNING_RATE/macro.value')}
+  assert sweep.routing_points[0] in points
+
+
+@pytest.mark.parametrize('files,pretrain,mixture', [
+    (['benchmark/pretrain.gin'], True, 'offline_span_corruption'),
+    (['adapters/sira.gin', 'benchmark/finetune.gin'], False, 'offline_bench'),
+    (['benchmark/full_finetune.gin'], True, 'offline_bench')])
+def test_benchmark_files(files, pretrain, mixture):
+  _parse(files, ["MODEL_DIR = '/tmp/unused_model_dir'", "INITIAL_CHECKPOINT_PATH = '/tmp/base'"])
+  b = gin.get_bindings('train')
+  assert b['pretrain'] == pretrain and b['mixture_or_task_name'] == mixture
+  assert b['train_steps'] > 0
+  cfg = T5Config()
+  assert (cfg.d_model, cfg.num_encoder_layers) == SIZES['models/t5_bench.gin'][:2]
+  if mixture == 'offline_bench':
+    assert b['initial_checkpoint_path'] == '/tmp/base'  # full fine-tuning starts from the base too
+    assert cfg.adapter.kind == ('sira' if 'adapters/sira.gin' in files else 'none')
+    if cfg.adapter.kind == 'sira':  # the benchmark's adapter sites win over the adapter file's
+      assert '*/mlp/wo' in cfg.adapter_targets
 
 
 def test_command_line_gin_syntax():
