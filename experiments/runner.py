@@ -96,38 +96,80 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
   data_lib.register_after_gin()
 
 
-def base_config_hash(sweep: sweeps_lib.Sweep) -> str:
-  """Hash of the base's parsed pretraining config (file contents + bindings, MODEL_DIR excluded)."""
+BASE_TRAIN_ARGS = ('mixture_or_task_name', 'task_feature_lengths', 'train_steps', 'batch_size',
+                   'optimizer_name', 'learning_rate', 'schedule', 'warmup_steps', 'weight_decay',
+                   'clip_grad_norm', 'seed', 'data_seed', 'pack', 'pretrain',
+                   'initial_checkpoint_path')
+
+
+def _train_arg(name: str):
+  """The value gin gives `train.<name>` (macros resolved; the signature default when unbound)."""
+  import inspect  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
+  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  try:
+    v = gin.query_parameter(f'train.{name}')
+  except ValueError:
+    return inspect.signature(train_lib.train).parameters[name].default
+  return v.scoped_configurable_fn() if isinstance(v, gin.config.ConfigurableReference) else v
+
+
+def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
+  """(hash, settings) of what determines the base: its model config, loss and pretraining arguments (not the
+  checkpointing/logging settings, nor MODEL_DIR), as the sweep's base gin files set them."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax.losses import LossConfig  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
   parse_gin(sweep.base_gin, (*sweep.base_bindings, "MODEL_DIR='-'"))
-  text = gin.config_str()
+  loss = LossConfig()
+  key = dict(model=train_lib.config_to_dict(T5Config()),
+             loss=dict(z_loss=loss.z_loss, label_smoothing=loss.label_smoothing),
+             train={k: _train_arg(k) for k in BASE_TRAIN_ARGS})
   gin.clear_config()
-  return hashlib.sha1(text.encode()).hexdigest()[:10]
+  key = json.loads(json.dumps(key, default=str))
+  return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10], key
 
 
 # ------------------------------------------------------------------------------------------------
 # The frozen base
 # ------------------------------------------------------------------------------------------------
-def shipped_base(config_hash: str, shipped_dir: str = SHIPPED_BASE_DIR) -> str | None:
-  """A base shipped in the repository whose provenance records `config_hash`, else None."""
+def shipped_base(config_hash: str, settings: Mapping[str, Any] | None = None,
+                 shipped_dir: str = SHIPPED_BASE_DIR,
+                 log: Callable[[str], None] = print) -> str | None:
+  """A base shipped in the repository whose provenance records `config_hash`, else None (and,
+  given `settings`, a log line naming what differs from each shipped base)."""
   if not os.path.isdir(shipped_dir):
     return None
   for name in sorted(os.listdir(shipped_dir)):
-    prov = os.path.join(shipped_dir, name, 'provenance.json')
-    if os.path.isfile(prov):
-      with open(prov) as f:
-        if json.load(f).get('config_hash') == config_hash:
-          return os.path.join(shipped_dir, name)
+    prov_path = os.path.join(shipped_dir, name, 'provenance.json')
+    if not os.path.isfile(prov_path):
+      continue
+    with open(prov_path) as f:
+      prov = json.load(f)
+    if prov.get('config_hash') == config_hash:
+      return os.path.join(shipped_dir, name)
+    if settings is not None and prov.get('settings'):
+      diff = _diff(prov['settings'], settings)
+      log(f'base: the shipped base {name} does not match this config ({diff[:300]}); '
+          'pretraining instead')
   return None
+
+
+def _diff(a, b, prefix=''):
+  if isinstance(a, dict) and isinstance(b, dict):
+    parts = [_diff(a.get(k), b.get(k), f'{prefix}{k}.') for k in sorted(set(a) | set(b))]
+    return '; '.join(p for p in parts if p)
+  return '' if a == b else f'{prefix.rstrip(".")}: shipped {a!r}, now {b!r}'
 
 
 def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = True,
                 log: Callable[[str], None] = print) -> tuple[str, dict]:
   """Pretrains the sweep's base once (or finds it); returns (base checkpoint dir, provenance)."""
   from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  key = base_config_hash(sweep)
+  key, settings = base_config_hash(sweep)
   if use_shipped:
-    found = shipped_base(key)
+    found = shipped_base(key, settings, log=log)
     if found:
       with open(os.path.join(found, 'provenance.json')) as f:
         prov = json.load(f)
@@ -147,7 +189,7 @@ def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = T
     raise RunInterrupted(f'base pretraining stopped at step {r.step}; re-run to resume')
   with open(os.path.join(run_dir, train_lib.RUN_CONFIG)) as f:
     fingerprint = json.load(f)
-  prov = dict(config_hash=key, gin_files=list(sweep.base_gin), bindings=list(sweep.base_bindings),
+  prov = dict(config_hash=key, settings=settings, gin_files=list(sweep.base_gin), bindings=list(sweep.base_bindings),
               steps=r.step, final_metrics=r.last_metrics, wall_time_s=r.wall_time,
               git_revision=git_revision(), hardware=hardware(), fingerprint=fingerprint,
               created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
