@@ -41,7 +41,8 @@ def family_and_language(task: str) -> tuple[str, str]:
     for fam in sorted(families, key=len, reverse=True):
       if rest.startswith(fam + '_'):
         parts = rest[len(fam) + 1:].split('_')
-        lang = parts[1] if fam == 'translation' and parts[0] == 'en' and len(parts) > 1 else parts[0]
+        en_to = fam == 'translation' and parts[0] == 'en' and len(parts) > 1
+        lang = parts[1] if en_to else parts[0]
         return fam, lang
   return task, ''
 
@@ -88,7 +89,7 @@ def teacher_forced(model, variables, mixture: str, lengths: Mapping[str, int], s
 
 def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], split: str, *,
                    num_examples: int | None, batch_size: int, output_dir: str) -> dict:
-  """{'tasks': {task: {metric: value}}, 'summary': {metric: mean over tasks}, 'num_examples': {...}}."""
+  """{'tasks': {task: {metric: value}}, 'summary': {metric: unweighted mean over tasks}}."""
   from sira_jax import eval as eval_lib  # pylint: disable=import-outside-toplevel
   from sira_jax import infer as infer_lib  # pylint: disable=import-outside-toplevel
   predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])

@@ -1,6 +1,6 @@
 r"""Turn sweeps' result files into a markdown report with tables, plots and a verdict per claim.
 
-  python -m experiments.report                       # every sweep with results -> experiments/results/REPORT.md
+  python -m experiments.report                # every sweep -> experiments/results/REPORT.md
   python -m experiments.report --sweep=c1 --sweep=c3 --out_dir=/tmp/report
 
 For each sweep: per point (a compared configuration) the learning rate with the best mean
@@ -404,7 +404,7 @@ def write_report(sweep_names: Sequence[str] | None = None, *,
     md, agg = sweep_section(sweep, results_dir, out_dir)
     parts.append(md)
     with open(os.path.join(out_dir, f'{sweep.name}.json'), 'w') as f:
-      json.dump(agg, f, indent=1, sort_keys=True, default=runner._json_default)  # pylint: disable=protected-access
+      json.dump(agg, f, indent=1, sort_keys=True, default=runner.json_default)
   path = os.path.join(out_dir, 'REPORT.md')
   with open(path, 'w') as f:
     f.write('\n'.join(parts))

@@ -1,7 +1,7 @@
 r"""Run a sweep locally, in sequence, resumably; or print its launch commands.
 
   python -m experiments.runner --sweep=c1                      # run (skips finished runs)
-  python -m experiments.runner --sweep=c1 --print_commands     # one command per run, to launch elsewhere
+  python -m experiments.runner --sweep=c1 --print_commands     # one launch command per run
   python -m experiments.runner --sweep=c1 --run='lora r8-lr0.01-s1'  # one run of the sweep
   python -m experiments.runner --list                          # sweeps and their run counts
 
@@ -60,8 +60,8 @@ def hardware() -> dict:
   load = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
               cpu_count=os.cpu_count(), jax_backend=jax.default_backend(),
-              devices=[str(d) for d in jax.devices()], load_average=load, python=sys.version.split()[0],
-              jax_version=jax.__version__)
+              devices=[str(d) for d in jax.devices()], load_average=load,
+              python=sys.version.split()[0], jax_version=jax.__version__)
 
 
 def _write_json(path: str, obj) -> None:
@@ -69,11 +69,11 @@ def _write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
+    json.dump(obj, f, indent=1, sort_keys=True, default=json_default)
   os.replace(tmp, path)
 
 
-def _json_default(x):
+def json_default(x):
   if isinstance(x, (np.floating, np.integer)):
     return x.item()
   if isinstance(x, np.ndarray):
@@ -115,8 +115,8 @@ def _train_arg(name: str):
 
 
 def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
-  """(hash, settings) of what determines the base: its model config, loss and pretraining arguments (not the
-  checkpointing/logging settings, nor MODEL_DIR), as the sweep's base gin files set them."""
+  """(hash, settings) of what determines the base: its model config, loss and pretraining
+  arguments (not checkpointing/logging settings, nor MODEL_DIR), as the base gin files set them."""
   import gin  # pylint: disable=import-outside-toplevel
   from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   from sira_jax.losses import LossConfig  # pylint: disable=import-outside-toplevel
@@ -129,6 +129,15 @@ def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
   gin.clear_config()
   key = json.loads(json.dumps(key, default=str))
   return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10], key
+
+
+def _train(progress_bar: bool):
+  """`sira_jax.train.train` under the parsed gin config, as `train_from_gin` calls it."""
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  return train_lib.train(progress_bar=progress_bar,
+                         configured_fields=gin_utils.bound_parameters(T5Config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,12 +193,13 @@ def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = T
       return base_dir, json.load(f)
   parse_gin(sweep.base_gin, (*sweep.base_bindings, f"MODEL_DIR='{run_dir}'"))
   log(f'base: pretraining {sweep.base_gin} -> {run_dir}')
-  r = train_lib.train(progress_bar=True)
+  r = _train(progress_bar=True)
   if r.stopped_by != 'done':
     raise RunInterrupted(f'base pretraining stopped at step {r.step}; re-run to resume')
   with open(os.path.join(run_dir, train_lib.RUN_CONFIG)) as f:
     fingerprint = json.load(f)
-  prov = dict(config_hash=key, settings=settings, gin_files=list(sweep.base_gin), bindings=list(sweep.base_bindings),
+  prov = dict(config_hash=key, settings=settings, gin_files=list(sweep.base_gin),
+              bindings=list(sweep.base_bindings),
               steps=r.step, final_metrics=r.last_metrics, wall_time_s=r.wall_time,
               git_revision=git_revision(), hardware=hardware(), fingerprint=fingerprint,
               created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
@@ -265,7 +275,7 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
     mixture = gin.query_parameter('train.mixture_or_task_name')
     lengths = dict(gin.query_parameter('train.task_feature_lengths'))
   else:
-    r = train_lib.train(progress_bar=progress_bar)
+    r = _train(progress_bar=progress_bar)
     if r.stopped_by != 'done':
       raise RunInterrupted(f'{run.name} stopped at step {r.step}; re-run the sweep to resume it')
     steps = [h for h in r.history if 'step_time' in h]

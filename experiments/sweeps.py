@@ -1,4 +1,4 @@
-"""The paper's experiments as data: every sweep is a list of named runs (gin files + overrides + seed).
+"""The paper's experiments as data: each sweep is a list of named runs (gin files, overrides, seed).
 
 A `Run` is one fine-tuning (or one evaluation of the frozen base: the floor) on the bundled
 benchmark; a `Sweep` groups runs that answer one of the paper's claims (c1-c7, see README), plus the
@@ -109,7 +109,8 @@ class Sweep:
     if dup:
       raise ValueError(f'sweep {self.name!r}: run names must be unique, repeated: {dup}')
     if self.select_split not in self.eval_splits or self.report_split not in self.eval_splits:
-      raise ValueError(f'sweep {self.name!r}: select/report splits must be among {self.eval_splits}')
+      raise ValueError(f'sweep {self.name!r}: select/report splits must be among '
+                       f'{self.eval_splits}')
 
   def points(self) -> list[str]:
     return list(dict.fromkeys(r.point for r in self.runs))
@@ -219,8 +220,8 @@ def _sweeps() -> dict[str, Sweep]:
     c6 += _sira(f'sira aux {aux:g}', (f'LossConfig.aux_factor={aux}',), axes={'aux_factor': aux})
   s['c6'] = Sweep(
       'c6', 'SiRA\'s expert dropout beats no dropout and SMoE-Dropout; its rate and placement, k '
-      'and the aux-loss factor.', tuple(c6), plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'),
-                             ('aux_factor', 'method')))
+      'and the aux-loss factor.', tuple(c6),
+      plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'), ('aux_factor', 'method')))
   s['c7'] = Sweep(
       'c7', 'Experts specialise by task and language without task ids.',
       tuple(_sira(f'sira E{SIRA_E} k2')), routing_points=(f'sira E{SIRA_E} k2',))

@@ -4,7 +4,7 @@ r"""The offline default job: LoRA, a parameter-matched LoRA and SiRA on the bund
   python -m sira_jax.main --gin.SEEDS='(0, 1, 2)' --gin.FINETUNE_STEPS=1000
 
 The short version of the sweeps in experiments/ (README, "Sweeps and the report"): the methods of
-`run_main.methods` (macros in gin/main.gin: SEEDS, FINETUNE_STEPS, LEARNING_RATE, EVAL_EXAMPLES,
+`main_sweep.methods` (macros in gin/main.gin: SEEDS, FINETUNE_STEPS, LEARNING_RATE, EVAL_EXAMPLES,
 WORK_DIR) are fine-tuned on the benchmark mixture `offline_bench` from the benchmark's frozen base
 (the shipped copy in experiments/base/, else pretrained once and cached in WORK_DIR), one run per
 seed, and evaluated on the same test examples, together with the frozen base alone (the floor).
@@ -59,7 +59,8 @@ def main_sweep(
     runs += sweeps.grid(point, (gin_file, *finetune_gin), (*bindings, f'TRAIN_STEPS={train_steps}'),
                         axes={'method': method}, seeds=seeds, learning_rates=(learning_rate,))
   return sweeps.Sweep(
-      'main', 'The main job: LoRA, a parameter-matched LoRA and SiRA on the benchmark.', tuple(runs),
+      'main', 'The main job: LoRA, a parameter-matched LoRA and SiRA on the benchmark.',
+      tuple(runs),
       eval_splits=(eval_split,), select_split=eval_split, report_split=eval_split,
       eval_num_examples=eval_num_examples, routing_points=tuple(routing_points))
 

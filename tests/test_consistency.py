@@ -1,4 +1,4 @@
-"""AdaMix's consistency regularisation: two stochastic passes, symmetric KL through the shared loss."""
+"""AdaMix's consistency regularisation: two stochastic passes, their symmetric KL in the loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
