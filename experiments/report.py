@@ -12,9 +12,9 @@ each adapted site, gate entropy and dropped fraction per site). Every number com
 `result.json` files of the sweep's runs; `<out_dir>/<sweep>.json` holds the aggregated numbers the
 tables and plots show.
 
-Verdicts compare two points with Welch's t interval (95%) on the per-seed test metric: a claim
-"A beats B" is *reproduced* when the interval of A - B lies above 0, *contradicted* when it lies
-below 0, and *inconclusive* otherwise; a claim with unfinished runs is *not measured*.
+Comparisons use Welch's t interval (95%) of the difference of per-seed test metrics; each sweep's
+verdict (`claim_verdict`) is reproduced / not reproduced / inconclusive, marked partial while runs
+are unfinished.
 """
 from __future__ import annotations
 
@@ -113,19 +113,21 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
 
 
 def compare(agg: Mapping, a: str, b: str, metric: str) -> dict:
+  """Per-seed `metric` of point a minus point b: mean difference, Welch 95% interval, outcome
+  ('a higher', 'b higher', 'no significant difference', 'fewer than 2 seeds', 'not measured')."""
   pa, pb = agg['points'].get(a), agg['points'].get(b)
   if pa is None or pb is None:
-    return dict(a=a, b=b, verdict='not measured')
+    return dict(a=a, b=b, outcome='not measured')
   diff, lo, hi = welch_interval(pa['per_seed'][metric], pb['per_seed'][metric])
   if math.isnan(lo):
-    verdict = 'inconclusive (fewer than 2 seeds)'
+    outcome = 'fewer than 2 seeds'
   elif lo > 0:
-    verdict = 'reproduced'
+    outcome = 'a higher'
   elif hi < 0:
-    verdict = 'contradicted'
+    outcome = 'b higher'
   else:
-    verdict = 'inconclusive'
-  return dict(a=a, b=b, diff=diff, low=lo, high=hi, verdict=verdict,
+    outcome = 'no significant difference'
+  return dict(a=a, b=b, diff=diff, low=lo, high=hi, outcome=outcome,
               n=(len(pa['per_seed'][metric]), len(pb['per_seed'][metric])))
 
 
@@ -133,8 +135,10 @@ def format_comparison(c: Mapping, metric: str) -> str:
   if 'diff' not in c:
     return f'{c["a"]} vs {c["b"]}: not measured'
   ci = '' if math.isnan(c['low']) else f', 95% CI [{c["low"]:+.2f}, {c["high"]:+.2f}]'
+  outcome = {'a higher': f'{c["a"]} significantly higher',
+             'b higher': f'{c["b"]} significantly higher'}.get(c['outcome'], c['outcome'])
   return (f'{c["a"]} - {c["b"]}: {c["diff"]:+.2f} {LABELS.get(metric, metric)}{ci} '
-          f'(seeds {c["n"][0]}/{c["n"][1]}): **{c["verdict"]}**')
+          f'(seeds {c["n"][0]}/{c["n"][1]}): {outcome}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +161,49 @@ def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, 
   if sweep.name == 'c6':
     return [('sira E8 k2', 'sira no expert dropout'), ('sira E8 k2', 'smoe_dropout E8')]
   return []
+
+
+SPECIALISED_NMI = 0.10   # max over sites of NMI(expert; family or language) that counts as specialised
+UNSPECIALISED_NMI = 0.02
+
+
+def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping]) -> str:
+  """'reproduced' / 'not reproduced' / 'inconclusive' (+ why) for the sweep's claim.
+
+  c1 (higher ranks do not help): reproduced when no higher rank is significantly better than r4
+  and every comparison has >= 2 seeds. Others (A beats B): reproduced when every A - B interval is
+  above 0, not reproduced when one is below 0. c7: reproduced when some adapted site's NMI between
+  expert and family or language reaches SPECIALISED_NMI, not reproduced when none exceeds
+  UNSPECIALISED_NMI. Unfinished runs make the verdict partial.
+  """
+  partial = (f' (partial: {agg["finished"]} of {agg["total"]} runs finished)'
+             if agg['missing'] else '')
+  if sweep.name == 'c7':
+    nmis = [v for e in agg['points'].values() for kind in e.get('specialisation', {}).values()
+            for v in kind.values()]
+    if not nmis:
+      return 'not measured' + partial
+    top = max(nmis)
+    word = ('reproduced' if top >= SPECIALISED_NMI else
+            'not reproduced' if top <= UNSPECIALISED_NMI else 'inconclusive')
+    return f'{word}: largest NMI(expert; family or language) over sites {top:.3f}' + partial
+  measured = [c for c in comps if 'diff' in c]
+  if not comps or not measured:
+    return 'not measured' + partial
+  if any(c['outcome'] == 'fewer than 2 seeds' for c in measured) or len(measured) < len(comps):
+    return 'inconclusive: comparisons without 2 seeds per point' + partial
+  if sweep.name == 'c1':
+    better = [c['a'] for c in measured if c['outcome'] == 'a higher']
+    if better:
+      return f'not reproduced: {", ".join(better)} significantly better than lora r4' + partial
+    return 'reproduced: no higher rank significantly better than lora r4' + partial
+  lost = [c['b'] for c in measured if c['outcome'] == 'b higher']
+  if lost:
+    return f'not reproduced: {", ".join(lost)} significantly better' + partial
+  if all(c['outcome'] == 'a higher' for c in measured):
+    return 'reproduced: significantly better than every comparison point' + partial
+  ns = [c['b'] for c in measured if c['outcome'] == 'no significant difference']
+  return f'inconclusive: no significant difference to {", ".join(ns)}' + partial
 
 
 def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
@@ -340,7 +387,7 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
   md = [f'## {sweep.name}: {sweep.claim}', '',
         f'{agg["finished"]} of {agg["total"]} runs finished.']
   if not agg['points']:
-    md.append('No results yet.')
+    md += ['', '**Verdict at this scale: not measured** (no results yet).']
     return '\n'.join(md) + '\n', agg
   md += ['', points_table(agg, sweep), '']
   comps = [compare(agg, a, b, sweep.metric) for a, b in claim_comparisons(sweep, agg)]
@@ -383,6 +430,8 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
                 f'{spec["language"].get(s, float("nan")):.3f} |')
     md.append(f'(log E = {math.log(max(r["num_experts"], 1)):.3f} nats is the entropy of a '
               'uniform router.)')
+  agg['verdict'] = claim_verdict(sweep, agg, comps)
+  md.insert(3, f'**Verdict at this scale: {agg["verdict"]}.**')
   if agg['missing']:
     md += ['', f'Unfinished runs ({len(agg["missing"])}): ' + ', '.join(agg['missing'][:20]) +
            (' ...' if len(agg['missing']) > 20 else '')]

@@ -40,23 +40,28 @@ def test_symmetric_kl():
   np.testing.assert_allclose(losses.symmetric_kl(a, a + 3.0), 0.0, atol=1e-7)
 
 
+def _loss_fn(model, cfg=CFG):
+  return jax.jit(lambda v, key_a, key_b: trainer_lib.training_loss(model, v, BATCH, key_a, cfg,
+                                                                   rng_b=key_b))
+
+
 def test_consistency_is_zero_when_both_passes_pick_the_same_experts():
   key_a, key_b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
   # One expert per site: different rngs, necessarily the same experts in both passes.
   model, variables = _model(1)
-  _, m = trainer_lib.training_loss(model, variables, BATCH, key_a, CFG, rng_b=key_b)
+  _, m = _loss_fn(model)(variables, key_a, key_b)
   assert float(m['consistency']) == 0.0
   # Four experts, the same rng: the same random experts in both passes.
   model, variables = _model(4)
-  _, m = trainer_lib.training_loss(model, variables, BATCH, key_a, CFG, rng_b=key_a)
+  loss_fn = _loss_fn(model)
+  _, m = loss_fn(variables, key_a, key_a)
   assert float(m['consistency']) == 0.0
   # Four experts, other rngs: other experts somewhere, a positive penalty added to the loss.
-  loss, m = trainer_lib.training_loss(model, variables, BATCH, key_a, CFG, rng_b=key_b)
+  loss, m = loss_fn(variables, key_a, key_b)
   assert float(m['consistency']) > 1e-6
   np.testing.assert_allclose(loss, m['cross_entropy'] + m['consistency'], rtol=1e-6)
   # Off (factor 0): one pass, no extra part.
-  _, m0 = trainer_lib.training_loss(model, variables, BATCH, key_a,
-                                    losses.LossConfig(consistency_factor=0.0))
+  _, m0 = _loss_fn(model, losses.LossConfig(consistency_factor=0.0))(variables, key_a, key_b)
   assert 'consistency' not in m0
 
 
@@ -64,19 +69,27 @@ def test_consistency_gradient_flows_into_both_passes_experts():
   model, variables = _model(4)
   key_a, key_b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
 
-  def grads(fn):
-    g = jax.grad(lambda p: fn(dict(variables, params=p)))(variables['params'])
+  def a_grads(grad_fn, *args):
+    g = grad_fn(variables['params'], *args)
     return {k: np.abs(np.asarray(v)).reshape(v.shape[0], -1).sum(1)
             for k, v in traverse_util.flatten_dict(g).items() if k[-1] == 'lora_a'}
 
-  def pass_output(key):
-    return lambda v: jnp.sum(model.apply(v, *trainer_lib.model_inputs(BATCH), enable_dropout=True,
-                                         rngs={'dropout': key}, mutable=['intermediates'])[0])
+  @jax.jit
+  @jax.grad
+  def pass_output(params, key):  # d(sum of one pass's logits) / d params
+    return jnp.sum(model.apply(dict(variables, params=params), *trainer_lib.model_inputs(BATCH),
+                               enable_dropout=True, rngs={'dropout': key},
+                               mutable=['intermediates'])[0])
 
-  used_a = {k: g > 0 for k, g in grads(pass_output(key_a)).items()}   # experts pass 1 used
-  used_b = {k: g > 0 for k, g in grads(pass_output(key_b)).items()}   # experts pass 2 used
-  cons = grads(lambda v: trainer_lib.training_loss(model, v, BATCH, key_a, CFG,
-                                                   rng_b=key_b)[1]['consistency'])
+  @jax.jit
+  @jax.grad
+  def consistency(params):
+    return trainer_lib.training_loss(model, dict(variables, params=params), BATCH, key_a, CFG,
+                                     rng_b=key_b)[1]['consistency']
+
+  used_a = {k: g > 0 for k, g in a_grads(pass_output, key_a).items()}   # experts pass 1 used
+  used_b = {k: g > 0 for k, g in a_grads(pass_output, key_b).items()}   # experts pass 2 used
+  cons = a_grads(consistency)
   differ = 0
   for k in cons:
     assert used_a[k].sum() == 1 and used_b[k].sum() == 1  # one random A expert per pass and site
