@@ -28,6 +28,10 @@ Mixtures (rate 1 per task-language):
   languages fi and tr (parallel inputs, so no test input is seen in training).
 - `offline_span_corruption` (a single Task, not a mixture): pretraining over
   the 15 languages' documents, one input pipeline.
+- `offline_denoise`: the same documents and corruption with the whole chunk
+  as target (denoising reconstruction, as in MASS / BART: inputs <= 64 tokens
+  give targets <= 71); `offline_pretrain_mix`: span corruption and denoising
+  1:1, the benchmark base's pretraining (gin/benchmark/pretrain.gin).
 
 Inputs share the same random draws across languages of a task, and splits are
 disjoint (see offline_data). Example strings are generated on the first
@@ -153,6 +157,8 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
   pretrain = [(task_name('span_corruption', lang), (lang,))
               for lang in data.PRETRAIN_LANGUAGES]
   pretrain.append((f'{PREFIX}_span_corruption', data.PRETRAIN_LANGUAGES))
+  # `offline_denoise`: the same corruption, the whole chunk as target (copy and fill in).
+  pretrain.append((f'{PREFIX}_denoise', data.PRETRAIN_LANGUAGES))
   for name, langs in pretrain:
     registry.add_task(
         name,
@@ -161,7 +167,8 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
             num_input_examples={
                 s: n * len(langs) for s, n in
                 data.PRETRAIN_SIZES.as_dict().items()}),
-        preprocessors=span_corruption.preprocessors(),
+        preprocessors=span_corruption.preprocessors(
+            full_targets=name == f'{PREFIX}_denoise'),
         output_features=features,
         metric_fns=[],
         shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
@@ -181,6 +188,8 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
       n for n in formatting if n.rsplit('_', 1)[1] not in HELD_OUT_LANGUAGES]
   mixtures[f'{PREFIX}_suite_xl_heldout'] = [
       n for n in formatting if n.rsplit('_', 1)[1] in HELD_OUT_LANGUAGES]
+  # The benchmark base's pretraining: span corruption and denoising reconstruction, 1:1.
+  mixtures[f'{PREFIX}_pretrain_mix'] = [f'{PREFIX}_span_corruption', f'{PREFIX}_denoise']
   for name, members in mixtures.items():
     registry.add_mixture(name, members)
     names.append(name)

@@ -150,8 +150,14 @@ def span_corruption(dataset: tf.data.Dataset,
                     output_features: dict[str, seqio.Feature],
                     noise_density: float = NOISE_DENSITY,
                     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+                    full_targets: bool = False,
                     ) -> tf.data.Dataset:
-  """Maps {'targets': tokens} to corrupted {'inputs', 'targets'}."""
+  """Maps {'targets': tokens} to corrupted {'inputs', 'targets'}.
+
+  full_targets: the targets are the whole uncorrupted chunk instead of the sentinel-marked spans
+  (denoising reconstruction, as in MASS / BART): the decoder learns to copy from the encoder and
+  to fill in the gaps.
+  """
   vocab_size = output_features['targets'].vocabulary.vocab_size
 
   @seqio.map_over_dataset(num_seeds=1)
@@ -160,20 +166,23 @@ def span_corruption(dataset: tf.data.Dataset,
     mask = noise_span_mask(tf.size(tokens), noise_density,
                            mean_noise_span_length, seed)
     inputs, targets = corrupt(tokens, mask, vocab_size)
-    return {'inputs': inputs, 'targets': targets}
+    return {'inputs': inputs, 'targets': tokens if full_targets else targets}
 
   return fn(dataset)
 
 
 def preprocessors(noise_density: float = NOISE_DENSITY,
-                  mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH):
-  """The seqio preprocessor list of a span-corruption task over 'targets' text."""
+                  mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+                  full_targets: bool = False):
+  """The seqio preprocessor list of a span-corruption task over 'targets' text
+  (full_targets: denoising reconstruction, see `span_corruption`)."""
   return [
       seqio.preprocessors.tokenize,
       functools.partial(split_tokens_for_span_corruption,
                         noise_density=noise_density,
                         mean_noise_span_length=mean_noise_span_length),
       functools.partial(span_corruption, noise_density=noise_density,
-                        mean_noise_span_length=mean_noise_span_length),
+                        mean_noise_span_length=mean_noise_span_length,
+                        full_targets=full_targets),
       truncation.append_eos_after_trim,
   ]

@@ -136,11 +136,12 @@ def test_main_gin_builds_its_sweep():
 
 
 @pytest.mark.parametrize('files,pretrain,mixture', [
-    (['benchmark/pretrain.gin'], True, 'offline_span_corruption'),
+    (['benchmark/pretrain.gin'], True, 'offline_pretrain_mix'),
     (['adapters/sira.gin', 'benchmark/finetune.gin'], False, 'offline_bench'),
     (['benchmark/full_finetune.gin'], True, 'offline_bench')])
 def test_benchmark_files(files, pretrain, mixture):
-  _parse(files, ["MODEL_DIR = '/tmp/unused_model_dir'", "INITIAL_CHECKPOINT_PATH = '/tmp/base'"])
+  base = ["INITIAL_CHECKPOINT_PATH = '/tmp/base'"] if mixture == 'offline_bench' else []
+  _parse(files, ["MODEL_DIR = '/tmp/unused_model_dir'", *base])
   b = gin.get_bindings('train')
   assert b['pretrain'] == pretrain and b['mixture_or_task_name'] == mixture
   assert b['train_steps'] > 0
