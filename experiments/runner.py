@@ -203,7 +203,7 @@ def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = T
               steps=r.step, final_metrics=r.last_metrics, wall_time_s=r.wall_time,
               git_revision=git_revision(), hardware=hardware(), fingerprint=fingerprint,
               created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-              command='python -m experiments.runner --build_base')
+              command='python -m experiments.runner --sweep=' + sweep.name + ' --build_base')
   _write_json(prov_path, prov)
   return r.base_dir, prov
 
