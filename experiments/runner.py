@@ -115,15 +115,15 @@ def _train_arg(name: str):
 
 
 def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
-  """(hash, settings) of what determines the base: its model config, loss and pretraining
-  arguments (not checkpointing/logging settings, nor MODEL_DIR), as the base gin files set them."""
+  """(hash, settings) of what determines the base: its architecture (`T5Config.architecture`), loss
+  and pretraining arguments (not checkpointing/logging settings, nor MODEL_DIR), as the base gin
+  files set them."""
   import gin  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   from sira_jax.losses import LossConfig  # pylint: disable=import-outside-toplevel
   from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
   parse_gin(sweep.base_gin, (*sweep.base_bindings, "MODEL_DIR='-'"))
   loss = LossConfig()
-  key = dict(model=train_lib.config_to_dict(T5Config()),
+  key = dict(model=T5Config().architecture(),
              loss=dict(z_loss=loss.z_loss, label_smoothing=loss.label_smoothing),
              train={k: _train_arg(k) for k in BASE_TRAIN_ARGS})
   gin.clear_config()
