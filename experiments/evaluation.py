@@ -96,7 +96,7 @@ def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], s
   decoded = eval_lib.evaluate(
       model_dir=output_dir, mixture_or_task_name=mixture, split=split,
       task_feature_lengths=dict(lengths), batch_size=batch_size, num_examples=num_examples,
-      output_dir=output_dir, tensorboard=False, predict=predict)
+      output_dir=output_dir, tensorboard=False, progress_bar=False, predict=predict)
   tf = teacher_forced(model, variables, mixture, lengths, split, num_examples=num_examples,
                       batch_size=batch_size)
   tasks = {t: dict(decoded.get(t, {}), **tf[t]) for t in tf}
