@@ -138,10 +138,11 @@ def method_runs(method: str, point: str | None = None, bindings: Sequence[str] =
               learning_rates=learning_rates)
 
 
-def floor_run() -> list[Run]:
-  """The frozen base evaluated as is (no adapter, no training): one run, seedless."""
-  return [Run(point='floor (frozen base)', gin_files=FINETUNE_GIN, seed=0, kind='floor',
-              axes={'method': 'floor'})]
+def floor_run(bindings: Sequence[str] = ()) -> list[Run]:
+  """The frozen base evaluated as is (no adapter, no training): one run, seedless; bindings
+  choose the evaluated data (e.g. `single_task()`)."""
+  return [Run(point='floor (frozen base)', gin_files=FINETUNE_GIN, bindings=tuple(bindings),
+              seed=0, kind='floor', axes={'method': 'floor'})]
 
 
 def ceiling_runs(seeds: Sequence[int] = SEEDS, bindings: Sequence[str] = ()) -> list[Run]:
@@ -167,7 +168,7 @@ def single_task(mixture: str = 'offline_unit_ru') -> tuple[str, ...]:
 def _comparison(extra: Sequence[str] = ()) -> list[Run]:
   """c2/c3: LoRA vs AdaMix vs MoLoRA vs SiRA at matched rank and at matched trainable params."""
   e = f'NUM_EXPERTS={SIRA_E}'
-  runs = floor_run() + ceiling_runs(bindings=extra)
+  runs = floor_run(extra) + ceiling_runs(bindings=extra)
   runs += method_runs('lora', f'lora r{RANK}', extra, axes={'rank': RANK})
   runs += method_runs('lora', f'lora r{RANK * SIRA_E} (params of E={SIRA_E})',
                       (*extra, f'ADAPTER_RANK={RANK * SIRA_E}'), axes={'rank': RANK * SIRA_E})
