@@ -272,8 +272,8 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
   train_info: dict = {}
   if run.kind == 'floor':
     model, variables, cfg = evaluation.load_base(base_dir)
-    mixture = gin.query_parameter('train.mixture_or_task_name')
-    lengths = dict(gin.query_parameter('train.task_feature_lengths'))
+    mixture = _train_arg('mixture_or_task_name')
+    lengths = dict(_train_arg('task_feature_lengths'))
   else:
     r = _train(progress_bar=progress_bar)
     if r.stopped_by != 'done':
