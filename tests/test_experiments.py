@@ -15,11 +15,14 @@ TINY = ('EMBED_DIM=16', 'MLP_DIM=32', 'NUM_HEADS=2', 'HEAD_DIM=8', 'NUM_ENCODER_
 
 def _tiny_sweep():
   run_gin = ('adapters/sira.gin', 'models/t5_tiny.gin', 'runs/finetune.gin')
-  binds = (*TINY, "MIXTURE_OR_TASK_NAME='offline_currency_en'", 'TRAIN_STEPS=2', 'NUM_EXPERTS=2',
-           "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 24}")
+  binds = (*TINY, "MIXTURE_OR_TASK_NAME='offline_currency_en'", 'TRAIN_STEPS=2',
+           "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 24}", 'NUM_EXPERTS=2')
   runs = tuple(sweeps_lib.Run(point='sira E2', gin_files=run_gin, bindings=binds, seed=s,
                               learning_rate=1e-2, axes={'experts': 2, 'method': 'sira'})
                for s in (0, 1))
+  # The frozen base evaluated as is, on the same data.
+  floor = sweeps_lib.Run(point='floor', gin_files=run_gin[1:], bindings=binds[:-1], kind='floor')
+  runs = (floor,) + runs
   return sweeps_lib.Sweep(
       'smoke', 'a smoke test', runs,
       base_gin=('models/t5_tiny.gin', 'runs/pretrain.gin'),
@@ -37,9 +40,12 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   # Finished runs are skipped on a second call (resumable sweeps).
   again = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
                            log=lambda m: None)
-  assert again.done == [] and len(again.skipped) == 2
-  res = [runner.load_result(results, r) for r in sweep.runs]
-  for r, run in zip(res, sweep.runs):
+  assert again.done == [] and len(again.skipped) == 3
+  floor = runner.load_result(results, sweep.runs[0])
+  assert floor['train'] == {} and floor['params']['trainable'] == 0
+  assert 'offline_currency_en' in floor['metrics']['test']['tasks']
+  res = [runner.load_result(results, r) for r in sweep.runs[1:]]
+  for r, run in zip(res, sweep.runs[1:]):
     assert r['run']['seed'] == run.seed and r['git_revision'] and r['hardware']['cpu_count']
     assert r['params']['trainable'] > 0 and r['params']['total'] > r['params']['trainable']
     assert set(r['metrics']) == {'validation', 'test'}
