@@ -83,7 +83,7 @@ def test_known_examples_and_determinism():
 def test_every_offline_task_gives_datasets():
   names = [n for n in offline_suite.OFFLINE_NAMES
            if n in seqio.TaskRegistry.names()]
-  assert len(names) == 45 + 15 + 1
+  assert len(names) == 45 + 15 + 2  # + offline_span_corruption, offline_denoise
   assert seqio.get_mixture_or_task('offline_span_corruption').num_input_examples(
       'train') == 15 * data.PRETRAIN_SIZES.train
   for name in names:
@@ -100,6 +100,19 @@ def test_every_offline_task_gives_datasets():
       L, split='test', shuffle=False).as_numpy_iterator())
   assert vocab.byte_vocabulary().decode(ex['targets'].tolist()) == (
       ex['targets_pretokenized'].decode())
+
+
+def test_denoise_targets_are_the_uncorrupted_chunk():
+  lengths = {'inputs': 64, 'targets': 72}
+  ds = seqio.get_mixture_or_task('offline_denoise').get_dataset(
+      lengths, split='validation', shuffle=False, seed=3)
+  sentinel_min = vocab.byte_vocabulary().vocab_size - 8  # bytes 0xF8-0xFF never occur in UTF-8
+  for ex in ds.take(5).as_numpy_iterator():
+    inputs, targets = ex['inputs'][:-1].tolist(), ex['targets'][:-1].tolist()
+    assert max(targets) < sentinel_min and len(targets) > len(inputs) - 8
+    kept = iter(targets)  # every uncorrupted input token, in order, is in the target
+    assert all(t in kept for t in inputs if t < sentinel_min)
+    assert any(t >= sentinel_min for t in inputs)
 
 
 def _first(name, seed, n=8):
