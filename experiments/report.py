@@ -466,9 +466,15 @@ def main(argv=None):
   p.add_argument('--sweep', action='append', help='sweeps to report (default: all)')
   p.add_argument('--results_dir', default=runner.DEFAULT_RESULTS_DIR)
   p.add_argument('--out_dir', default=None, help='default: --results_dir')
+  p.add_argument('--binding', action='append', default=[],
+                 help='the extra bindings the sweep was run with (experiments.runner --binding)')
+  p.add_argument('--eval_examples', type=int, default=None,
+                 help='the --eval_examples the sweep was run with')
   args = p.parse_args(argv)
   try:
-    path = write_report(args.sweep, results_dir=args.results_dir, out_dir=args.out_dir)
+    chosen = [sweeps_lib.with_overrides(sweeps_lib.get_sweep(n), args.binding, args.eval_examples)
+              for n in (args.sweep or sweeps_lib.SWEEPS)]
+    path = write_report(chosen, results_dir=args.results_dir, out_dir=args.out_dir)
   except ValueError as e:
     p.error(str(e))
   print(path)

@@ -331,11 +331,13 @@ class SweepOutcome:
 def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR,
               work_dir: str = DEFAULT_WORK_DIR, only: Sequence[str] | None = None,
               use_shipped_base: bool = True, progress_bar: bool = True,
-              keep_going: bool = False, log: Callable[[str], None] | None = None) -> SweepOutcome:
+              keep_going: bool = False, limit: int | None = None,
+              log: Callable[[str], None] | None = None) -> SweepOutcome:
   """Runs every unfinished run of `sweep` in order (or those named in `only`).
 
   Finished runs (result file present) are skipped; an interrupted run resumes from its checkpoint.
   keep_going: a failing run is logged and the next one starts (else the error propagates).
+  limit: run at most this many unfinished runs now (a sweep in slices, one session at a time).
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   runs = list(sweep.runs)
@@ -346,6 +348,8 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
                        f'`--list_runs` shows its {len(runs)} runs')
     runs = [r for r in runs if r.name in set(only)]
   todo = [r for r in runs if load_result(results_dir, r) is None]
+  if limit is not None:
+    todo = todo[:limit]
   bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'sweep {sweep.name}',
              unit='run', disable=not progress_bar, dynamic_ncols=True)
   log = log or (lambda m: bar.write(f'[{time.strftime("%H:%M:%S")}] {m}'))
@@ -395,6 +399,13 @@ def main(argv=None):
   p.add_argument('--build_base', action='store_true',
                  help='pretrain (or find) the base of --sweep and copy it into experiments/base/')
   p.add_argument('--keep_going', action='store_true', help='log a failing run and continue')
+  p.add_argument('--limit', type=int, default=None,
+                 help='run at most this many unfinished runs now (resume later)')
+  p.add_argument('--binding', action='append', default=[],
+                 help="extra gin binding for every run and the base, e.g. --binding=TRAIN_STEPS=2 "
+                      "(the runs get other keys: results never mix with the unmodified sweep's)")
+  p.add_argument('--eval_examples', type=int, default=None,
+                 help='evaluate at most this many examples per task (default: the sweep\'s)')
   args = p.parse_args(argv)
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
   gin_utils.quiet_logs()
@@ -406,7 +417,8 @@ def main(argv=None):
   if not args.sweep:
     p.error('--sweep is required (or --list)')
   try:
-    chosen = [sweeps_lib.get_sweep(s) for s in args.sweep]
+    chosen = [sweeps_lib.with_overrides(sweeps_lib.get_sweep(s), args.binding, args.eval_examples)
+              for s in args.sweep]
   except ValueError as e:
     p.error(str(e))
   for sweep in chosen:
@@ -430,7 +442,8 @@ def main(argv=None):
           print(trainer_command(r, os.path.join(args.work_dir, 'runs', r.key), base))
       continue
     out = run_sweep(sweep, results_dir=args.results_dir, work_dir=args.work_dir, only=args.run,
-                    use_shipped_base=not args.no_shipped_base, keep_going=args.keep_going)
+                    use_shipped_base=not args.no_shipped_base, keep_going=args.keep_going,
+                    limit=args.limit)
     print(f'sweep {sweep.name}: {len(out.done)} run(s) done now, {len(out.skipped)} already '
           f'finished, {len(out.failed)} failed; report: python -m experiments.report '
           f'--sweep={sweep.name}')

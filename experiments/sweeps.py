@@ -232,6 +232,19 @@ def _sweeps() -> dict[str, Sweep]:
 SWEEPS: dict[str, Sweep] = _sweeps()
 
 
+def with_overrides(sweep: Sweep, bindings: Sequence[str] = (),
+                   eval_num_examples: int | None = None) -> Sweep:
+  """`sweep` with extra gin bindings appended to every run and to its base (e.g. tiny sizes for a
+  smoke run), and optionally fewer evaluation examples per task. The runs get other keys, so
+  their results never mix with the unmodified sweep's."""
+  if not bindings and eval_num_examples is None:
+    return sweep
+  runs = tuple(dataclasses.replace(r, bindings=(*r.bindings, *bindings)) for r in sweep.runs)
+  return dataclasses.replace(
+      sweep, runs=runs, base_bindings=(*sweep.base_bindings, *bindings),
+      eval_num_examples=sweep.eval_num_examples if eval_num_examples is None else eval_num_examples)
+
+
 def get_sweep(name: str) -> Sweep:
   if name not in SWEEPS:
     raise ValueError(f'unknown sweep {name!r}; known: {sorted(SWEEPS)}')
