@@ -25,15 +25,14 @@ TINY = {
                        '--gin.train.progress_bar=False', '--gin.train.tensorboard=False'],
     'sira_jax.eval': ['--gin.BATCH_SIZE=2', _LENGTHS, '--gin.evaluate.num_examples=2'],
     'sira_jax.infer': ['--gin.BATCH_SIZE=2', _LENGTHS, '--gin.infer.num_examples=2'],
-    'sira_jax.main': ['--gin.PRETRAIN_STEPS=2', '--gin.FINETUNE_STEPS=2',
-                      '--gin.run_main.pretrain_batch_size=2', '--gin.run_main.finetune_batch_size=2',
-                      "--gin.run_main.pretrain_feature_lengths={'inputs': 16, 'targets': 16}",
-                      "--gin.run_main.finetune_feature_lengths={'inputs': 16, 'targets': 16}",
-                      '--gin.run_main.eval_num_examples=2', '--gin.run_main.eval_batch_size=2',
-                      '--gin.run_main.val_batches=1', '--gin.run_main.progress_bar=False',
-                      '--gin.WORK_DIR=/tmp/runs/main',
-                      # 4 tasks instead of 45: the job's steps unchanged, a tenth of the eval set-up.
-                      "--gin.run_main.finetune_mixture='offline_lang_de'"],
+    'sira_jax.main': ['--gin.FINETUNE_STEPS=2', "--gin.SEEDS=(0,)", '--gin.EVAL_EXAMPLES=2',
+                      "--gin.main_sweep.base_bindings=('TRAIN_STEPS=2',)",
+                      '--gin.run_main.progress_bar=False', '--gin.WORK_DIR=/tmp/runs/main'],
+    # One run (the floor: no training) of the sweep, on a 2-step base, 2 examples per task.
+    'experiments.runner': ['--limit=1', '--binding=TRAIN_STEPS=2', '--eval_examples=2',
+                           '--results_dir=/tmp/exp/results', '--work_dir=/tmp/exp/work'],
+    'experiments.report': ['--binding=TRAIN_STEPS=2', '--eval_examples=2',
+                           '--results_dir=/tmp/exp/results', '--out_dir=/tmp/exp/report'],
     # The README's T5X commands are tiny already (20 steps, batch 8).
     't5x.train': [], 't5x.eval': [], 't5x.infer': [],
 }
