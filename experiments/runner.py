@@ -432,7 +432,10 @@ def main(argv=None):
       print(ship_base(base_dir, prov, f'base_{prov["config_hash"]}'))
       continue
     if args.print_commands:
-      base = '$BASE_DIR'
+      key, _ = base_config_hash(sweep)
+      base = shipped_base(key) or os.path.join(os.path.abspath(args.work_dir), f'base_{key}', 'base')
+      if args.print_commands == 'trainer':
+        print(f'# frozen base: {base} (the runner pretrains it on its first run of this sweep)')
       for r in sweep.runs:
         if load_result(args.results_dir, r) is not None:
           continue
