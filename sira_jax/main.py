@@ -45,14 +45,14 @@ def main_sweep(
     eval_num_examples: int | None = gin.REQUIRED,
     floor: bool = gin.REQUIRED,
     routing_points: Sequence[str] = gin.REQUIRED,
-    base_bindings: Sequence[str] = (),
+    extra_bindings: Sequence[str] = (),
 ):
   """The main job as a sweep (experiments.sweeps.Sweep).
 
   methods: point name -> (adapter gin file, gin bindings...), e.g.
     {'lora r4': ('adapters/lora.gin', 'ADAPTER_RANK=4')}; every method gets the same learning
-    rate, steps, data and seeds. floor: also evaluate the frozen base alone. base_bindings: extra
-    gin bindings of the base's pretraining (gin/benchmark/pretrain.gin), e.g. tiny sizes in tests.
+    rate, steps, data and seeds. floor: also evaluate the frozen base alone. extra_bindings: gin
+    bindings appended to every run and to the base's pretraining, e.g. tiny sizes in tests.
   """
   from experiments import sweeps  # pylint: disable=import-outside-toplevel
   runs = sweeps.floor_run() if floor else []
@@ -60,12 +60,12 @@ def main_sweep(
     method = os.path.splitext(os.path.basename(gin_file))[0]
     runs += sweeps.grid(point, (gin_file, *finetune_gin), (*bindings, f'TRAIN_STEPS={train_steps}'),
                         axes={'method': method}, seeds=seeds, learning_rates=(learning_rate,))
-  return sweeps.Sweep(
+  sweep = sweeps.Sweep(
       'main', 'The main job: LoRA, a parameter-matched LoRA and SiRA on the benchmark.',
       tuple(runs),
       eval_splits=(eval_split,), select_split=eval_split, report_split=eval_split,
-      eval_num_examples=eval_num_examples, routing_points=tuple(routing_points),
-      base_bindings=tuple(base_bindings))
+      eval_num_examples=eval_num_examples, routing_points=tuple(routing_points))
+  return sweeps.with_overrides(sweep, extra_bindings)
 
 
 @gin.configurable

@@ -20,19 +20,23 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"
+# Tiny sizes for every run and the base of a sweep (the main job, experiments.runner/report).
+_TINY_MODEL = ('TRAIN_STEPS=2', 'BATCH_SIZE=8', 'EMBED_DIM=16', 'MLP_DIM=32', 'NUM_HEADS=2',
+               'HEAD_DIM=8', 'NUM_ENCODER_LAYERS=1', 'NUM_DECODER_LAYERS=1')
 TINY = {
     'sira_jax.train': ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=2', _LENGTHS,
                        '--gin.train.progress_bar=False', '--gin.train.tensorboard=False'],
     'sira_jax.eval': ['--gin.BATCH_SIZE=2', _LENGTHS, '--gin.evaluate.num_examples=2'],
     'sira_jax.infer': ['--gin.BATCH_SIZE=2', _LENGTHS, '--gin.infer.num_examples=2'],
-    'sira_jax.main': ['--gin.FINETUNE_STEPS=2', "--gin.SEEDS=(0,)", '--gin.EVAL_EXAMPLES=2',
-                      "--gin.main_sweep.base_bindings=('TRAIN_STEPS=2',)",
-                      '--gin.run_main.progress_bar=False', '--gin.WORK_DIR=/tmp/runs/main'],
-    # One run (the floor: no training) of the sweep, on a 2-step base, 2 examples per task.
-    'experiments.runner': ['--limit=1', '--binding=TRAIN_STEPS=2', '--eval_examples=2',
-                           '--results_dir=/tmp/exp/results', '--work_dir=/tmp/exp/work'],
-    'experiments.report': ['--binding=TRAIN_STEPS=2', '--eval_examples=2',
-                           '--results_dir=/tmp/exp/results', '--out_dir=/tmp/exp/report'],
+    'sira_jax.main': ['--gin.SEEDS=(0,)', '--gin.EVAL_EXAMPLES=2',
+                      '--gin.run_main.progress_bar=False',
+                      f'--gin.main_sweep.extra_bindings={_TINY_MODEL}',
+                      '--gin.WORK_DIR=/tmp/runs/main'],
+    # One run (the floor: no training) of the sweep, on a tiny 2-step base, 2 examples per task.
+    'experiments.runner': ['--limit=1', '--eval_examples=2', '--results_dir=/tmp/exp/results',
+                           '--work_dir=/tmp/exp/work'] + [f'--binding={b}' for b in _TINY_MODEL],
+    'experiments.report': ['--eval_examples=2', '--results_dir=/tmp/exp/results',
+                           '--out_dir=/tmp/exp/report'] + [f'--binding={b}' for b in _TINY_MODEL],
     # The README's T5X commands are tiny already (20 steps, batch 8).
     't5x.train': [], 't5x.eval': [], 't5x.infer': [],
 }
