@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"
 # Tiny sizes for every run and the base of a sweep (the main job, experiments.runner/report).
 _TINY_MODEL = ('TRAIN_STEPS=2', 'BATCH_SIZE=8', 'EMBED_DIM=16', 'MLP_DIM=32', 'NUM_HEADS=2',
-               'HEAD_DIM=8', 'NUM_ENCODER_LAYERS=1', 'NUM_DECODER_LAYERS=1')
+               'HEAD_DIM=8', 'NUM_ENCODER_LAYERS=1', 'NUM_DECODER_LAYERS=1',
+               "MIXTURE_OR_TASK_NAME='offline_currency_en'")  # one task, not 30
 TINY = {
     'sira_jax.train': ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=2', _LENGTHS,
                        '--gin.train.progress_bar=False', '--gin.train.tensorboard=False'],
