@@ -53,7 +53,7 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
   by_point: dict[str, dict[Any, list]] = {}
   missing = []
   for run in sweep.runs:
-    res = runner.load_result(results_dir, run)
+    run, res = runner.resolved_result(results_dir, run, sweep)
     if res is None:
       missing.append(run.name)
       continue
@@ -63,12 +63,14 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
     lrs = by_point.get(point)
     if not lrs:
       continue
-
-    def sel(items):
-      return np.mean([res['metrics'][sweep.select_split]['summary'][sweep.metric]
-                      for _, res in items])
-
-    lr = max(lrs, key=lambda k: sel(lrs[k]))
+    # The rate is chosen as the runner chooses it: on the tuning runs' validation metric (all
+    # runs of the point where it has none, e.g. one fixed rate).
+    tuning = {r.key for r in sweep.tuning_runs(point)}
+    val = lambda res: res['metrics'][sweep.select_split]['summary'][sweep.metric]  # noqa: E731
+    scores = {k: [val(res) for r, res in v if r.key in tuning] for k, v in lrs.items()}
+    scores = {k: v for k, v in scores.items() if v} or {
+        k: [val(res) for _, res in v] for k, v in lrs.items()}
+    lr = sweeps_lib.choose_learning_rate(scores)
     items = sorted(lrs[lr], key=lambda x: x[0].seed)
     runs_here = [r for r in sweep.runs if r.point == point]
     rep = [res['metrics'][sweep.report_split] for _, res in items]
@@ -76,7 +78,7 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
         learning_rate=lr, seeds=[r.seed for r, _ in items], axes=dict(items[0][0].axes),
         kind=items[0][0].kind, runs=[r.key for r, _ in items],
         expected_runs=len(runs_here), finished_runs=sum(len(v) for v in lrs.values()),
-        validation_by_lr={str(k): float(sel(v)) for k, v in lrs.items()},
+        validation_by_lr={str(k): float(np.mean(v)) for k, v in scores.items()},
         params=items[0][1]['params'],
         train_time_s=float(np.mean([res['wall_time_s']['train'] for _, res in items])),
         per_seed={m: [s['summary'].get(m) for s in rep] for m in METRICS

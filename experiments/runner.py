@@ -249,11 +249,37 @@ def result_path(results_dir: str, run: sweeps_lib.Run) -> str:
 
 
 def load_result(results_dir: str, run: sweeps_lib.Run) -> dict | None:
+  """The run's result dict, or None while it is unfinished (or its learning rate unresolved)."""
+  if not run.resolved:
+    return None
   path = result_path(results_dir, run)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def resolve(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, results_dir: str
+            ) -> sweeps_lib.Run | None:
+  """`run` with its learning rate chosen by the tuning runs of `run.lr_from` (validation metric
+  of the tuning seeds, `sweeps.choose_learning_rate`); None while one of them is unfinished."""
+  if run.resolved:
+    return run
+  scores: dict[float, list[float]] = {}
+  for t in sweep.tuning_runs(run.lr_from):
+    res = load_result(results_dir, t)
+    if res is None:
+      return None
+    scores.setdefault(t.learning_rate, []).append(
+        res['metrics'][sweep.select_split]['summary'][sweep.metric])
+  return run.with_learning_rate(sweeps_lib.choose_learning_rate(scores))
+
+
+def resolved_result(results_dir: str, run: sweeps_lib.Run, sweep: sweeps_lib.Sweep
+                    ) -> tuple[sweeps_lib.Run, dict | None]:
+  """(the run with its rate resolved where possible, its result or None)."""
+  r = resolve(run, sweep, results_dir)
+  return (run, None) if r is None else (r, load_result(results_dir, r))
 
 
 def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base_prov: Mapping,
@@ -326,6 +352,7 @@ class SweepOutcome:
   skipped: list
   failed: list
   results_dir: str
+  pending: list = dataclasses.field(default_factory=list)
 
 
 def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR,
@@ -336,18 +363,22 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   """Runs every unfinished run of `sweep` in order (or those named in `only`).
 
   Finished runs (result file present) are skipped; an interrupted run resumes from its checkpoint.
-  keep_going: a failing run is logged and the next one starts (else the error propagates).
-  limit: run at most this many unfinished runs now (a sweep in slices, one session at a time).
+  A run whose learning rate comes from a point's tuning runs (`Run.lr_from`) gets it when they
+  are finished (they come first in every sweep); with `only` or `limit` it may have to wait for a
+  later call. keep_going: a failing run is logged and the next one starts (else the error
+  propagates). limit: run at most this many unfinished runs now (a sweep in slices).
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   runs = list(sweep.runs)
   if only:
-    unknown = sorted(set(only) - {r.name for r in runs})
+    # A tuned run answers to its sweep name ('...-lrtuned-s1') and, once resolved, to its rate's.
+    names = {r: {r.name, resolved_result(results_dir, r, sweep)[0].name} for r in runs}
+    unknown = sorted(set(only) - set().union(*names.values()))
     if unknown:
       raise ValueError(f'sweep {sweep.name!r} has no run named {unknown}; '
                        f'`--list_runs` shows its {len(runs)} runs')
-    runs = [r for r in runs if r.name in set(only)]
-  todo = [r for r in runs if load_result(results_dir, r) is None]
+    runs = [r for r in runs if names[r] & set(only)]
+  todo = [r for r in runs if resolved_result(results_dir, r, sweep)[1] is None]
   if limit is not None:
     todo = todo[:limit]
   bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'sweep {sweep.name}',
@@ -361,6 +392,17 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   base_dir, prov = ensure_base(sweep, work_dir, use_shipped=use_shipped_base, log=log)
   for run in todo:
     bar.set_postfix_str(run.name)
+    pending = run
+    run, res = resolved_result(results_dir, pending, sweep)
+    if res is not None:   # its rate resolved to a run that is already finished
+      outcome.skipped.append(run.name)
+      bar.update(1)
+      continue
+    if not run.resolved:
+      log(f'{pending.name}: waits for the tuning runs of {pending.lr_from!r} (not finished); '
+          'run the sweep again')
+      outcome.pending.append(pending.name)
+      continue
     try:
       execute(run, sweep, base_dir=base_dir, base_prov=prov, work_dir=work_dir,
               results_dir=results_dir, progress_bar=False, log=log)
@@ -411,7 +453,7 @@ def main(argv=None):
   gin_utils.quiet_logs()
   if args.list:
     for name, sw in sweeps_lib.SWEEPS.items():
-      done = sum(load_result(args.results_dir, r) is not None for r in sw.runs)
+      done = sum(resolved_result(args.results_dir, r, sw)[1] is not None for r in sw.runs)
       print(f'{name}: {done}/{len(sw.runs)} runs finished  - {sw.claim}')
     return 0
   if not args.sweep:
@@ -424,8 +466,9 @@ def main(argv=None):
   for sweep in chosen:
     if args.list_runs:
       for r in sweep.runs:
-        state = 'done' if load_result(args.results_dir, r) is not None else 'todo'
-        print(f'{state}  {r.key}  {r.name}')
+        r, res = resolved_result(args.results_dir, r, sweep)
+        state = 'done' if res is not None else 'todo'
+        print(f'{state}  {r.key if r.resolved else "-" * 12}  {r.name}')
       continue
     if args.build_base:
       base_dir, prov = ensure_base(sweep, args.work_dir, use_shipped=False)
@@ -437,10 +480,14 @@ def main(argv=None):
       if args.print_commands == 'trainer':
         print(f'# frozen base: {base} (the runner pretrains it on its first run of this sweep)')
       for r in sweep.runs:
-        if load_result(args.results_dir, r) is not None:
+        r, res = resolved_result(args.results_dir, r, sweep)
+        if res is not None:
           continue
         if args.print_commands == 'runner':
           print(launch_command(r, sweep))
+        elif not r.resolved:
+          print(f'# {r.name}: learning rate chosen by the tuning runs of {r.lr_from!r} once they '
+                'are finished')
         elif r.kind == 'finetune':
           print(trainer_command(r, os.path.join(args.work_dir, 'runs', r.key), base))
       continue
@@ -448,8 +495,8 @@ def main(argv=None):
                     use_shipped_base=not args.no_shipped_base, keep_going=args.keep_going,
                     limit=args.limit)
     print(f'sweep {sweep.name}: {len(out.done)} run(s) done now, {len(out.skipped)} already '
-          f'finished, {len(out.failed)} failed; report: python -m experiments.report '
-          f'--sweep={sweep.name}')
+          f'finished, {len(out.failed)} failed, {len(out.pending)} waiting for tuning runs; '
+          f'report: python -m experiments.report --sweep={sweep.name}')
   return 0
 
 

@@ -8,10 +8,13 @@ base they all start from and how they are evaluated. `experiments/run.py` execut
 Runs are identified by their content (`Run.key`: gin files, bindings, seed, learning rate), so the
 same run in two sweeps is trained once and its result file is shared.
 
-Tuning budget: every adapter method gets the same learning-rate grid `LR_GRID`; the report picks,
-per point, the rate with the best mean validation sequence accuracy and reports test numbers at that
-rate. Full fine-tuning (the ceiling) gets its own grid `FULL_FT_LR_GRID` (it trains 100x more
-parameters; adapter rates make it diverge).
+Tuning budget, the same for every method (`tuned`): the learning-rate grid `LR_GRID` is run with the
+tuning seeds `TUNE_SEEDS`; the rate with the best mean validation sequence accuracy over them is
+chosen (`choose_learning_rate`), and the remaining seeds run at that rate only. Test numbers are
+reported at the chosen rate over all seeds. An ablation of one knob of a tuned method (c4-c6: SiRA's
+experts, capacity, dropout, k, aux factor) inherits that method's chosen rate (`inheriting`,
+`Run.lr_from`) instead of being tuned again. Full fine-tuning (the ceiling) gets its own grid
+`FULL_FT_LR_GRID` (it trains 30x more parameters; adapter rates make it diverge).
 """
 from __future__ import annotations
 
@@ -20,13 +23,19 @@ import hashlib
 import json
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 # The benchmark (gin/benchmark/*.gin): frozen base pretrained by `BASE`, fine-tuned on
 # `offline_bench` (tasks/offline_suite.py), evaluated on every validation and test example.
 BASE_GIN = ('benchmark/pretrain.gin',)
 FINETUNE_GIN = ('benchmark/finetune.gin',)
 FULL_FINETUNE_GIN = ('benchmark/full_finetune.gin',)
 SEEDS = (0, 1, 2)
-LR_GRID = (3e-3, 1e-2, 3e-2)
+TUNE_SEEDS = (0,)
+LR_GRID = (1e-3, 3e-3, 1e-2)
+# Examples per task decoded and scored in each of validation and test (30 tasks: 1,500 per split and
+# run; the standard error of one run's sequence accuracy near 10% is about 0.8 points).
+EVAL_EXAMPLES = 50
 FULL_FT_LR_GRID = (3e-4, 1e-3, 3e-3)
 
 ADAPTER_GIN = {
@@ -45,7 +54,8 @@ class Run:
   point: the configuration this run measures (seeds and learning rates of a point are aggregated);
   gin_files / bindings: what `sira_jax.train` parses (the runner adds MODEL_DIR, SEED,
   LEARNING_RATE and INITIAL_CHECKPOINT_PATH); axes: plot coordinates, e.g. {'method': 'lora',
-  'rank': 8}.
+  'rank': 8}. lr_from: a point of the same sweep whose tuning runs choose this run's learning
+  rate (`learning_rate` stays None until the runner resolves it, `with_learning_rate`).
   """
   point: str
   gin_files: tuple[str, ...]
@@ -54,10 +64,13 @@ class Run:
   learning_rate: float | None = None
   axes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   kind: str = 'finetune'
+  lr_from: str | None = None
 
   def __post_init__(self):
     if self.kind not in ('finetune', 'floor'):
       raise ValueError(f'Run.kind must be "finetune" or "floor", got {self.kind!r}')
+    if self.lr_from is not None and self.kind != 'finetune':
+      raise ValueError(f'Run {self.point!r}: only a finetune run can take its rate from a point')
     object.__setattr__(self, 'gin_files', tuple(self.gin_files))
     object.__setattr__(self, 'bindings', tuple(self.bindings))
     object.__setattr__(self, 'axes', dict(self.axes))
@@ -65,19 +78,30 @@ class Run:
   @property
   def key(self) -> str:
     """Content hash: the same run in two sweeps has the same key (and one result file)."""
-    blob = json.dumps([self.kind, self.gin_files, self.bindings, self.seed, self.learning_rate],
-                      sort_keys=True)
+    lr = self.learning_rate if self.resolved else f'tuned by {self.lr_from}'
+    blob = json.dumps([self.kind, self.gin_files, self.bindings, self.seed, lr], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
   @property
+  def resolved(self) -> bool:
+    """False while the learning rate still waits for the tuning runs of `lr_from`."""
+    return self.lr_from is None or self.learning_rate is not None
+
+  def with_learning_rate(self, learning_rate: float) -> 'Run':
+    """This run at the rate its `lr_from` point's tuning chose (the same key as any run with
+    that rate, so a grid run already trained at it is reused)."""
+    return dataclasses.replace(self, learning_rate=float(learning_rate))
+
+  @property
   def name(self) -> str:
-    lr = '' if self.learning_rate is None else f'-lr{self.learning_rate:g}'
+    lr = ('-lrtuned' if not self.resolved else
+          '' if self.learning_rate is None else f'-lr{self.learning_rate:g}')
     return f'{self.point}{lr}-s{self.seed}'
 
   def as_dict(self) -> dict:
     return dict(point=self.point, name=self.name, key=self.key, kind=self.kind,
                 gin_files=list(self.gin_files), bindings=list(self.bindings), seed=self.seed,
-                learning_rate=self.learning_rate, axes=dict(self.axes))
+                learning_rate=self.learning_rate, lr_from=self.lr_from, axes=dict(self.axes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +110,9 @@ class Sweep:
 
   base_gin / base_bindings: the pretraining run of the frozen base (cached by content).
   eval_splits: decoded and scored splits; `select_split` picks the learning rate, `report_split`
-  is reported. eval_num_examples: per task (None: all). plots: (x axis, series axis) pairs over
-  `Run.axes`. routing_point: the point whose checkpoint gets the routing analysis.
+  is reported. eval_num_examples: per task (None: all; default EVAL_EXAMPLES). plots: (x axis,
+  series axis) pairs over `Run.axes`. routing_point: the point whose checkpoint gets the routing
+  analysis.
   """
   name: str
   claim: str
@@ -97,7 +122,7 @@ class Sweep:
   eval_splits: tuple[str, ...] = ('validation', 'test')
   select_split: str = 'validation'
   report_split: str = 'test'
-  eval_num_examples: int | None = None
+  eval_num_examples: int | None = EVAL_EXAMPLES
   eval_batch_size: int = 128
   metric: str = 'sequence_accuracy'
   plots: tuple[tuple[str, str], ...] = ()
@@ -111,9 +136,27 @@ class Sweep:
     if self.select_split not in self.eval_splits or self.report_split not in self.eval_splits:
       raise ValueError(f'sweep {self.name!r}: select/report splits must be among '
                        f'{self.eval_splits}')
+    for r in self.runs:
+      if r.lr_from is not None and not self.tuning_runs(r.lr_from):
+        raise ValueError(f'sweep {self.name!r}: run {r.name!r} takes its learning rate from '
+                         f'{r.lr_from!r}, which has no tuning runs (seeds {TUNE_SEEDS} over a '
+                         'learning-rate grid) in this sweep')
 
   def points(self) -> list[str]:
     return list(dict.fromkeys(r.point for r in self.runs))
+
+  def tuning_runs(self, point: str) -> list[Run]:
+    """The runs of `point` that choose its learning rate: tuning seeds, explicit rates."""
+    return [r for r in self.runs if r.point == point and r.lr_from is None
+            and r.learning_rate is not None and r.seed in TUNE_SEEDS]
+
+
+def choose_learning_rate(scores: Mapping[float, Sequence[float]]) -> float:
+  """The rate with the best mean score (validation metric of the tuning seeds); ties go to the
+  smaller rate."""
+  if not scores:
+    raise ValueError('no tuning results to choose a learning rate from')
+  return max(sorted(scores), key=lambda lr: float(np.mean(scores[lr])))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,14 +171,37 @@ def grid(point: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
           for lr in learning_rates for s in seeds]
 
 
+def tuned(point: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
+          axes: Mapping[str, Any] | None = None, seeds: Sequence[int] = SEEDS,
+          learning_rates: Sequence[float] = LR_GRID) -> list[Run]:
+  """One point under the tuning protocol: `learning_rates` x `TUNE_SEEDS`, then the other seeds
+  at the chosen rate (`lr_from` = this point)."""
+  runs = grid(point, gin_files, bindings, axes=axes, seeds=TUNE_SEEDS,
+              learning_rates=learning_rates)
+  return runs + inheriting(point, gin_files, bindings, lr_from=point, axes=axes,
+                           seeds=[s for s in seeds if s not in TUNE_SEEDS])
+
+
+def inheriting(point: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
+               lr_from: str, axes: Mapping[str, Any] | None = None,
+               seeds: Sequence[int] = SEEDS) -> list[Run]:
+  """Every seed of one point at the learning rate chosen by the tuning runs of point `lr_from`."""
+  return [Run(point=point, gin_files=tuple(gin_files), bindings=tuple(bindings), seed=s,
+              axes=dict(axes or {}), lr_from=lr_from) for s in seeds]
+
+
 def method_runs(method: str, point: str | None = None, bindings: Sequence[str] = (), *,
                 axes: Mapping[str, Any] | None = None, seeds: Sequence[int] = SEEDS,
-                learning_rates: Sequence[float | None] = LR_GRID,
+                lr_from: str | None = None,
                 finetune_gin: Sequence[str] = FINETUNE_GIN) -> list[Run]:
-  """Runs of one adapter method (`ADAPTER_GIN` key) with extra gin bindings."""
-  return grid(point or method, (ADAPTER_GIN[method], *finetune_gin), bindings,
-              axes=dict({'method': method}, **(axes or {})), seeds=seeds,
-              learning_rates=learning_rates)
+  """Runs of one adapter method (`ADAPTER_GIN` key) with extra gin bindings: tuned, or at the
+  rate chosen for point `lr_from`."""
+  gin_files = (ADAPTER_GIN[method], *finetune_gin)
+  axes = dict({'method': method}, **(axes or {}))
+  if lr_from is not None:
+    return inheriting(point or method, gin_files, bindings, lr_from=lr_from, axes=axes,
+                      seeds=seeds)
+  return tuned(point or method, gin_files, bindings, axes=axes, seeds=seeds)
 
 
 def floor_run(bindings: Sequence[str] = ()) -> list[Run]:
@@ -147,17 +213,22 @@ def floor_run(bindings: Sequence[str] = ()) -> list[Run]:
 
 def ceiling_runs(seeds: Sequence[int] = SEEDS, bindings: Sequence[str] = ()) -> list[Run]:
   """Full fine-tuning of every parameter from the same base (the ceiling)."""
-  return grid('ceiling (full fine-tuning)', FULL_FINETUNE_GIN, bindings, seeds=seeds,
-              learning_rates=FULL_FT_LR_GRID, axes={'method': 'full_ft'})
+  return tuned('ceiling (full fine-tuning)', FULL_FINETUNE_GIN, bindings, seeds=seeds,
+               learning_rates=FULL_FT_LR_GRID, axes={'method': 'full_ft'})
 
 
 # SiRA's defaults in the benchmark (gin/adapters/sira.gin: k=2, cf=1.25, expert dropout 0.1),
 # with E=8 experts of rank 4 on every adapted projection.
 SIRA_E = 8
 RANK = 4
+SIRA = f'sira E{SIRA_E} k2'
 
 
 def _sira(point: str, extra: Sequence[str] = (), axes=None, **kw) -> list[Run]:
+  """SiRA (E=SIRA_E) with `extra` bindings; an ablation point (point != SIRA) inherits SIRA's
+  learning rate."""
+  if point != SIRA:
+    kw.setdefault('lr_from', SIRA)
   return method_runs('sira', point, (f'NUM_EXPERTS={SIRA_E}', *extra), axes=axes, **kw)
 
 
@@ -168,43 +239,50 @@ def single_task(mixture: str = 'offline_unit_ru') -> tuple[str, ...]:
 def _comparison(extra: Sequence[str] = ()) -> list[Run]:
   """c2/c3: LoRA vs AdaMix vs MoLoRA vs SiRA at matched rank and at matched trainable params."""
   e = f'NUM_EXPERTS={SIRA_E}'
-  runs = floor_run(extra) + ceiling_runs(bindings=extra)
+  # In the order a partial sweep is most useful in: the floor, LoRA and SiRA first.
+  runs = floor_run(extra)
   runs += method_runs('lora', f'lora r{RANK}', extra, axes={'rank': RANK})
+  runs += method_runs('sira', SIRA, (e, *extra))
   runs += method_runs('lora', f'lora r{RANK * SIRA_E} (params of E={SIRA_E})',
                       (*extra, f'ADAPTER_RANK={RANK * SIRA_E}'), axes={'rank': RANK * SIRA_E})
-  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e))
   runs += method_runs('molora', f'molora E{SIRA_E}', (*extra, e))
-  runs += _sira(f'sira E{SIRA_E} k2', extra)
+  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e))
+  runs += ceiling_runs(bindings=extra)
   return runs
 
 
 def _sweeps() -> dict[str, Sweep]:
   s = {}
+  base = _sira(SIRA, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
+                           'expert_dropout_rate': 0.1, 'top_k': 2, 'aux_factor': 0.01})
   s['c1'] = Sweep(
       'c1', 'Raising LoRA\'s rank does not help (rank 4 to 64).',
       tuple(floor_run() + [r for rank in (4, 8, 16, 32, 64) for r in method_runs(
-          'lora', f'lora r{rank}', (f'ADAPTER_RANK={rank}',), axes={'rank': rank})]),
+          'lora', f'lora r{rank}' if rank != RANK * SIRA_E else
+          f'lora r{rank} (params of E={SIRA_E})',
+          () if rank == RANK else (f'ADAPTER_RANK={rank}',), axes={'rank': rank})]),
       plots=(('rank', 'method'),))
   s['c2'] = Sweep(
       'c2', 'Single task: SiRA beats LoRA, AdaMix and MoLoRA at matched rank and at matched '
-      'trainable parameters.', tuple(_comparison(single_task())), routing_points=(
-          f'sira E{SIRA_E} k2',))
+      'trainable parameters.', tuple(_comparison(single_task())), routing_points=(SIRA,))
   s['c3'] = Sweep(
       'c3', 'Multitask (30 tasks, 10 languages, no task ids): SiRA beats LoRA, AdaMix and MoLoRA '
       'at matched rank and at matched trainable parameters.', tuple(_comparison()),
-      routing_points=(f'sira E{SIRA_E} k2',))
+      routing_points=(SIRA,))
+  c4 = list(base)
+  for e in (2, 4, 16):
+    c4 += method_runs('sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}',), axes={'experts': e},
+                      lr_from=SIRA)
   s['c4'] = Sweep(
-      'c4', 'More experts help SiRA (E = 2 to 16, k=2).',
-      tuple(r for e in (2, 4, 8, 16) for r in method_runs(
-          'sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}',), axes={'experts': e})),
+      'c4', 'More experts help SiRA (E = 2 to 16, k=2).', tuple(c4),
       plots=(('experts', 'method'),), routing_points=('sira E16 k2',))
+  c5 = list(base)
+  for cf in (0.5, 1.0, 2.0, 4.0):
+    c5 += _sira(f'sira cf{cf:g}', (f'CAPACITY_FACTOR={cf}',), axes={'capacity_factor': cf})
   s['c5'] = Sweep(
       'c5', 'Capacity matters: a capacity limit (cf) trades dropped tokens against accuracy.',
-      tuple(r for cf in (0.5, 1.0, 1.25, 2.0, 4.0) for r in _sira(
-          f'sira cf{cf:g}', (f'CAPACITY_FACTOR={cf}',), axes={'capacity_factor': cf})),
-      plots=(('capacity_factor', 'method'),), routing_points=('sira cf0.5', 'sira cf1.25'))
-  c6 = _sira(f'sira E{SIRA_E} k2', axes={'dropout': 'sira', 'expert_dropout_rate': 0.1,
-                                         'top_k': 2, 'aux_factor': 0.01})
+      tuple(c5), plots=(('capacity_factor', 'method'),), routing_points=('sira cf0.5', SIRA))
+  c6 = list(base)
   c6 += _sira('sira no expert dropout', ('EXPERT_DROPOUT_RATE=0.0',),
               axes={'dropout': 'none', 'expert_dropout_rate': 0.0})
   c6 += method_runs('smoe_dropout', f'smoe_dropout E{SIRA_E}', (f'NUM_EXPERTS={SIRA_E}',),
@@ -225,7 +303,7 @@ def _sweeps() -> dict[str, Sweep]:
       plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'), ('aux_factor', 'method')))
   s['c7'] = Sweep(
       'c7', 'Experts specialise by task and language without task ids.',
-      tuple(_sira(f'sira E{SIRA_E} k2')), routing_points=(f'sira E{SIRA_E} k2',))
+      tuple(base), routing_points=(SIRA,))
   return s
 
 

@@ -55,7 +55,7 @@ UNITS = ('length-kilometer', 'length-meter', 'length-centimeter',
          'mass-kilogram', 'mass-gram', 'duration-hour', 'duration-minute',
          'duration-day', 'volume-liter', 'temperature-celsius',
          'speed-kilometer-per-hour', 'area-square-meter')
-DATE_STYLES = ('medium', 'long', 'full')
+DATE_STYLES = ('medium', 'long')
 
 
 @dataclasses.dataclass(frozen=True)

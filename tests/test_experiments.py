@@ -17,9 +17,9 @@ def _tiny_sweep():
   run_gin = ('adapters/sira.gin', 'models/t5_tiny.gin', 'runs/finetune.gin')
   binds = (*TINY, "MIXTURE_OR_TASK_NAME='offline_currency_en'", 'TRAIN_STEPS=2',
            "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 24}", 'NUM_EXPERTS=2')
-  runs = tuple(sweeps_lib.Run(point='sira E2', gin_files=run_gin, bindings=binds, seed=s,
-                              learning_rate=1e-2, axes={'experts': 2, 'method': 'sira'})
-               for s in (0, 1))
+  # The tuning protocol: two rates on seed 0, seed 1 at the rate seed 0's validation chose.
+  runs = tuple(sweeps_lib.tuned('sira E2', run_gin, binds, axes={'experts': 2, 'method': 'sira'},
+                                seeds=(0, 1), learning_rates=(1e-2, 3e-2)))
   # The frozen base evaluated as is, on the same data.
   floor = sweeps_lib.Run(point='floor', gin_files=run_gin[1:], bindings=binds[:-1], kind='floor')
   runs = (floor,) + runs
@@ -36,16 +36,27 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   results, work, out = (str(tmp_path / d) for d in ('results', 'work', 'report'))
   first = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
                            log=lambda m: None)
-  assert sorted(first.done) == sorted(r.name for r in sweep.runs)
+  assert len(first.done) == 4 and not first.pending
   # Finished runs are skipped on a second call (resumable sweeps).
   again = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
                            log=lambda m: None)
-  assert again.done == [] and len(again.skipped) == 3
+  assert again.done == [] and len(again.skipped) == 4
   floor = runner.load_result(results, sweep.runs[0])
   assert floor['train'] == {} and floor['params']['trainable'] == 0
   assert 'offline_currency_en' in floor['metrics']['test']['tasks']
-  res = [runner.load_result(results, r) for r in sweep.runs[1:]]
-  for r, run in zip(res, sweep.runs[1:]):
+  tuning = sweep.tuning_runs('sira E2')
+  assert [(r.seed, r.learning_rate) for r in tuning] == [(0, 1e-2), (0, 3e-2)]
+  val = {r.learning_rate: [runner.load_result(results, r)['metrics']['validation']['summary'][
+      'sequence_accuracy']] for r in tuning}
+  chosen = sweeps_lib.choose_learning_rate(val)
+  seed1, = [r for r in sweep.runs if r.seed == 1]
+  assert not seed1.resolved and runner.load_result(results, seed1) is None
+  seed1, res1 = runner.resolved_result(results, seed1, sweep)
+  assert seed1.learning_rate == chosen and res1['run']['learning_rate'] == chosen
+  assert f'LEARNING_RATE = {chosen!r}' in res1['gin_config']
+  seed0 = [r for r in tuning if r.learning_rate == chosen][0]
+  res = [runner.load_result(results, seed0), res1]
+  for r, run in zip(res, (seed0, seed1)):
     assert r['run']['seed'] == run.seed and r['git_revision'] and r['hardware']['cpu_count']
     assert r['params']['trainable'] > 0 and r['params']['total'] > r['params']['trainable']
     assert set(r['metrics']) == {'validation', 'test'}
@@ -58,6 +69,7 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   with open(os.path.join(out, 'smoke.json')) as f:
     agg = json.load(f)
   point = agg['points']['sira E2']
+  assert point['learning_rate'] == chosen and point['seeds'] == [0, 1]
   for metric in ('sequence_accuracy', 'token_accuracy'):
     vals = [r['metrics']['test']['summary'][metric] for r in res]
     assert point['per_seed'][metric] == pytest.approx(vals)
@@ -78,16 +90,37 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   assert usage == res[0]['routing']['usage']
 
 
+def test_choose_learning_rate():
+  assert sweeps_lib.choose_learning_rate({1e-3: [10.0, 20.0], 3e-3: [14.0]}) == 1e-3
+  assert sweeps_lib.choose_learning_rate({3e-3: [5.0], 1e-3: [5.0]}) == 1e-3   # tie: smaller
+  with pytest.raises(ValueError, match='no tuning results'):
+    sweeps_lib.choose_learning_rate({})
+
+
 def test_sweep_definitions():
   assert {'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'} <= set(sweeps_lib.SWEEPS)
   for sweep in sweeps_lib.SWEEPS.values():
-    lrs = {}
-    for r in sweep.runs:
-      if r.kind == 'finetune' and r.axes.get('method') != 'full_ft':
-        lrs.setdefault(r.axes.get('method'), set()).add(r.learning_rate)
-        assert {0, 1, 2} <= {x.seed for x in sweep.runs if x.point == r.point}
-    # The same learning-rate grid for every adapter method (no method tuned more than another).
-    assert all(v == set(sweeps_lib.LR_GRID) for v in lrs.values()), (sweep.name, lrs)
+    for point in sweep.points():
+      runs = [r for r in sweep.runs if r.point == point]
+      if runs[0].kind == 'floor':
+        continue
+      assert {r.seed for r in runs} == set(sweeps_lib.SEEDS), (sweep.name, point)
+      tuning = sweep.tuning_runs(point)
+      grid = (sweeps_lib.FULL_FT_LR_GRID if runs[0].axes['method'] == 'full_ft'
+              else sweeps_lib.LR_GRID)
+      if tuning:
+        # The same budget for every tuned point: the grid on the tuning seeds, nothing else.
+        assert sorted((r.seed, r.learning_rate) for r in tuning) == sorted(
+            (s, lr) for s in sweeps_lib.TUNE_SEEDS for lr in grid), (sweep.name, point)
+        assert all(r.lr_from == point for r in runs if r not in tuning)
+      else:
+        # An ablation inherits the rate of its method's tuned point in the same sweep.
+        src, = {r.lr_from for r in runs}
+        assert sweep.tuning_runs(src) and src.split()[0] == point.split()[0], (sweep.name, point)
+  # Every method of the comparisons is tuned itself (never inherits another method's rate).
+  for name in ('c2', 'c3'):
+    sweep = sweeps_lib.get_sweep(name)
+    assert all(sweep.tuning_runs(p) for p in sweep.points() if not p.startswith('floor'))
   c3 = sweeps_lib.get_sweep('c3')
   assert {r.axes['method'] for r in c3.runs} >= {'lora', 'adamix', 'molora', 'sira', 'floor',
                                                   'full_ft'}
