@@ -218,14 +218,21 @@ def run_gin_command(command, report) -> None:
   report(result)
 
 
+_SEQIO_NOISE = ('Using an uncached FunctionDataset', 'sequence lengths are longer than necessary',
+                "'logger_cls' is empty")
+
+
 def quiet_logs():
   """CLI logging: absl/seqio at WARNING (progress bars and printed summaries carry the rest)."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
   # seqio warns once per task that the bundled (generated, in-memory) tasks are not cached: true
   # and harmless here, and 45 copies of it bury the progress output.
+  # Its Evaluator also warns that fixed lengths are "longer than necessary" (they are fixed on
+  # purpose: one compiled decode shape for every task) and that "'logger_cls' is empty" (the
+  # project writes its own metric files): both on every evaluation, neither actionable.
   logging.getLogger('absl').addFilter(
-      lambda record: 'Using an uncached FunctionDataset' not in record.getMessage())
+      lambda record: not any(m in record.getMessage() for m in _SEQIO_NOISE))
   logging.getLogger('tensorflow').setLevel(logging.ERROR)
 
 

@@ -53,6 +53,23 @@ def test_default_lengths_fit_every_bundled_task(run_file, longest):
         f'({n} tokens with EOS)')
 
 
+def test_benchmark_lengths_fit_every_benchmark_example():
+  """gin/benchmark/finetune.gin's lengths (also used to evaluate) truncate no offline_bench
+  example of any split; and they are tight, so packing wastes little."""
+  lengths = _default_lengths('benchmark/finetune.gin')
+  longest = {'inputs': 0, 'targets': 0}
+  for name in offline_suite.bench_task_names():
+    task = seqio.get_mixture_or_task(name)
+    vocab = task.output_features['targets'].vocabulary
+    family, lang = name.split('_')[1:]
+    for pairs in offline_suite.GENERATION_TASKS[family][0](lang).values():
+      for pair in pairs:
+        for key, text in zip(('inputs', 'targets'), pair):
+          longest[key] = max(longest[key], len(vocab.encode(text)) + 1)
+  assert all(longest[k] <= lengths[k] for k in longest), (longest, lengths)
+  assert longest['targets'] > lengths['targets'] // 2, (longest, lengths)
+
+
 def test_pretrain_lengths_fit_span_corruption():
   lengths = _default_lengths('runs/pretrain.gin')
   task = tasks.get_task_or_mixture('offline_span_corruption_en')
