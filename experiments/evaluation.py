@@ -28,25 +28,6 @@ def subtask_names(mixture: str) -> list[str]:
   return [t.name for t in seqio.get_subtasks(mt)] if isinstance(mt, seqio.Mixture) else [mt.name]
 
 
-def family_and_language(task: str) -> tuple[str, str]:
-  """('date', 'ru') for 'offline_date_ru'; ('transliteration', 'hi') for XTREME-UP's
-  'xtreme_up_transliteration_hi_Deva_Latn'; ('translation', 'sw') for 'xtreme_up_translation_en_sw'.
-  Unknown names: (name, '')."""
-  from tasks import offline_suite, xtreme_up  # pylint: disable=import-outside-toplevel
-  for prefix, families in (('offline_', tuple(offline_suite.GENERATION_TASKS) + (
-      'span_corruption',)), ('xtreme_up_', xtreme_up.FAMILIES)):
-    if not task.startswith(prefix):
-      continue
-    rest = task[len(prefix):]
-    for fam in sorted(families, key=len, reverse=True):
-      if rest.startswith(fam + '_'):
-        parts = rest[len(fam) + 1:].split('_')
-        en_to = fam == 'translation' and parts[0] == 'en' and len(parts) > 1
-        lang = parts[1] if en_to else parts[0]
-        return fam, lang
-  return task, ''
-
-
 def load_base(base_dir: str):
   """(model, variables, config) of a base checkpoint alone: the frozen base without adapters."""
   from sira_jax import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel

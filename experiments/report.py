@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments import evaluation
+import tasks as tasks_lib
 from experiments import runner
 from experiments import sweeps as sweeps_lib
 
@@ -219,7 +219,7 @@ def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
   for kind, idx in (('family', 0), ('language', 1)):
     groups: dict[str, list[str]] = {}
     for t in tasks:
-      groups.setdefault(evaluation.family_and_language(t)[idx], []).append(t)
+      groups.setdefault(tasks_lib.family_and_language(t)[idx], []).append(t)
     if len(groups) < 2:
       continue
     for site in routing['sites']:
@@ -283,7 +283,7 @@ def plot_groups(agg, sweep, metric, idx, path) -> dict | None:
     per: dict[str, list] = {}
     for t, m in e['per_task'].items():
       if metric in m:
-        per.setdefault(evaluation.family_and_language(t)[idx], []).append(m[metric])
+        per.setdefault(tasks_lib.family_and_language(t)[idx], []).append(m[metric])
     for g, v in per.items():
       groups.setdefault(g, {})[p] = float(np.mean(v))
   if not groups:
@@ -314,7 +314,7 @@ def plot_routing(routing, title, path) -> None:
   fams: dict[str, list] = {}
   langs: dict[str, list] = {}
   for t in routing['tasks']:
-    f, l = evaluation.family_and_language(t)
+    f, l = tasks_lib.family_and_language(t)
     fams.setdefault(f, []).append(t)
     langs.setdefault(l, []).append(t)
   cols = min(len(sites), 4)

@@ -73,17 +73,34 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
   return registry.get_task_or_mixture(name)
 
 
+def family_and_language(name: str) -> tuple[str, str]:
+  """(family, language) of a task name, for per-family and per-language summaries and routing
+  analysis: ('date', 'ru') for 'offline_date_ru'; ('transliteration', 'hi') for
+  'xtreme_up_transliteration_hi_Deva_Latn'; ('translation', 'sw') for
+  'xtreme_up_translation_en_sw' (the non-English side). A registered XTREME-UP task's family is the
+  one it was registered under (query tasks: their retrieval family). Other names: (name, '')."""
+  for prefix, families in (('offline_', (*offline_suite.GENERATION_TASKS, 'span_corruption')),
+                           ('xtreme_up_', xtreme_up.FAMILIES)):
+    if not name.startswith(prefix):
+      continue
+    rest = name[len(prefix):]
+    for fam in sorted(families, key=len, reverse=True):
+      if rest.startswith(fam + '_'):
+        parts = rest[len(fam) + 1:].split('_')
+        en_to = fam == 'translation' and parts[0] == 'en' and len(parts) > 1
+        lang = parts[1] if en_to else parts[0]
+        return xtreme_up.family_of(name) or fam, lang
+  return name, ''
+
+
 def family(name: str) -> str:
-  """The family of a task, for per-family summaries: `xtreme_up_<family>`
-  for XTREME-UP, `offline_<task>` for the bundled suite, else the name."""
+  """The family of a task with its suite's prefix, for per-family summaries:
+  `xtreme_up_<family>` for XTREME-UP, `offline_<task>` for the bundled suite, else the name."""
   xtreme_up_family = xtreme_up.family_of(name)
   if xtreme_up_family:
     return f'xtreme_up_{xtreme_up_family}'
-  for task in (*offline_suite.GENERATION_TASKS, 'span_corruption'):
-    prefix = offline_suite.task_name(task, '')
-    if name.startswith(prefix) or name == prefix[:-1]:
-      return prefix[:-1]
-  return name
+  fam, lang = family_and_language(name)
+  return f'offline_{fam}' if lang and name.startswith('offline_') else name
 
 
 def registration() -> dict[str, Any]:

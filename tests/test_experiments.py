@@ -129,7 +129,7 @@ def test_sweep_definitions():
 
 
 def test_family_and_language():
-  from experiments.evaluation import family_and_language
+  from tasks import family_and_language
   assert family_and_language('offline_date_ru') == ('date', 'ru')
   assert family_and_language('xtreme_up_semantic_parsing_hi') == ('semantic_parsing', 'hi')
   assert family_and_language('xtreme_up_translation_en_sw') == ('translation', 'sw')
