@@ -7,7 +7,7 @@ The short version of the sweeps in experiments/ (README, "Sweeps and the report"
 `main_sweep.methods` (macros in gin/main.gin: SEEDS, FINETUNE_STEPS, LEARNING_RATE, EVAL_EXAMPLES,
 WORK_DIR) are fine-tuned on the benchmark mixture `offline_bench` from the benchmark's frozen base
 (the shipped copy in experiments/base/, else pretrained once and cached in WORK_DIR), one run per
-seed, and evaluated on the same test examples, together with the frozen base alone (the floor).
+seed, and evaluated on the same test examples (with `main_sweep.floor`, also the frozen base alone).
 The table gives the mean and standard deviation over seeds; REPORT.md, plots/ and each run's
 result.json are written under WORK_DIR. Re-running skips finished runs and resumes unfinished
 ones; changed settings make new runs beside the old ones. Wall time: README, "The main job".
