@@ -476,9 +476,11 @@ def main(argv=None):
       continue
     if args.print_commands:
       key, _ = base_config_hash(sweep)
-      base = shipped_base(key) or os.path.join(os.path.abspath(args.work_dir), f'base_{key}', 'base')
+      shipped = shipped_base(key)
+      base = shipped or os.path.join(os.path.abspath(args.work_dir), f'base_{key}', 'base')
       if args.print_commands == 'trainer':
-        print(f'# frozen base: {base} (the runner pretrains it on its first run of this sweep)')
+        print(f'# frozen base: {base}' + (' (shipped)' if shipped else
+                                         ' (the runner pretrains it on its first run of this sweep)'))
       for r in sweep.runs:
         r, res = resolved_result(args.results_dir, r, sweep)
         if res is not None:
