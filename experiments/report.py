@@ -397,6 +397,15 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
   if comps:
     md.append('Comparisons (test, at each point\'s chosen learning rate):')
     md += [f'- {format_comparison(c, sweep.metric)}' for c in comps]
+    # The same pairs on the secondary metrics (the verdict reads only sweep.metric): exact match
+    # is a steep function of per-token quality, so these show effects it may hide in seed noise.
+    secondary = [m for m in ('token_accuracy', 'chrf') if m != sweep.metric]
+    agg['secondary_comparisons'] = {
+        m: [compare(agg, a, b, m) for a, b in claim_comparisons(sweep, agg)
+            if all(m in agg['points'][p]['per_seed'] for p in (a, b) if p in agg['points'])]
+        for m in secondary}
+    for m, cs in agg['secondary_comparisons'].items():
+      md += [f'- ({LABELS[m]}) {format_comparison(c, m)}' for c in cs]
     md.append('')
   agg['plots'] = {}
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
