@@ -32,7 +32,7 @@ FINETUNE_GIN = ('benchmark/finetune.gin',)
 FULL_FINETUNE_GIN = ('benchmark/full_finetune.gin',)
 SEEDS = (0, 1, 2)
 TUNE_SEEDS = (0,)
-LR_GRID = (3e-3, 1e-2, 3e-2)
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 # Examples per task decoded and scored in each of validation and test (30 tasks: 1,500 per split and
 # run; the standard error of one run's sequence accuracy near 10% is about 0.8 points).
 EVAL_EXAMPLES = 50
