@@ -45,21 +45,30 @@ def main_sweep(
     eval_num_examples: int | None = gin.REQUIRED,
     floor: bool = gin.REQUIRED,
     routing_points: Sequence[str] = gin.REQUIRED,
+    method_learning_rates: Mapping[str, float] | None = None,
     extra_bindings: Sequence[str] = (),
 ):
   """The main job as a sweep (experiments.sweeps.Sweep).
 
   methods: point name -> (adapter gin file, gin bindings...), e.g.
-    {'lora r4': ('adapters/lora.gin', 'ADAPTER_RANK=4')}; every method gets the same learning
-    rate, steps, data and seeds. floor: also evaluate the frozen base alone. extra_bindings: gin
-    bindings appended to every run and to the base's pretraining, e.g. tiny sizes in tests.
+    {'lora r4': ('adapters/lora.gin', 'ADAPTER_RANK=4')}; every method gets the same steps,
+    data and seeds, and `learning_rate` unless `method_learning_rates` names a rate for it (e.g.
+    the rate a sweep's tuning chose for that method). floor: also evaluate the frozen base alone.
+    extra_bindings: gin bindings appended to every run and to the base's pretraining, e.g. tiny
+    sizes in tests.
   """
+  rates = dict(method_learning_rates or {})
+  unknown = sorted(set(rates) - set(methods))
+  if unknown:
+    raise ValueError(f'main_sweep.method_learning_rates names {unknown}, which are not methods; '
+                     f'methods: {sorted(methods)}')
   from experiments import sweeps  # pylint: disable=import-outside-toplevel
   runs = sweeps.floor_run() if floor else []
   for point, (gin_file, *bindings) in methods.items():
     method = os.path.splitext(os.path.basename(gin_file))[0]
     runs += sweeps.grid(point, (gin_file, *finetune_gin), (*bindings, f'TRAIN_STEPS={train_steps}'),
-                        axes={'method': method}, seeds=seeds, learning_rates=(learning_rate,))
+                        axes={'method': method}, seeds=seeds,
+                        learning_rates=(rates.get(point, learning_rate),))
   sweep = sweeps.Sweep(
       'main', 'The main job: LoRA, a parameter-matched LoRA and SiRA on the benchmark.',
       tuple(runs),

@@ -130,9 +130,14 @@ def test_main_gin_builds_its_sweep():
   seeds = gin.query_parameter('SEEDS/macro.value')
   assert len(seeds) >= 2 and all(len([r for r in sweep.runs if r.point == p]) == len(seeds)
                                  for p in points)
-  assert {r.learning_rate for r in sweep.runs if r.kind == 'finetune'} == {
-      gin.query_parameter('LEARNING_RATE/macro.value')}
+  default = gin.query_parameter('LEARNING_RATE/macro.value')
+  rates = gin.query_parameter('main_sweep.method_learning_rates') or {}
+  assert all(r.learning_rate == rates.get(r.point, default) for r in sweep.runs)
   assert sweep.routing_points[0] in points
+  with gin.unlock_config():
+    gin.bind_parameter('main_sweep.method_learning_rates', {'lora r5': 1e-3})
+  with pytest.raises(ValueError, match=r"names \['lora r5'\], which are not methods"):
+    main_lib.main_sweep()
 
 
 @pytest.mark.parametrize('files,pretrain,mixture', [
