@@ -45,6 +45,15 @@ def _mean_std(vals: Sequence[float]) -> tuple[float, float, int]:
   return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
 
 
+def _params(res: Mapping) -> dict:
+  """The result's parameter counts; full fine-tuning (every parameter trained) has no frozen
+  part (result files written before the runner recorded that say trainable 0)."""
+  p = dict(res['params'])
+  if runner.full_finetuning(res.get('gin_config', '')):
+    p.update(trainable=p['total'], frozen=0)
+  return p
+
+
 def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
   """Per point: the chosen learning rate, per-seed and mean/std metrics, params, times.
 
@@ -79,7 +88,7 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
         kind=items[0][0].kind, runs=[r.key for r, _ in items],
         expected_runs=len(runs_here), finished_runs=sum(len(v) for v in lrs.values()),
         validation_by_lr={str(k): float(np.mean(v)) for k, v in scores.items()},
-        params=items[0][1]['params'],
+        params=_params(items[0][1]),
         train_time_s=float(np.mean([res['wall_time_s']['train'] for _, res in items])),
         per_seed={m: [s['summary'].get(m) for s in rep] for m in METRICS
                   if any(m in s['summary'] for s in rep)})

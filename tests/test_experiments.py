@@ -134,3 +134,15 @@ def test_family_and_language():
   assert family_and_language('xtreme_up_semantic_parsing_hi') == ('semantic_parsing', 'hi')
   assert family_and_language('xtreme_up_translation_en_sw') == ('translation', 'sw')
   assert family_and_language('xtreme_up_transliteration_hi_Deva_Latn') == ('transliteration', 'hi')
+
+
+def test_full_finetuning_counts_every_parameter_as_trained(tmp_path):
+  counts = dict(total=100, trainable=0, frozen=100, adapter_total=0)
+  for pretrain, trainable in ((True, 100), (False, 0)):
+    (tmp_path / 'run_config.json').write_text(json.dumps({'pretrain': pretrain}))
+    got = runner.trained_counts(counts, {'steps': 2}, str(tmp_path))
+    assert got['trainable'] == trainable and got['total'] == 100
+  # The floor (no training) keeps its counts; the report reads old result files the same way.
+  assert runner.trained_counts(counts, {}, str(tmp_path)) == counts
+  res = {'params': counts, 'gin_config': 'train.pretrain = True\n'}
+  assert report_lib._params(res)['trainable'] == 100  # pylint: disable=protected-access
