@@ -3,9 +3,10 @@ r"""Turn sweeps' result files into a markdown report with tables, plots and a ve
   python -m experiments.report                # every sweep -> experiments/results/REPORT.md
   python -m experiments.report --sweep=c1 --sweep=c3 --out_dir=/tmp/report
 
-For each sweep: per point (a compared configuration) the learning rate with the best mean
-validation metric is chosen, and the test metrics at that rate are reported as mean +- standard
-deviation over seeds (n shown). Plots (PNG, in <out_dir>/plots/): the metric against each numeric
+For each sweep: per point (a compared configuration) the learning rate is the one its tuning runs
+chose (best mean validation metric over the tuning seeds, `sweeps.choose_learning_rate`, as the
+runner chose it), and the test metrics at that rate are reported as mean +- standard deviation over
+seeds (n shown); the claim's comparisons are repeated on token accuracy and chrF. Plots (PNG, in <out_dir>/plots/): the metric against each numeric
 axis of the sweep (rank, experts, capacity factor, k, ...), per-family and per-language bars, and
 the routing analysis of the sweep's routing points (expert load per family and per language for
 each adapted site, gate entropy and dropped fraction per site). Every number comes from the

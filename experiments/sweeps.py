@@ -2,7 +2,7 @@
 
 A `Run` is one fine-tuning (or one evaluation of the frozen base: the floor) on the bundled
 benchmark; a `Sweep` groups runs that answer one of the paper's claims (c1-c7, see README), plus the
-base they all start from and how they are evaluated. `experiments/run.py` executes a sweep,
+base they all start from and how they are evaluated. `experiments/runner.py` executes a sweep,
 `experiments/report.py` turns its result files into a markdown report with plots.
 
 Runs are identified by their content (`Run.key`: gin files, bindings, seed, learning rate), so the
@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 # The benchmark (gin/benchmark/*.gin): frozen base pretrained by `BASE`, fine-tuned on
-# `offline_bench` (tasks/offline_suite.py), evaluated on every validation and test example.
+# `offline_bench` (tasks/offline_suite.py), evaluated on the first EVAL_EXAMPLES validation and test
+# examples of each task.
 BASE_GIN = ('benchmark/pretrain.gin',)
 FINETUNE_GIN = ('benchmark/finetune.gin',)
 FULL_FINETUNE_GIN = ('benchmark/full_finetune.gin',)
