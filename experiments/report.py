@@ -47,12 +47,9 @@ def _mean_std(vals: Sequence[float]) -> tuple[float, float, int]:
 
 
 def _params(res: Mapping) -> dict:
-  """The result's parameter counts; full fine-tuning (every parameter trained) has no frozen
-  part (result files written before the runner recorded that say trainable 0)."""
-  p = dict(res['params'])
-  if runner.full_finetuning(res.get('gin_config', '')):
-    p.update(trainable=p['total'], frozen=0)
-  return p
+  """The result's parameter counts as trained (`runner.trained_counts`: result files written before
+  the runner applied it say trainable 0 for full fine-tuning)."""
+  return runner.trained_counts(dict(res['params']), res.get('gin_config', ''))
 
 
 def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:

@@ -264,15 +264,11 @@ def full_finetuning(gin_config: str) -> bool:
   return 'train.pretrain = True' in gin_config
 
 
-def trained_counts(counts: dict, train_info: Mapping, model_dir: str) -> dict:
+def trained_counts(counts: dict, gin_config: str) -> dict:
   """Parameter counts as trained: a run that trains every parameter (full fine-tuning) has no
   frozen part, whatever its adapter config says."""
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  path = os.path.join(model_dir, train_lib.RUN_CONFIG)
-  if train_info and os.path.exists(path):
-    with open(path) as f:
-      if json.load(f).get('pretrain'):
-        return dict(counts, trainable=counts['total'], frozen=0)
+  if full_finetuning(gin_config):
+    return dict(counts, trainable=counts['total'], frozen=0)
   return counts
 
 
@@ -342,7 +338,7 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
     routing = evaluation.routing_analysis(
         model, variables, mixture, lengths, split=sweep.select_split,
         num_examples=sweep.eval_num_examples, batch_size=sweep.eval_batch_size)
-  counts = trained_counts(param_count.count_parameters(cfg).as_dict(), train_info, model_dir)
+  counts = trained_counts(param_count.count_parameters(cfg).as_dict(), config_str)
   result = dict(
       run=run.as_dict(), sweep=sweep.name, mixture=mixture, task_feature_lengths=lengths,
       gin_config=config_str, base=dict(dir=os.path.relpath(base_dir, REPO) if base_dir.startswith(

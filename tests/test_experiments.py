@@ -136,13 +136,13 @@ def test_family_and_language():
   assert family_and_language('xtreme_up_transliteration_hi_Deva_Latn') == ('transliteration', 'hi')
 
 
-def test_full_finetuning_counts_every_parameter_as_trained(tmp_path):
+def test_full_finetuning_counts_every_parameter_as_trained():
   counts = dict(total=100, trainable=0, frozen=100, adapter_total=0)
-  for pretrain, trainable in ((True, 100), (False, 0)):
-    (tmp_path / 'run_config.json').write_text(json.dumps({'pretrain': pretrain}))
-    got = runner.trained_counts(counts, {'steps': 2}, str(tmp_path))
+  for pretrain, trainable in (('True', 100), ('False', 0)):
+    got = runner.trained_counts(counts, f'train.pretrain = {pretrain}\n')
     assert got['trainable'] == trainable and got['total'] == 100
-  # The floor (no training) keeps its counts; the report reads old result files the same way.
-  assert runner.trained_counts(counts, {}, str(tmp_path)) == counts
+  # The floor (no training; its gin config is the fine-tuning one) keeps its counts; the report
+  # reads old result files the same way.
+  assert runner.trained_counts(counts, '') == counts
   res = {'params': counts, 'gin_config': 'train.pretrain = True\n'}
   assert report_lib._params(res)['trainable'] == 100  # pylint: disable=protected-access
