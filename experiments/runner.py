@@ -385,12 +385,13 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   runs = list(sweep.runs)
   if only:
     # A tuned run answers to its sweep name ('...-lrtuned-s1') and, once resolved, to its rate's.
-    names = {r: {r.name, resolved_result(results_dir, r, sweep)[0].name} for r in runs}
-    unknown = sorted(set(only) - set().union(*names.values()))
+    # (A Run holds dicts, so it is not hashable: names go by position.)
+    names = [{r.name, resolved_result(results_dir, r, sweep)[0].name} for r in runs]
+    unknown = sorted(set(only) - set().union(*names))
     if unknown:
       raise ValueError(f'sweep {sweep.name!r} has no run named {unknown}; '
                        f'`--list_runs` shows its {len(runs)} runs')
-    runs = [r for r in runs if names[r] & set(only)]
+    runs = [r for r, n in zip(runs, names) if n & set(only)]
   todo = [r for r in runs if resolved_result(results_dir, r, sweep)[1] is None]
   if limit is not None:
     todo = todo[:limit]

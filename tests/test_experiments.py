@@ -41,6 +41,13 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   again = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
                            log=lambda m: None)
   assert again.done == [] and len(again.skipped) == 4
+  # `--run` picks runs by name, a tuned run by its sweep name ('...-lrtuned-s1') too.
+  picked = runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
+                            log=lambda m: None, only=[sweep.runs[0].name, sweep.runs[-1].name])
+  assert picked.done == [] and picked.skipped == [sweep.runs[0].name, sweep.runs[-1].name]
+  with pytest.raises(ValueError, match='no run named'):
+    runner.run_sweep(sweep, results_dir=results, work_dir=work, progress_bar=False,
+                     log=lambda m: None, only=['no such run'])
   floor = runner.load_result(results, sweep.runs[0])
   assert floor['train'] == {} and floor['params']['trainable'] == 0
   assert 'offline_currency_en' in floor['metrics']['test']['tasks']
