@@ -658,7 +658,9 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   by default; a damaged one is reported and skipped, an explicit `step` must be intact).
 
   The model config comes from the run's run_config.json unless given; the frozen base is re-read
-  from the base path in the checkpoint's metadata unless the checkpoint holds it.
+  from the base path in the checkpoint's metadata unless the checkpoint holds it. Frozen params
+  that neither holds (SMoE-Dropout's fixed router; a random base) are re-created from the run's
+  own seed, as training created them.
   """
   model_dir = os.path.abspath(model_dir)
   run_cfg_path = os.path.join(model_dir, RUN_CONFIG)
@@ -677,7 +679,7 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
     for i, s in enumerate(steps):
       try:
         meta = mngr.read_meta(s)
-        variables = init_variables(model, model_config)
+        variables = init_variables(model, model_config, int(fingerprint.get('seed', 0)))
         if not meta.get('includes_base') and meta.get('base_path'):
           variables = load_base_into(variables, model_config, meta['base_path'])
         mask = None if meta.get('pretrain') else trainable_mask(variables['params'])

@@ -88,6 +88,23 @@ def test_adapter_only_checkpoint_holds_no_base(tmp_path):
   assert meta['includes_base'] is True
 
 
+def test_restore_recreates_frozen_non_base_params_from_the_runs_seed(tmp_path):
+  # SMoE-Dropout's fixed random router is frozen and not part of any base, so an adapter-only
+  # checkpoint does not hold it (nor a random base's weights, here: no initial checkpoint):
+  # restoring must re-create them from the run's seed, not from seed 0.
+  cfg = fx.tiny_config('smoe_dropout', num_experts=4, top_k=1)
+  res = _train(tmp_path / 's', train_steps=2, seed=3, model_config=cfg)
+  _, variables, _, _ = train_lib.load_trained(str(tmp_path / 's'))
+  trained = train_lib.optim.merge_params(res.state.params, res.state.frozen)
+  flat_a = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(trained))[0])
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(variables['params'])[0])
+  assert flat_a.keys() == flat_b.keys()
+  assert any('smoe_router_kernel' in jax.tree_util.keystr(p) for p in flat_a)
+  for p, x in flat_a.items():
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_b[p]),
+                                  err_msg=jax.tree_util.keystr(p))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   # SGD with an absurd learning rate: step 1 is finite, its update blows the params up.
   with pytest.raises(trainer_lib.NonFiniteLossError, match='non-finite loss at step'):
