@@ -15,7 +15,8 @@ tables and plots show.
 
 Comparisons use Welch's t interval (95%) of the difference of per-seed test metrics; each sweep's
 verdict (`claim_verdict`) is reproduced / not reproduced / inconclusive, marked partial while runs
-are unfinished.
+are unfinished. c6 also lists each ablation against the default SiRA point (`ablation_comparisons`),
+outside the verdict.
 """
 from __future__ import annotations
 
@@ -170,6 +171,19 @@ def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, 
   if sweep.name == 'c6':
     return [('sira E8 k2', 'sira no expert dropout'), ('sira E8 k2', 'smoe_dropout E8')]
   return []
+
+
+def ablation_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, str]]:
+  """(ablation, default) pairs shown beside the claim's comparisons but not read by the verdict:
+  in c6 every SiRA point other than the default (rate, placement, k, aux factor, gates) against
+  the default SiRA point."""
+  if sweep.name != 'c6':
+    return []
+  claimed = {pair for pair in claim_comparisons(sweep, agg)}
+  default = 'sira E8 k2'
+  return [(p, default) for p in sweep.points()
+          if p in agg['points'] and p.startswith('sira') and p != default
+          and (default, p) not in claimed]
 
 
 SPECIALISED_NMI = 0.10   # max over sites of NMI(expert; family or language) that counts as specialised
@@ -413,6 +427,13 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
         for m in secondary}
     for m, cs in agg['secondary_comparisons'].items():
       md += [f'- ({LABELS[m]}) {format_comparison(c, m)}' for c in cs]
+    md.append('')
+  ablations = [compare(agg, a, b, sweep.metric) for a, b in ablation_comparisons(sweep, agg)]
+  if ablations:
+    agg['ablation_comparisons'] = ablations
+    md.append('Ablations against the default (test, at the default\'s learning rate; not read by '
+              'the verdict):')
+    md += [f'- {format_comparison(c, sweep.metric)}' for c in ablations]
     md.append('')
   agg['plots'] = {}
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731

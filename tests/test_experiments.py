@@ -135,6 +135,26 @@ def test_sweep_definitions():
     sweeps_lib.get_sweep('c9')
 
 
+def test_c6_lists_every_ablation_against_the_default_outside_the_verdict():
+  sweep = sweeps_lib.get_sweep('c6')
+  seeds = {'sira E8 k2': [10.0, 11.0, 12.0], 'sira no expert dropout': [10.0, 11.0, 12.0],
+           'smoe_dropout E8': [10.0, 11.0, 12.0], 'sira E8 k4': [20.0, 21.0, 22.0],
+           'sira aux 0': [1.0, 2.0]}
+  agg = {'points': {p: {'per_seed': {'sequence_accuracy': v}} for p, v in seeds.items()}}
+  pairs = report_lib.ablation_comparisons(sweep, agg)
+  # Measured ablations only, never the claim's own pairs, never another method.
+  assert pairs == [('sira E8 k4', 'sira E8 k2'), ('sira aux 0', 'sira E8 k2')]
+  k4, aux0 = (report_lib.compare(agg, a, b, 'sequence_accuracy') for a, b in pairs)
+  assert k4['outcome'] == 'a higher' and k4['diff'] == pytest.approx(10.0)
+  assert aux0['outcome'] == 'b higher'
+  # The verdict reads the claim's pairs alone: equal there, so inconclusive.
+  comps = [report_lib.compare(agg, a, b, 'sequence_accuracy')
+           for a, b in report_lib.claim_comparisons(sweep, agg)]
+  assert report_lib.claim_verdict(sweep, dict(agg, missing=[], finished=1, total=1),
+                                  comps).startswith('inconclusive')
+  assert report_lib.ablation_comparisons(sweeps_lib.get_sweep('c3'), agg) == []
+
+
 def test_family_and_language():
   from tasks import family_and_language
   assert family_and_language('offline_date_ru') == ('date', 'ru')
