@@ -247,7 +247,10 @@ def _comparison(extra: Sequence[str] = ()) -> list[Run]:
   runs += method_runs('lora', f'lora r{RANK * SIRA_E} (params of E={SIRA_E})',
                       (*extra, f'ADAPTER_RANK={RANK * SIRA_E}'), axes={'rank': RANK * SIRA_E})
   runs += method_runs('molora', f'molora E{SIRA_E}', (*extra, e))
-  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e))
+  # IDENTICAL_EXPERT_INIT is adamix.gin's default; binding it here keys these runs apart from the
+  # first AdaMix runs (independent draws per expert, whose averaged adapter scored ~0; their result
+  # files stay in results/runs/, outside the sweep).
+  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e, 'IDENTICAL_EXPERT_INIT=True'))
   runs += ceiling_runs(bindings=extra)
   return runs
 

@@ -95,6 +95,12 @@ class AdapterConfig:
     smoe_eval_num_experts: active experts at evaluation (smoe_dropout);
       None = E.
     router_init_stddev: stddev of the normal init of the trained router.
+    identical_expert_init: every expert's A starts from one draw (B starts
+      at zero for all kinds). AdaMix's published code deep-copies one LoRA into
+      its experts, and its inference (the mean of the A's times the mean of the
+      B's) is only close to the trained experts when they start equal and stay
+      near each other; adapters/adamix.gin turns it on. False: one independent
+      draw per expert.
   """
   kind: str = 'none'
   rank: int = 4
@@ -115,6 +121,7 @@ class AdapterConfig:
   expert_compute: str = 'auto'
   smoe_eval_num_experts: Optional[int] = None
   router_init_stddev: float = 0.02
+  identical_expert_init: bool = False
 
   def __post_init__(self):
     def fail(field, problem, fix):
@@ -178,6 +185,13 @@ def _lora_a_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _identical_over_experts(init: Initializer) -> Initializer:
+  """`init` drawn once for [r, d] and copied to every expert: [E, r, d]."""
+  def copied(key, shape, dtype=jnp.float32):
+    return jnp.broadcast_to(init(key, shape[1:], dtype), shape)
+  return copied
+
+
 class AdaptedDense(nn.Module):
   """y = x @ kernel + adapter delta.  x: [..., d_in] -> [..., features].
 
@@ -225,8 +239,10 @@ class AdaptedDense(nn.Module):
 
     expert_axes = () if cfg.kind == 'lora' else ('expert',)
     weight_shape = () if cfg.kind == 'lora' else (cfg.num_experts,)
+    a_init = (_identical_over_experts(_lora_a_init)
+              if cfg.identical_expert_init and cfg.kind != 'lora' else _lora_a_init)
     a = self.param('lora_a', nn.with_logical_partitioning(
-        _lora_a_init, expert_axes + ('rank', in_axis)),
+        a_init, expert_axes + ('rank', in_axis)),
                    weight_shape + (cfg.rank, d_in), self.param_dtype)
     b = self.param('lora_b', nn.with_logical_partitioning(
         nn.initializers.zeros, expert_axes + ('rank', out_axis)),

@@ -507,6 +507,26 @@ def test_adamix_training_picks_one_a_and_one_b():
   assert len(seen) > 2
 
 
+@pytest.mark.parametrize('identical', [True, False])
+def test_adamix_identical_expert_init_copies_one_lora(identical):
+  """With identical init every expert's A is the same draw, so the averaged inference adapter
+  equals each expert at the start; without it the draws differ and the mean shrinks."""
+  cfg = AdapterConfig(kind='adamix', rank=RANK, num_experts=4,
+                      identical_expert_init=identical)
+  x = random_x((2, 4, D_IN))
+  params = nn.unbox(AdaptedDense(D_OUT, adapter=cfg).init(jax.random.PRNGKey(0), x)['params'])
+  a = np.asarray(params['lora_a'])
+  assert a.shape == (4, RANK, D_IN) and np.abs(a).max() > 0
+  np.testing.assert_array_equal(np.asarray(params['lora_b']), 0)
+  spread = np.abs(a - a[:1]).max()
+  if identical:
+    assert spread == 0
+    np.testing.assert_array_equal(a.mean(0), a[0])
+  else:
+    assert spread > 0
+    assert np.linalg.norm(a.mean(0)) < 0.75 * np.linalg.norm(a[0])
+
+
 def test_smoe_dropout_schedule_grows_active_experts():
   cfg = AdapterConfig(kind='smoe_dropout', rank=RANK, num_experts=4, top_k=1)
   layer = AdaptedDense(D_OUT, adapter=cfg)

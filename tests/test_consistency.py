@@ -5,6 +5,7 @@ import numpy as np
 from flax import traverse_util
 
 from sira_jax import losses
+from sira_jax.adapters import AdapterConfig
 from sira_jax import train as train_lib
 from sira_jax import trainer as trainer_lib
 from tests.trainer_fixtures import tiny_config
@@ -106,6 +107,10 @@ def test_adamix_gin_turns_consistency_on():
   try:
     gin_utils.parse_gin(['adapters/adamix.gin'], [], ('.', gin_utils.PROJECT_GIN_DIR))
     assert losses.LossConfig().consistency_factor == 1.0
+    assert AdapterConfig(kind='adamix').identical_expert_init is False  # unscoped default
+    with gin.config_scope('adapter'):
+      assert AdapterConfig().kind == 'adamix'
+      assert AdapterConfig().identical_expert_init is True  # as AdaMix's published code
   finally:
     gin.clear_config()
   assert losses.LossConfig().consistency_factor == 0.0
