@@ -462,13 +462,16 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
            f'![routing]({rel(path)})', '',
            '| site | gate entropy (nats) | dropped (train mode) | NMI(expert; family) | '
            'NMI(expert; language) |', '|---|---|---|---|---|']
+    nmi = lambda kind, site: (f'{spec[kind][site]:.3f}' if site in spec[kind]  # noqa: E731
+                              else 'n/a')
     for s in r['sites']:
       md.append(f'| {s} | {r["gate_entropy"].get(s, float("nan")):.3f} | '
                 f'{r["dropped_fraction_train"].get(s, float("nan")):.3f} | '
-                f'{spec["family"].get(s, float("nan")):.3f} | '
-                f'{spec["language"].get(s, float("nan")):.3f} |')
+                f'{nmi("family", s)} | {nmi("language", s)} |')
     md.append(f'(log E = {math.log(max(r["num_experts"], 1)):.3f} nats is the entropy of a '
-              'uniform router.)')
+              'uniform router.' + ('' if spec['family'] and spec['language'] else
+                                   ' n/a: the routed tasks have a single family or language, '
+                                   'so NMI with it is undefined.') + ')')
   agg['verdict'] = claim_verdict(sweep, agg, comps)
   md.insert(3, f'**Verdict at this scale: {agg["verdict"]}.**')
   if agg['missing']:
