@@ -248,8 +248,8 @@ def _comparison(extra: Sequence[str] = ()) -> list[Run]:
                       (*extra, f'ADAPTER_RANK={RANK * SIRA_E}'), axes={'rank': RANK * SIRA_E})
   runs += method_runs('molora', f'molora E{SIRA_E}', (*extra, e))
   # IDENTICAL_EXPERT_INIT is adamix.gin's default; binding it here keys these runs apart from the
-  # first AdaMix runs (independent draws per expert, whose averaged adapter scored ~0; their result
-  # files stay in results/runs/, outside the sweep).
+  # first AdaMix runs (independent draws per expert; their result files stay in results/runs/,
+  # outside the sweep, and the README compares the two).
   runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e, 'IDENTICAL_EXPERT_INIT=True'))
   runs += ceiling_runs(bindings=extra)
   return runs

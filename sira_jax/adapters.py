@@ -96,11 +96,11 @@ class AdapterConfig:
       None = E.
     router_init_stddev: stddev of the normal init of the trained router.
     identical_expert_init: every expert's A starts from one draw (B starts
-      at zero for all kinds). AdaMix's published code deep-copies one LoRA into
-      its experts, and its inference (the mean of the A's times the mean of the
-      B's) is only close to the trained experts when they start equal and stay
-      near each other; adapters/adamix.gin turns it on. False: one independent
-      draw per expert.
+      at zero for all kinds), as in AdaMix's published code, which deep-copies
+      one LoRA into its experts; only then does AdaMix's inference adapter (the
+      mean of the A's times the mean of the B's) equal every expert at the
+      start. adapters/adamix.gin turns it on. False: one independent draw per
+      expert.
   """
   kind: str = 'none'
   rank: int = 4
