@@ -38,16 +38,49 @@ def load_base(base_dir: str):
   return model, variables, cfg
 
 
-def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=False, seed=0):
+def fitted_batch_size(batch_size: int, num_examples: int | None) -> int:
+  """The eval batch size: `batch_size`, or fewer rows when a task gives at most `num_examples`
+  examples (rounded up to a multiple of 8), so 50 examples are not padded to 128 rows.
+
+  Eval routing is no-drop and per example (README), so the batch size changes no prediction.
+  """
+  if num_examples is None:
+    return batch_size
+  return max(1, min(batch_size, -(-num_examples // 8) * 8))
+
+
+_BATCHES: dict[tuple, list] = {}
+_MAX_CACHED_BATCH_LISTS = 256
+
+
+def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=False, seed=0,
+                   max_batches=None):
+  """[(model-feature batch, number of real rows)] of a task's first `num_examples` examples (at
+  most `max_batches` batches).
+
+  Built once per process and key (preprocessing and seqio's feature converter cost about 0.7 s a
+  task here, more than scoring a short model) and reused by every run a sweep evaluates. The key
+  holds the registered task object, so re-registering a task under the same name rebuilds.
+  """
   from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  ds = task.get_dataset(dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=1,
-                        use_cached=False)
-  if num_examples:
-    ds = ds.take(num_examples)
-  ds = data_lib.feature_converter(False)(ds, dict(lengths))
-  for b in data_lib.eval_batches(ds, batch_size):
-    n = b.pop('num_real')
-    yield b, n
+  key = (task.name, id(task), tuple(sorted(dict(lengths).items())), split, num_examples,
+         batch_size, shuffle, seed, max_batches)
+  if key not in _BATCHES:
+    ds = task.get_dataset(dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=1,
+                          use_cached=False)
+    if num_examples:
+      ds = ds.take(num_examples)
+    ds = data_lib.feature_converter(False)(ds, dict(lengths))
+    batches = []
+    for b in data_lib.eval_batches(ds, batch_size):
+      if max_batches is not None and len(batches) >= max_batches:
+        break
+      n = b.pop('num_real')
+      batches.append((b, n))
+    while len(_BATCHES) >= _MAX_CACHED_BATCH_LISTS:
+      _BATCHES.pop(next(iter(_BATCHES)))
+    _BATCHES[key] = (task, batches)  # The task is kept alive, so its id stays unique.
+  return list(_BATCHES[key][1])
 
 
 def teacher_forced(model, variables, mixture: str, lengths: Mapping[str, int], split: str, *,
@@ -73,6 +106,7 @@ def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], s
   """{'tasks': {task: {metric: value}}, 'summary': {metric: unweighted mean over tasks}}."""
   from sira_jax import eval as eval_lib  # pylint: disable=import-outside-toplevel
   from sira_jax import infer as infer_lib  # pylint: disable=import-outside-toplevel
+  batch_size = fitted_batch_size(batch_size, num_examples)
   predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])
   decoded = eval_lib.evaluate(
       model_dir=output_dir, mixture_or_task_name=mixture, split=split,
@@ -126,6 +160,7 @@ def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int],
                           mutable=['intermediates'], rngs={'dropout': key})
     return mods['intermediates']
 
+  batch_size = fitted_batch_size(batch_size, num_examples)
   key = jax.random.PRNGKey(seed)
   usage: dict[str, dict[str, np.ndarray]] = {}
   entropy: dict[str, list] = {}
@@ -145,8 +180,9 @@ def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int],
     usage[name] = {s: (u / max(float(np.sum(u)), 1e-12)).tolist() for s, u in acc.items()}
   dropped: dict[str, list] = {}
   mt = seqio.get_mixture_or_task(mixture)
-  batches = _model_batches(mt, lengths, split, None, train_batch_size, shuffle=True, seed=seed)
-  for i, (b, _) in zip(range(train_batches), batches):
+  batches = _model_batches(mt, lengths, split, None, train_batch_size, shuffle=True, seed=seed,
+                           max_batches=train_batches)
+  for i, (b, _) in enumerate(batches):
     for (site, stat), v in _flat_stats(forward_train(variables, b, jax.random.fold_in(key, i))
                                        ).items():
       if stat == 'dropped_fraction':

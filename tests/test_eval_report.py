@@ -19,15 +19,19 @@ LENGTHS = {'inputs': 16, 'targets': 4}  # targets of up to 5 chars + EOS: some a
 TASK = 'fixture_reverse_trimmed'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _task():
-  """The fixture task, trimmed to the lengths as the project's tasks are (counting the cuts)."""
+def _register():
   vocab = seqio.ByteVocabulary()
   registry.add_task(
       TASK, source=seqio.FunctionDataSource(fx._source, splits=['train', 'validation', 'test']),  # pylint: disable=protected-access
       preprocessors=[seqio.preprocessors.tokenize, truncation.append_eos_after_trim],
       output_features={'inputs': seqio.Feature(vocab), 'targets': seqio.Feature(vocab)},
       metric_fns=[fx.exact_match])
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _task():
+  """The fixture task, trimmed to the lengths as the project's tasks are (counting the cuts)."""
+  _register()
   yield
   registry.remove([TASK])
 
@@ -87,3 +91,33 @@ def test_summary_means_over_tasks_and_families():
   assert eval_lib.summary_line(s) == (
       'mean over 3 tasks: chrf=30.00 sequence_accuracy=5.00 | offline_date: chrf=60.00 '
       'sequence_accuracy=5.00; offline_num2words: chrf=15.00')
+
+
+def test_eval_reuses_one_evaluator_per_examples_until_the_task_is_registered_again(tmp_path):
+  kw = dict(mixture_or_task_name=TASK, split='test', task_feature_lengths=LENGTHS, batch_size=5,
+            predict=_predict_right_unless_a, tensorboard=False)
+  first = eval_lib.evaluate(model_dir=str(tmp_path / 'a'), **kw)
+  evaluator = eval_lib.cached_evaluator(TASK, 'test', LENGTHS, None)
+  assert eval_lib.evaluate(model_dir=str(tmp_path / 'b'), **kw) == first
+  assert eval_lib.cached_evaluator(TASK, 'test', LENGTHS, None) is evaluator
+  assert eval_lib.cached_evaluator(TASK, 'test', LENGTHS, 3) is not evaluator
+  registry.remove([TASK])
+  _register()
+  assert eval_lib.cached_evaluator(TASK, 'test', LENGTHS, None) is not evaluator
+  assert eval_lib.evaluate(model_dir=str(tmp_path / 'c'), **kw) == first
+
+
+def test_eval_batches_fit_the_examples_and_are_built_once():
+  from experiments import evaluation
+  assert evaluation.fitted_batch_size(128, 50) == 56
+  assert evaluation.fitted_batch_size(128, 1) == 8
+  assert evaluation.fitted_batch_size(16, 50) == 16
+  assert evaluation.fitted_batch_size(128, None) == 128
+  task = seqio.get_mixture_or_task(TASK)
+  batches = evaluation._model_batches(task, LENGTHS, 'test', 7, 4)  # pylint: disable=protected-access
+  assert [n for _, n in batches] == [4, 3]
+  assert all(b['encoder_input_tokens'].shape == (4, LENGTHS['inputs']) for b, _ in batches)
+  again = evaluation._model_batches(task, LENGTHS, 'test', 7, 4)  # pylint: disable=protected-access
+  assert all(a[0] is b[0] for a, b in zip(batches, again))  # cached, not rebuilt
+  capped = evaluation._model_batches(task, LENGTHS, 'test', None, 2, max_batches=1)  # pylint: disable=protected-access
+  assert len(capped) == 1
