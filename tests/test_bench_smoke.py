@@ -37,3 +37,27 @@ def test_bench_rejects_bad_flags_before_work(tmp_path, bad):
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=ROOT))
   assert run.returncode != 0 and 'unknown' in run.stderr and not out.exists()
+
+
+def test_profile_stand_ins_replace_routing_parts_while_tracing():
+  """The differential profile's stand-ins really remove the sort (top-k) and the cumsum (slot
+  assignment) from a traced SiRA layer, and only inside `stubbed`."""
+  import jax
+  import jax.numpy as jnp
+  from experiments.bench import profile
+  from sira_jax.adapters import AdaptedDense, AdapterConfig
+
+  layer = AdaptedDense(16, adapter=AdapterConfig(kind='sira', rank=2, num_experts=4, top_k=2))
+  x = jnp.ones((2, 8, 16))
+  variables = layer.init(jax.random.PRNGKey(0), x)
+
+  def primitives():
+    jaxpr = jax.make_jaxpr(lambda v: layer.apply(v, x, mutable=['intermediates']))(variables)
+    return str(jaxpr)
+
+  full = primitives()
+  assert 'sort' in full and 'cumsum' in full
+  with profile.stubbed(profile.STUBS['routing']):
+    stubbed = primitives()
+  assert 'sort' not in stubbed and 'cumsum' not in stubbed
+  assert 'sort' in primitives()  # Restored after the context.

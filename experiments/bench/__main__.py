@@ -6,7 +6,7 @@ results.md into a new directory (never overwritten).
   python -m experiments.bench --smoke --out=/tmp/bench_smoke            # seconds: CI smoke
 
 Ratios are within one run, medians over interleaved repeats, with the load average recorded;
-compare ratios, not seconds. `--parts` picks a subset (layer,model,decode,peer,cost).
+compare ratios, not seconds. `--parts` picks a subset (layer,model,profile,decode,peer,cost).
 """
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ import time
 
 from absl import app, flags
 
-from experiments.bench import common, cost_table, layer, model, peer
+from experiments.bench import common, cost_table, layer, model, peer, profile
 from sira_jax import partitioning
 from sira_jax.adapters import AdapterConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'New output directory for results.json and results.md.')
 flags.DEFINE_bool('smoke', False, 'Tiny shapes and one repeat: a seconds-long check of the code.')
-flags.DEFINE_list('parts', ['layer', 'model', 'decode', 'peer', 'cost'], 'Parts to run.')
+PARTS = ('layer', 'model', 'profile', 'decode', 'peer', 'cost')
+flags.DEFINE_list('parts', list(PARTS), 'Parts to run.')
 flags.DEFINE_integer('repeats', 5, 'Interleaved timed repeats per variant (median).')
 flags.DEFINE_list('experts', ['4', '8', '32', '64'], 'Layer level: expert counts E.')
 flags.DEFINE_list('tokens', ['8192'], 'Layer level: tokens per step.')
@@ -73,7 +74,7 @@ def main(argv):
   if os.path.exists(FLAGS.out):
     raise app.UsageError(f'--out {FLAGS.out} exists; results are never overwritten: pick a new '
                          'directory.')
-  unknown = set(FLAGS.parts) - {'layer', 'model', 'decode', 'peer', 'cost'}
+  unknown = set(FLAGS.parts) - set(PARTS)
   if unknown:
     raise app.UsageError(f'--parts: unknown {sorted(unknown)}')
   variants = model_variants(FLAGS.model_variants)
@@ -136,6 +137,12 @@ def main(argv):
     md += ['', '| ratio (step time) | value |', '|---|---|'] + ratio_lines(rows, pairs)
     md += [f'| compile {a} / {b} | {rows[a]["compile_s"] / rows[b]["compile_s"]:.2f} |'
            for a, b in (('sira8', 'lora'), ('sira32', 'lora')) if a in rows and b in rows]
+    save()
+  if 'profile' in FLAGS.parts:
+    res = profile.run(small=smoke, repeats=repeats, progress=log, **shapes)
+    results['profile'] = res
+    md += ['', '## Model level: where the SiRA - LoRA step time goes (differential profile)', '',
+           profile.__doc__.strip(), ''] + profile.markdown(res)
     save()
   if 'decode' in FLAGS.parts:
     dec = {'merged lora (= base)': (AdapterConfig(kind='none'), 'qkvo'),
