@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -117,13 +116,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 _SAVER = textwrap.dedent('''
-    import sys, numpy as np
+    import os, sys, time, numpy as np
     from sira_jax.checkpoints import CheckpointManager
     mngr = CheckpointManager(sys.argv[1], save_every=1, keep=5)
     small = {'w': np.full((4, 4), 1.0, np.float32), 'step': np.int32(1)}
     mngr.save(1, small, {'note': 'first'})
-    big = {'w%d' % i: np.full((2048, 4096), 2.0, np.float32) for i in range(12)}
+    big = {'w%d' % i: np.full((512, 1024), 2.0, np.float32) for i in range(4)}
     big['step'] = np.int32(2)
+    real_rename = os.rename
+    def rename_then_hang(src, dst, *a, **kw):
+      # The moment orbax commits step 2 (every byte written, the temporary directory not yet
+      # renamed): tell the parent and wait for its SIGKILL. Timing-independent, so the test
+      # kills inside the save on any machine, fast or slow.
+      if 'orbax-checkpoint-tmp' in os.fspath(src):
+        print('COMMITTING', os.fspath(src), flush=True)
+        time.sleep(600)
+      return real_rename(src, dst, *a, **kw)
+    os.rename = rename_then_hang
     print('SAVING', flush=True)
     mngr.save(2, big, {'note': 'second'})
     print('SAVED', flush=True)
@@ -135,11 +144,15 @@ def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   proc = subprocess.Popen([sys.executable, '-c', _SAVER, d], stdout=subprocess.PIPE, env=env,
                           cwd=ROOT, text=True)
-  line = proc.stdout.readline()
-  assert line.strip() == 'SAVING', line
-  time.sleep(0.3)  # inside the ~400 MB write of step 2
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  try:
+    assert proc.stdout.readline().strip() == 'SAVING'
+    line = proc.stdout.readline().split()
+    assert line and line[0] == 'COMMITTING', line
+    tmp_dir = line[1]
+    assert os.path.isdir(tmp_dir) and os.listdir(tmp_dir), tmp_dir  # step 2's bytes are there
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
   assert proc.returncode == -signal.SIGKILL
   mngr = ckpt_lib.CheckpointManager(d)
   assert mngr.latest_step() == 1, mngr.all_steps()
