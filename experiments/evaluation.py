@@ -15,6 +15,7 @@ mixed batches of the training batch size.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -83,12 +84,40 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
   return list(_BATCHES[key][1])
 
 
+# Jitted once per model (a hashable flax module, static like `decoding.predict_batch`'s), not
+# once per call: every run of a sweep with the same network reuses the compiled step.
+@functools.partial(jax.jit, static_argnames=('model',))
+def _teacher_forced_step(model, variables, batch):
+  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  return trainer_lib.make_eval_step(model, trainer_lib.LossConfig(z_loss=0.0))(variables, batch)
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _routing_forward(model, variables, batch):
+  """The sown 'intermediates' of an eval-mode forward pass."""
+  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  _, mods = model.apply(variables, *trainer_lib.model_inputs(batch), enable_dropout=False,
+                        mutable=['intermediates'])
+  return mods['intermediates']
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _routing_forward_train(model, variables, batch, key):
+  """The sown 'intermediates' of a train-mode forward pass (dropout, expert dropout, capacity as
+  trained, at the end of training)."""
+  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax.adapters import with_training_progress  # pylint: disable=import-outside-toplevel
+  variables = with_training_progress(variables, 1.0)
+  _, mods = model.apply(variables, *trainer_lib.model_inputs(batch), enable_dropout=True,
+                        mutable=['intermediates'], rngs={'dropout': key})
+  return mods['intermediates']
+
+
 def teacher_forced(model, variables, mixture: str, lengths: Mapping[str, int], split: str, *,
                    num_examples: int | None, batch_size: int) -> dict[str, dict[str, float]]:
   """{task: {'token_accuracy': %, 'cross_entropy': nats/token}} over target tokens."""
   import seqio  # pylint: disable=import-outside-toplevel
-  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  step = jax.jit(trainer_lib.make_eval_step(model, trainer_lib.LossConfig(z_loss=0.0)))
+  step = functools.partial(_teacher_forced_step, model)
   out = {}
   for name in subtask_names(mixture):
     task = seqio.get_mixture_or_task(name)
@@ -144,22 +173,8 @@ def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int],
   {site: fraction}, 'num_experts': E}.
   """
   import seqio  # pylint: disable=import-outside-toplevel
-  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax.adapters import with_training_progress  # pylint: disable=import-outside-toplevel
-
-  @jax.jit
-  def forward(v, b):
-    _, mods = model.apply(v, *trainer_lib.model_inputs(b), enable_dropout=False,
-                          mutable=['intermediates'])
-    return mods['intermediates']
-
-  @jax.jit
-  def forward_train(v, b, key):
-    v = with_training_progress(v, 1.0)
-    _, mods = model.apply(v, *trainer_lib.model_inputs(b), enable_dropout=True,
-                          mutable=['intermediates'], rngs={'dropout': key})
-    return mods['intermediates']
-
+  forward = functools.partial(_routing_forward, model)
+  forward_train = functools.partial(_routing_forward_train, model)
   batch_size = fitted_batch_size(batch_size, num_examples)
   key = jax.random.PRNGKey(seed)
   usage: dict[str, dict[str, np.ndarray]] = {}

@@ -132,15 +132,19 @@ class _Bounded(collections.OrderedDict):
 
 
 _INIT_CACHE = _Bounded(4)
+_INIT_FNS = _Bounded(4)
 
 
 def init_variables(model, cfg: T5Config, seed: int = 0) -> dict:
   """Fresh variables (params with adapters, plus e.g. 'schedule') as plain arrays, from
-  `run_keys(seed)[0]`. Cached per (config, seed, devices) within a process: XLA compiles of the
-  init are slow on CPU."""
-  key = (cfg, seed, tuple(d.id for d in jax.devices()))
+  `run_keys(seed)[0]`. Cached per (config, seed, devices) within a process, and the compiled init
+  per (config, devices), so another seed does not compile again: XLA compiles of the init take
+  several seconds on CPU."""
+  devices = tuple(d.id for d in jax.devices())
+  key = (cfg, seed, devices)
   if key not in _INIT_CACHE:
-    _INIT_CACHE.put(key, jax.jit(_init_fn(model))(run_keys(seed)[0]))
+    fn = _INIT_FNS.get((cfg, devices)) or _INIT_FNS.put((cfg, devices), jax.jit(_init_fn(model)))
+    _INIT_CACHE.put(key, fn(run_keys(seed)[0]))
   return dict(_INIT_CACHE[key])
 
 

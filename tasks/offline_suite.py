@@ -125,10 +125,31 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
   """(Re)registers every offline task and mixture; returns their names.
 
   vocabulary: default `tasks.vocab.get_vocabulary()` (bytes unless gin sets
-  a SentencePiece model path). Calling again replaces the registrations.
+  a SentencePiece model path). Calling again with another vocabulary
+  replaces the registrations; with an equal one, while every name still
+  holds what this module registered, it keeps them: the same task objects,
+  so what is cached per task (an evaluator's preprocessed examples, eval
+  batches) stays valid across the runs of a sweep, each of which parses gin
+  and registers again.
   """
   vocabulary = vocabulary if vocabulary is not None else (
       vocab_lib.get_vocabulary())
+  if _LAST_REGISTRATION and _LAST_REGISTRATION[0] == vocabulary and all(
+      registry.registered(name) is obj
+      for name, obj in _LAST_REGISTRATION[1].items()):
+    return list(_LAST_REGISTRATION[1])
+  names = _register_offline_suite(vocabulary)
+  _LAST_REGISTRATION[:] = [
+      vocabulary, {name: registry.registered(name) for name in names}]
+  return names
+
+
+# [vocabulary, {name: registered Task or Mixture}] of the last registration.
+_LAST_REGISTRATION: list = []
+
+
+def _register_offline_suite(vocabulary: seqio.Vocabulary) -> list[str]:
+  """Registers every offline task and mixture with `vocabulary`."""
   features = vocab_lib.get_output_features(vocabulary)
   names: list[str] = []
   by_task: dict[str, list[str]] = {}

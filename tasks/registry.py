@@ -37,6 +37,15 @@ def remove(names: Iterable[str]) -> None:
     seqio.TaskRegistry.remove(name)
 
 
+def registered(name: str) -> seqio.Task | seqio.Mixture | None:
+  """The Task or Mixture registered as `name`, or None."""
+  if name in seqio.MixtureRegistry.names():
+    return seqio.MixtureRegistry.get(name)
+  if name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(name)
+  return None
+
+
 def registered_names() -> list[str]:
   """All registered task and mixture names, sorted."""
   return sorted(set(seqio.TaskRegistry.names()) |

@@ -277,3 +277,29 @@ def test_readme_documents_every_task_and_size():
     else:
       assert f"{sizes['train']} / {sizes['validation']} / {sizes['test']}" \
           in readme
+
+
+def test_registering_again_keeps_the_same_task_objects_until_something_changed():
+  # A sweep parses gin and registers for every run: equal vocabulary, nothing else registered
+  # under these names -> the same Task/Mixture objects, so per-task eval caches stay valid.
+  offline_suite.register_offline_suite(vocab.byte_vocabulary())
+  task = seqio.get_mixture_or_task('offline_date_de')
+  mix = seqio.get_mixture_or_task('offline_bench')
+  offline_suite.register_offline_suite(vocab.byte_vocabulary())
+  tasks.register_all()
+  assert seqio.get_mixture_or_task('offline_date_de') is task
+  assert seqio.get_mixture_or_task('offline_bench') is mix
+  # A name removed (or replaced) behind its back: everything is registered afresh.
+  tasks.registry.remove(['offline_date_de'])
+  offline_suite.register_offline_suite(vocab.byte_vocabulary())
+  assert seqio.get_mixture_or_task('offline_date_de') is not task
+  assert seqio.get_mixture_or_task('offline_bench') is not mix
+  # Another vocabulary replaces the registrations.
+  task = seqio.get_mixture_or_task('offline_date_de')
+  try:
+    offline_suite.register_offline_suite(vocab.byte_vocabulary(extra_ids=5))
+    assert seqio.get_mixture_or_task('offline_date_de') is not task
+    assert seqio.get_mixture_or_task('offline_date_de').output_features[
+        'targets'].vocabulary == vocab.byte_vocabulary(extra_ids=5)
+  finally:
+    offline_suite.register_offline_suite(vocab.byte_vocabulary())
