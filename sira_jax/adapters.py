@@ -317,11 +317,11 @@ class AdaptedDense(nn.Module):
       # A used whole (replicated) like the dense form's weights: one all-gather on a mesh.
       a_all = partitioning.with_logical_constraint(a.reshape(e * cfg.rank, d_in),
                                                    ('unmodeled', self.kernel_axes[0]))
-      fused = jnp.einsum('gtd,kd->gtk', router_in,
-                         jnp.concatenate([router_kernel.T, a_all], axis=0))
+      fused = experts_lib.token_matmul(
+          router_in, jnp.concatenate([router_kernel.T, a_all], axis=0), transpose_w=True)
       logits, expert_kwargs['hidden'] = fused[..., :e], fused[..., e:]
     else:
-      logits = jnp.einsum('gtd,de->gte', router_in, router_kernel)
+      logits = experts_lib.token_matmul(router_in, router_kernel)
     logits = partitioning.with_logical_constraint(logits, ('batch', None, 'unmodeled'))
 
     routing_logits = logits

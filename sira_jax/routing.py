@@ -171,13 +171,23 @@ def assign_slots(expert_index: Array, active: Array, num_experts: int,
 
 
 def top_k(probs: Array, k: int) -> tuple[Array, Array]:
-  """`jax.lax.top_k` over the last axis, as a stable sort: ([..., k] values, [..., k] indices).
+  """Top-k over the last axis: ([..., k] values, [..., k] int32 indices), as `lax.top_k` gives.
 
-  Largest first, ties to the lower index (like `lax.top_k`). A sort partitions along the token
-  dimensions under XLA's SPMD partitioner, where XLA's TopK op is all-gathered (measured on a CPU
-  mesh: every device would route the whole global batch).
+  Largest first, ties to the lower index. For k <= 4, k rounds of argmax (each masks the choice
+  before): a reduce over E, about 4.6x faster than a sort forward+backward on CPU (2 of 8 experts,
+  1,024 tokens: 93 vs 431 us); larger k a stable sort. Both partition along the token dimensions
+  under XLA's SPMD partitioner, where XLA's TopK op is all-gathered (measured on a CPU mesh: every
+  device would route the whole global batch).
   """
-  index = jnp.argsort(-probs, axis=-1, stable=True)[..., :k]
+  if k > 4:
+    index = jnp.argsort(-probs, axis=-1, stable=True)[..., :k].astype(jnp.int32)
+    return jnp.take_along_axis(probs, index, axis=-1), index
+  indices, remaining = [], probs
+  for _ in range(k):
+    i = jnp.argmax(remaining, axis=-1).astype(jnp.int32)  # the first maximum: lower index
+    indices.append(i)
+    remaining = jnp.where(jax.nn.one_hot(i, probs.shape[-1], dtype=jnp.bool_), -jnp.inf, remaining)
+  index = jnp.stack(indices, axis=-1)
   return jnp.take_along_axis(probs, index, axis=-1), index
 
 

@@ -230,6 +230,44 @@ def test_capacity_drops_exactly_the_late_tokens(form):
   np.testing.assert_allclose(stats['dropped_fraction'], 4 / 6, rtol=1e-6)
 
 
+@pytest.mark.parametrize('shape', [(6,), (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize('transpose_w', [False, True])
+def test_token_matmul_values_and_gradients_equal_the_plain_matmul(shape, transpose_w):
+  """`experts.token_matmul` (weight gradient batched over the leading axis, then summed) equals
+  x @ w in value and in both gradients, for 1 to 3 leading axes; dtypes follow the inputs."""
+  from sira_jax.experts import token_matmul
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, shape + (7,))
+  w = jax.random.normal(kw, (4, 7) if transpose_w else (7, 4))
+  ct = jax.random.normal(kg, shape + (4,))
+  plain = lambda x, w: jnp.einsum('...k,nk->...n' if transpose_w else '...k,kn->...n', x, w)
+  got, got_vjp = jax.vjp(lambda x, w: token_matmul(x, w, transpose_w), x, w)
+  want, want_vjp = jax.vjp(plain, x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, v in zip(got_vjp(ct), want_vjp(ct)):
+    np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
+  xb = x.astype(jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: token_matmul(x, w, transpose_w).astype(jnp.float32).sum(),
+                    argnums=(0, 1))(xb, w)
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('num_experts', [2, 8])
+def test_top_k_equals_lax_top_k_ties_to_the_lower_index(num_experts):
+  """Every k (argmax rounds for k <= 4, a sort above), values, indices and gradients; ties
+  (rounded probabilities) go to the lower index, as in `lax.top_k`."""
+  probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (4, 16, num_experts)))
+  probs = jnp.round(probs * 8) / 8  # many ties
+  for k in range(1, num_experts + 1):
+    got, want = routing.top_k(probs, k), jax.lax.top_k(probs, k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    weights = jnp.arange(1.0, k + 1)
+    np.testing.assert_array_equal(
+        jax.grad(lambda p: jnp.sum(routing.top_k(p, k)[0] * weights))(probs),
+        jax.grad(lambda p: jnp.sum(jax.lax.top_k(p, k)[0] * weights))(probs))
+
+
 def test_first_choices_outrank_second_choices():
   """k=2, E=2, C=2: token 2's first choice beats tokens 0/1's second choices."""
   probs = jnp.array([[[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]])
