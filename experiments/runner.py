@@ -404,32 +404,35 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
     bar.close()
     return outcome
   base_dir, prov = ensure_base(sweep, work_dir, use_shipped=use_shipped_base, log=log)
-  for run in todo:
-    bar.set_postfix_str(run.name)
-    pending = run
-    run, res = resolved_result(results_dir, pending, sweep)
-    if res is not None:   # its rate resolved to a run that is already finished
-      outcome.skipped.append(run.name)
-      bar.update(1)
-      continue
-    if not run.resolved:
-      log(f'{pending.name}: waits for the tuning runs of {pending.lr_from!r} (not finished); '
-          'run the sweep again')
-      outcome.pending.append(pending.name)
-      continue
-    try:
-      execute(run, sweep, base_dir=base_dir, base_prov=prov, work_dir=work_dir,
-              results_dir=results_dir, progress_bar=False, log=log)
-      outcome.done.append(run.name)
-    except RunInterrupted:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      if not keep_going:
-        bar.close()
+  # Runs of one seed read the same training batches: one pipeline each, replayed.
+  from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  with data_lib.shared_training_streams():
+    for run in todo:
+      bar.set_postfix_str(run.name)
+      pending = run
+      run, res = resolved_result(results_dir, pending, sweep)
+      if res is not None:   # its rate resolved to a run that is already finished
+        outcome.skipped.append(run.name)
+        bar.update(1)
+        continue
+      if not run.resolved:
+        log(f'{pending.name}: waits for the tuning runs of {pending.lr_from!r} (not finished); '
+            'run the sweep again')
+        outcome.pending.append(pending.name)
+        continue
+      try:
+        execute(run, sweep, base_dir=base_dir, base_prov=prov, work_dir=work_dir,
+                results_dir=results_dir, progress_bar=False, log=log)
+        outcome.done.append(run.name)
+      except RunInterrupted:
         raise
-      log(f'{run.name} FAILED: {type(e).__name__}: {e}')
-      outcome.failed.append(run.name)
-    bar.update(1)
+      except Exception as e:  # pylint: disable=broad-except
+        if not keep_going:
+          bar.close()
+          raise
+        log(f'{run.name} FAILED: {type(e).__name__}: {e}')
+        outcome.failed.append(run.name)
+      bar.update(1)
   bar.close()
   return outcome
 

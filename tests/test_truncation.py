@@ -2,6 +2,7 @@
 import logging
 
 import gin
+import numpy as np
 import pytest
 import seqio
 
@@ -114,3 +115,42 @@ def test_no_warning_when_everything_fits(caplog):
   next(batches)
   assert not [r for r in caplog.records if 'truncated' in r.getMessage()]
   assert truncation.message({'targets': truncation.Counts(10, 0, 5)}, {}, 'x') is None
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(
+      x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_shared_training_streams_replay_what_a_fresh_pipeline_gives(caplog):
+  caplog.set_level(logging.WARNING)
+  name, lengths = 'offline_num2words_ru', {'inputs': 32, 'targets': 24}  # cuts targets: warns
+  fresh = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True), 12)
+  resumed = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True, start_step=7), 5)
+  assert _same(fresh[7:], resumed)
+  caplog.clear()
+  with data_lib.shared_training_streams(max_bytes_per_stream=1):  # records one batch
+    first = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True), 3)
+    again = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True), 12)
+  assert _same(first, fresh[:3]) and _same(again, fresh)
+  def warnings():
+    return len([r for r in caplog.records if 'truncated' in r.getMessage()])
+
+  with data_lib.shared_training_streams():
+    n0 = warnings()
+    first = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True), 6)
+    n1 = warnings()
+    replay = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True), 12)
+    n2 = warnings()
+    resumed = _take(data_lib.train_batches(name, lengths, 4, seed=5, pack=True, start_step=7), 5)
+    other_seed = _take(data_lib.train_batches(name, lengths, 4, seed=6, pack=True), 1)
+    with pytest.raises(ValueError, match='read-only'):
+      replay[0]['decoder_target_tokens'][0, 0] = 7  # no reader changes what the next one sees
+  assert _same(first, fresh[:6]) and _same(replay, fresh) and _same(resumed, fresh[7:])
+  assert not _same(other_seed, fresh[:1])
+  # The replay logs the first reader's truncation warning again.
+  assert n1 - n0 >= 1 and n2 - n1 >= n1 - n0
