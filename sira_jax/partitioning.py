@@ -181,10 +181,21 @@ def default_init_fn(model) -> Callable[[jax.Array], PyTree]:
   return init
 
 
+_ABSTRACT: dict = {}
+
+
 def abstract_variables(model, init_fn: Callable | None = None) -> PyTree:
-  """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the model's variables."""
-  init_fn = init_fn or default_init_fn(model)
-  return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the model's variables.
+
+  With the default init, traced once per model (a hashable flax module) and process: tracing a
+  model's init takes seconds on CPU, and a sweep asks once per run."""
+  if init_fn is not None:
+    return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  if model not in _ABSTRACT:
+    if len(_ABSTRACT) >= 8:
+      _ABSTRACT.pop(next(iter(_ABSTRACT)))
+    _ABSTRACT[model] = jax.eval_shape(default_init_fn(model), jax.random.PRNGKey(0))
+  return jax.tree.map(lambda x: x, _ABSTRACT[model])  # new containers: callers may edit theirs
 
 
 def logical_specs(abstract: PyTree) -> PyTree:

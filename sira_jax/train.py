@@ -113,7 +113,8 @@ def _init_fn(model):
 
 def abstract_params(model) -> dict:
   """Shapes and dtypes of the model's params (jax.ShapeDtypeStruct leaves; nothing compiled)."""
-  return jax.eval_shape(_init_fn(model), jax.random.PRNGKey(0))['params']
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  return nn.meta.unbox(partitioning.abstract_variables(model))['params']
 
 
 class _Bounded(collections.OrderedDict):
