@@ -20,6 +20,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
+from sira_jax import lru
 import tasks
 from tasks import truncation
 
@@ -89,12 +90,11 @@ def train_batches(
 
   if _STREAMS is None:
     return _warn_on_truncation(build(start_step), lengths)
+  # `build` keeps the task alive with the stream, so its id in the key stays unique.
   key = (mt.name, id(mt), tuple(sorted(lengths.items())), batch_size, seed, split, pack,
          shard_index, num_shards)
-  stream = _STREAMS.pop(key, None) or _SharedStream(mt, build, lengths, _STREAMS_MAX_BYTES)
-  _STREAMS[key] = stream  # most recently used last
-  while len(_STREAMS) > _MAX_STREAMS:
-    _STREAMS.pop(next(iter(_STREAMS)))
+  streams, max_bytes = _STREAMS
+  stream = streams.get(key) or streams.put(key, _SharedStream(build, lengths, max_bytes))
   return stream.iterate(start_step)
 
 
@@ -116,10 +116,8 @@ def _pipeline(mt, lengths: dict[str, int], batch_size: int, *, seed: int, split:
   return ds.with_options(options).prefetch(2).as_numpy_iterator()
 
 
-# Training streams shared by the runs of one process (`shared_training_streams`).
-_STREAMS: dict[tuple, '_SharedStream'] | None = None
-_MAX_STREAMS = 4
-_STREAMS_MAX_BYTES = 64 << 20
+# (streams, byte budget per stream) inside `shared_training_streams`, else None.
+_STREAMS: tuple[lru.Bounded, int] | None = None
 
 
 @contextlib.contextmanager
@@ -131,13 +129,13 @@ def shared_training_streams(max_streams: int = 4, max_bytes_per_stream: int = 64
   mixture costs ~13 s here (seqio traces ~150 tf.data maps), and its TF threads take CPU from the
   train step; a sweep's runs of one seed read the same stream. Batch i is always batch i of one
   fresh pipeline, so what a run sees does not depend on the runs before it."""
-  global _STREAMS, _MAX_STREAMS, _STREAMS_MAX_BYTES
-  saved = _STREAMS, _MAX_STREAMS, _STREAMS_MAX_BYTES
-  _STREAMS, _MAX_STREAMS, _STREAMS_MAX_BYTES = {}, max_streams, max_bytes_per_stream
+  global _STREAMS
+  saved = _STREAMS
+  _STREAMS = lru.Bounded(max_streams), max_bytes_per_stream
   try:
     yield
   finally:
-    _STREAMS, _MAX_STREAMS, _STREAMS_MAX_BYTES = saved
+    _STREAMS = saved
 
 
 class _SharedStream:
@@ -149,9 +147,8 @@ class _SharedStream:
   again at the batch where they were first logged.
   """
 
-  def __init__(self, task, build: Callable[[int], Iterator[dict]], lengths: Mapping[str, int],
+  def __init__(self, build: Callable[[int], Iterator[dict]], lengths: Mapping[str, int],
                max_bytes: int):
-    self._task = task  # kept alive, so the id in the key stays unique
     self._build = build
     self._lengths = lengths
     self._max_bytes = max_bytes
@@ -207,8 +204,13 @@ def eval_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict[str, np.
   """
   for b in ds.batch(batch_size).as_numpy_iterator():
     n = len(next(iter(b.values())))
-    if n < batch_size:
-      b = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in
-           b.items()}
+    b = pad_rows(b, batch_size)
     b['num_real'] = n
     yield b
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """`batch` with zero rows appended to `batch_size` rows (a new dict; arrays kept if full)."""
+  return {k: v if len(v) >= batch_size else
+          np.concatenate([v, np.zeros((batch_size - len(v),) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}

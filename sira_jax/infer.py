@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging
 
 from sira_jax import data as data_lib
+from sira_jax import lru
 from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
 from tasks import truncation
 
@@ -82,8 +83,7 @@ def seqio_predict_fn(predict: Callable, batch_size: int,
   return fn
 
 
-_PADDED: dict[tuple, tuple] = {}
-_MAX_PADDED = 256
+_PADDED = lru.Bounded(256)
 
 
 def _padded_batches(ds, batch_size: int) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
@@ -94,16 +94,11 @@ def _padded_batches(ds, batch_size: int) -> list[tuple[np.ndarray, dict[str, np.
   if key not in _PADDED:
     batches = []
     for idx, feats in ds.batch(batch_size).as_numpy_iterator():
-      n = len(idx)
-      if n < batch_size:
-        feats = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-                 for k, v in feats.items()}
+      feats = data_lib.pad_rows(feats, batch_size)
       for v in (idx, *feats.values()):
         v.setflags(write=False)
-      batches.append((idx, dict(feats), n))
-    while len(_PADDED) >= _MAX_PADDED:
-      _PADDED.pop(next(iter(_PADDED)))
-    _PADDED[key] = (ds, batches)  # the dataset is kept alive, so its id stays unique
+      batches.append((idx, feats, len(idx)))
+    _PADDED.put(key, (ds, batches))  # the dataset is kept alive, so its id stays unique
   return _PADDED[key][1]
 
 

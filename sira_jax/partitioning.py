@@ -35,6 +35,8 @@ import numpy as np
 from jax._src import mesh as jax_mesh  # the mesh `with mesh:` binds (no public getter)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sira_jax import lru
+
 PyTree = Any
 Rules = Sequence[tuple[str, Any]]
 
@@ -181,7 +183,7 @@ def default_init_fn(model) -> Callable[[jax.Array], PyTree]:
   return init
 
 
-_ABSTRACT: dict = {}
+_ABSTRACT = lru.Bounded(8)
 
 
 def abstract_variables(model, init_fn: Callable | None = None) -> PyTree:
@@ -192,9 +194,7 @@ def abstract_variables(model, init_fn: Callable | None = None) -> PyTree:
   if init_fn is not None:
     return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   if model not in _ABSTRACT:
-    if len(_ABSTRACT) >= 8:
-      _ABSTRACT.pop(next(iter(_ABSTRACT)))
-    _ABSTRACT[model] = jax.eval_shape(default_init_fn(model), jax.random.PRNGKey(0))
+    _ABSTRACT.put(model, jax.eval_shape(default_init_fn(model), jax.random.PRNGKey(0)))
   return jax.tree.map(lambda x: x, _ABSTRACT[model])  # new containers: callers may edit theirs
 
 

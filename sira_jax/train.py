@@ -25,7 +25,6 @@ if __name__ == '__main__':
   from sira_jax import train as _module  # pylint: disable=import-self
   _module.cli()
 
-import collections
 import dataclasses
 import json
 import os
@@ -43,6 +42,7 @@ from absl import flags, logging
 from sira_jax import checkpoints as ckpt_lib
 from sira_jax import data as data_lib
 from sira_jax import optim
+from sira_jax import lru
 from sira_jax import partitioning
 from sira_jax import trainer as trainer_lib
 from sira_jax.adapters import AdapterConfig, trainable_mask
@@ -117,23 +117,8 @@ def abstract_params(model) -> dict:
   return nn.meta.unbox(partitioning.abstract_variables(model))['params']
 
 
-class _Bounded(collections.OrderedDict):
-  """A small LRU dict: compiled inits/steps reused across runs of one process (tests, main job)."""
-
-  def __init__(self, size: int):
-    super().__init__()
-    self.size = size
-
-  def put(self, key, value):
-    self[key] = value
-    self.move_to_end(key)
-    while len(self) > self.size:
-      self.popitem(last=False)
-    return value
-
-
-_INIT_CACHE = _Bounded(4)
-_INIT_FNS = _Bounded(4)
+_INIT_CACHE = lru.Bounded(4)
+_INIT_FNS = lru.Bounded(4)
 
 
 def init_variables(model, cfg: T5Config, seed: int = 0) -> dict:
@@ -385,7 +370,7 @@ class Placement:
     return partitioning.place(tree, shardings)
 
 
-_STEP_CACHE = _Bounded(4)
+_STEP_CACHE = lru.Bounded(4)
 
 
 def compiled_train_step(model, tx, optimizer: Mapping[str, Any], loss_config, placement,

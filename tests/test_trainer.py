@@ -11,6 +11,7 @@ import seqio
 from sira_jax import eval as eval_lib
 from sira_jax import infer as infer_lib
 from sira_jax import optim
+from sira_jax import lru
 from sira_jax import train as train_lib
 from tests import trainer_fixtures as fx
 
@@ -119,7 +120,7 @@ def test_same_losses_on_one_device_and_on_a_mesh(tmp_path):
 
 
 def test_compile_caches_are_bounded_and_keyed_by_devices():
-  cache = train_lib._Bounded(2)  # pylint: disable=protected-access
+  cache = lru.Bounded(2)
   for i in range(5):
     cache.put(i, i)
   assert list(cache) == [3, 4]
