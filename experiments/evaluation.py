@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from sira_jax import lru
+
 
 def subtask_names(mixture: str) -> list[str]:
   import seqio  # pylint: disable=import-outside-toplevel
@@ -50,8 +52,7 @@ def fitted_batch_size(batch_size: int, num_examples: int | None) -> int:
   return max(1, min(batch_size, -(-num_examples // 8) * 8))
 
 
-_BATCHES: dict[tuple, list] = {}
-_MAX_CACHED_BATCH_LISTS = 256
+_BATCHES = lru.Bounded(256)  # key -> (task, [(batch, real rows)])
 
 
 def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=False, seed=0,
@@ -66,7 +67,9 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
   from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   key = (task.name, id(task), tuple(sorted(dict(lengths).items())), split, num_examples,
          batch_size, shuffle, seed, max_batches)
-  if key not in _BATCHES:
+  if key in _BATCHES:
+    _BATCHES.move_to_end(key)
+  else:
     ds = task.get_dataset(dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=1,
                           use_cached=False)
     if num_examples:
@@ -78,9 +81,7 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
         break
       n = b.pop('num_real')
       batches.append((b, n))
-    while len(_BATCHES) >= _MAX_CACHED_BATCH_LISTS:
-      _BATCHES.pop(next(iter(_BATCHES)))
-    _BATCHES[key] = (task, batches)  # The task is kept alive, so its id stays unique.
+    _BATCHES.put(key, (task, batches))  # The task is kept alive, so its id stays unique.
   return list(_BATCHES[key][1])
 
 
@@ -93,23 +94,17 @@ def _teacher_forced_step(model, variables, batch):
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _routing_forward(model, variables, batch):
-  """The sown 'intermediates' of an eval-mode forward pass."""
-  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  _, mods = model.apply(variables, *trainer_lib.model_inputs(batch), enable_dropout=False,
-                        mutable=['intermediates'])
-  return mods['intermediates']
-
-
-@functools.partial(jax.jit, static_argnames=('model',))
-def _routing_forward_train(model, variables, batch, key):
-  """The sown 'intermediates' of a train-mode forward pass (dropout, expert dropout, capacity as
-  trained, at the end of training)."""
+def _routing_forward(model, variables, batch, key=None):
+  """The sown 'intermediates' of a forward pass. key None: eval mode. Otherwise train mode with
+  `key` as the dropout rng: dropout, expert dropout and capacity as trained, at the end of
+  training."""
   from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from sira_jax.adapters import with_training_progress  # pylint: disable=import-outside-toplevel
-  variables = with_training_progress(variables, 1.0)
-  _, mods = model.apply(variables, *trainer_lib.model_inputs(batch), enable_dropout=True,
-                        mutable=['intermediates'], rngs={'dropout': key})
+  train = key is not None
+  if train:
+    variables = with_training_progress(variables, 1.0)
+  _, mods = model.apply(variables, *trainer_lib.model_inputs(batch), enable_dropout=train,
+                        mutable=['intermediates'], rngs={'dropout': key} if train else None)
   return mods['intermediates']
 
 
@@ -174,7 +169,6 @@ def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int],
   """
   import seqio  # pylint: disable=import-outside-toplevel
   forward = functools.partial(_routing_forward, model)
-  forward_train = functools.partial(_routing_forward_train, model)
   batch_size = fitted_batch_size(batch_size, num_examples)
   key = jax.random.PRNGKey(seed)
   usage: dict[str, dict[str, np.ndarray]] = {}
@@ -198,7 +192,7 @@ def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int],
   batches = _model_batches(mt, lengths, split, None, train_batch_size, shuffle=True, seed=seed,
                            max_batches=train_batches)
   for i, (b, _) in enumerate(batches):
-    for (site, stat), v in _flat_stats(forward_train(variables, b, jax.random.fold_in(key, i))
+    for (site, stat), v in _flat_stats(forward(variables, b, jax.random.fold_in(key, i))
                                        ).items():
       if stat == 'dropped_fraction':
         dropped.setdefault(site, []).append(float(v))

@@ -36,6 +36,7 @@ import tasks
 from sira_jax import data as data_lib
 from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
 from sira_jax import infer as infer_lib
+from sira_jax import lru
 from tasks import truncation
 
 
@@ -89,8 +90,7 @@ def _empty_predictions(all_output) -> dict[str, tuple[int, int]]:
   return out
 
 
-_EVALUATORS: dict[tuple, seqio.Evaluator] = {}
-_MAX_CACHED_EVALUATORS = 4
+_EVALUATORS = lru.Bounded(4)  # key -> seqio.Evaluator
 
 
 def cached_evaluator(mixture_or_task_name: str, split: str, lengths: Mapping[str, int],
@@ -108,15 +108,14 @@ def cached_evaluator(mixture_or_task_name: str, split: str, lengths: Mapping[str
   registered = tuple(id(t) for t in [mixture, *seqio.get_subtasks(mixture)])
   key = (mixture_or_task_name, registered, split, tuple(sorted(dict(lengths).items())),
          num_examples)
-  if key not in _EVALUATORS:
-    while len(_EVALUATORS) >= _MAX_CACHED_EVALUATORS:
-      _EVALUATORS.pop(next(iter(_EVALUATORS)))
-    _EVALUATORS[key] = seqio.Evaluator(
-        mixture_or_task_name=mixture_or_task_name,
-        feature_converter=data_lib.feature_converter(False), eval_split=split, use_cached=False,
-        seed=0, sequence_length=dict(lengths), num_examples=num_examples, use_memory_cache=True,
-        async_compute_metrics=False)
-  return _EVALUATORS[key]
+  if key in _EVALUATORS:
+    _EVALUATORS.move_to_end(key)
+    return _EVALUATORS[key]
+  return _EVALUATORS.put(key, seqio.Evaluator(
+      mixture_or_task_name=mixture_or_task_name,
+      feature_converter=data_lib.feature_converter(False), eval_split=split, use_cached=False,
+      seed=0, sequence_length=dict(lengths), num_examples=num_examples, use_memory_cache=True,
+      async_compute_metrics=False))
 
 
 @gin.configurable(denylist=['predict'])

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_smoke_writes_results(tmp_path):
   out = tmp_path / 'bench'
   cmd = [sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}',
-         '--parts=cost,layer,model', '--model_variants=sira8']
+         '--parts=cost,layer,model,compile', '--model_variants=sira8',
+         '--compile_variants=lora,sira8']
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
   subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
@@ -24,7 +25,14 @@ def test_bench_smoke_writes_results(tmp_path):
   assert set(rows) == {'sira8'} and rows['sira8']['trainable_params'] > 0
   assert rows['sira8']['optimizer_state_bytes'] > 0 and rows['sira8']['checkpoint_bytes'] > 0
   assert results['cost_table'] and all(r['best'] for r in results['cost_table'])
-  assert '## Layer level' in (out / 'results.md').read_text()
+  compiled = results['compile']['rows']  # JSON keys: variant -> depth (as a string)
+  for name in ('lora', 'sira8'):
+    r = compiled[name]['1']
+    assert r['trace_s'] > 0 and r['lower_s'] > 0 and r['compile_s'] > 0 and r['fusions'] > 0
+  # A routed site compiles to more kernels than a LoRA one (the router, top-k, slots, statistics).
+  assert compiled['sira8']['1']['fusions'] > compiled['lora']['1']['fusions']
+  md = (out / 'results.md').read_text()
+  assert '## Layer level' in md and 'compile time by stage and depth' in md
   # Results are never overwritten.
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode != 0 and 'exists' in again.stderr

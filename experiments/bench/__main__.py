@@ -1,12 +1,13 @@
 r"""One command for every benchmark: layer level, model level (train step, compile time, memory),
-cached decoding, the PEFT peer and the cost-model layout table; writes results.json and
-results.md into a new directory (never overwritten).
+compile time by stage and depth, cached decoding, the PEFT peer and the cost-model layout table;
+writes results.json and results.md into a new directory (never overwritten).
 
   python -m experiments.bench --out=experiments/results/bench_cpu      # full (~40 min, 2 cores)
   python -m experiments.bench --smoke --out=/tmp/bench_smoke            # seconds: CI smoke
 
 Ratios are within one run, medians over interleaved repeats, with the load average recorded;
-compare ratios, not seconds. `--parts` picks a subset (layer,model,profile,decode,peer,cost).
+compare ratios, not seconds. `--parts` picks a subset (layer,model,profile,compile,decode,peer,
+cost).
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ import time
 
 from absl import app, flags
 
-from experiments.bench import common, cost_table, layer, model, peer, profile
+from experiments.bench import common, compile_time, cost_table, layer, model, peer, profile
 from sira_jax import partitioning
 from sira_jax.adapters import AdapterConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'New output directory for results.json and results.md.')
 flags.DEFINE_bool('smoke', False, 'Tiny shapes and one repeat: a seconds-long check of the code.')
-PARTS = ('layer', 'model', 'profile', 'decode', 'peer', 'cost')
+PARTS = ('layer', 'model', 'profile', 'compile', 'decode', 'peer', 'cost')
 flags.DEFINE_list('parts', list(PARTS), 'Parts to run.')
 flags.DEFINE_integer('repeats', 5, 'Interleaved timed repeats per variant (median).')
 flags.DEFINE_list('experts', ['4', '8', '32', '64'], 'Layer level: expert counts E.')
@@ -35,11 +36,18 @@ flags.DEFINE_integer('peer_threads', None, 'torch threads of the PEFT peer (defa
                      'as jax uses).')
 flags.DEFINE_list('model_variants', ['lora', 'sira8', 'sira32', 'sira8_einsum', 'lora_qv',
                                      'sira8_qv'], 'Model level variants.')
+flags.DEFINE_list('compile_variants', ['lora', 'sira8', 'sira32'],
+                  'Compile part: variants (names as --model_variants).')
+flags.DEFINE_list('compile_depths', ['1', '2', '6'],
+                  'Compile part: encoder (= decoder) layer counts.')
 
 
 def model_variants(names):
   table = {
       'lora': (AdapterConfig(kind='lora', rank=4), 'qkvo'),
+      # LoRA at SiRA's total rank E*r (E=8, E=32): the dense form's low-rank matmul widths.
+      'lora32': (AdapterConfig(kind='lora', rank=32), 'qkvo'),
+      'lora128': (AdapterConfig(kind='lora', rank=128), 'qkvo'),
       'sira8': (AdapterConfig(kind='sira', rank=4, num_experts=8, top_k=2), 'qkvo'),
       'sira32': (AdapterConfig(kind='sira', rank=4, num_experts=32, top_k=2), 'qkvo'),
       'sira8_dense': (AdapterConfig(kind='sira', rank=4, num_experts=8, top_k=2,
@@ -78,6 +86,13 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--parts: unknown {sorted(unknown)}')
   variants = model_variants(FLAGS.model_variants)
+  compile_variants = model_variants(FLAGS.compile_variants)
+  try:
+    compile_depths = [int(d) for d in FLAGS.compile_depths]
+  except ValueError as e:
+    raise app.UsageError(f'--compile_depths: integers, e.g. 1,2,6 ({e})') from e
+  if min(compile_depths, default=0) < 1:
+    raise app.UsageError('--compile_depths: every depth must be >= 1')
   peer_missing = peer.available() if 'peer' in FLAGS.parts else None
   if peer_missing and not FLAGS.smoke:
     raise app.UsageError(f'the PEFT peer needs: {peer_missing}; or drop it from --parts.')
@@ -133,7 +148,8 @@ def main(argv):
                 f'{r["trainable_params"]} | {r["optimizer_state_bytes"] / 2**20:.2f} | '
                 f'{r["checkpoint_bytes"] / 2**20:.2f} |')
     pairs = [('sira8', 'lora'), ('sira32', 'sira8'), ('sira8_einsum', 'sira8'),
-             ('sira8_gather', 'sira8'), ('sira8_dense', 'lora'), ('sira8_qv', 'lora_qv')]
+             ('sira8_gather', 'sira8'), ('sira8_dense', 'lora'), ('sira8_qv', 'lora_qv'),
+             ('sira8', 'lora32'), ('sira32', 'lora128'), ('lora128', 'lora32')]
     md += ['', '| ratio (step time) | value |', '|---|---|'] + ratio_lines(rows, pairs)
     md += [f'| compile {a} / {b} | {rows[a]["compile_s"] / rows[b]["compile_s"]:.2f} |'
            for a, b in (('sira8', 'lora'), ('sira32', 'lora')) if a in rows and b in rows]
@@ -143,6 +159,14 @@ def main(argv):
     results['profile'] = res
     md += ['', '## Model level: where the SiRA - LoRA step time goes (differential profile)', '',
            profile.__doc__.strip(), ''] + profile.markdown(res)
+    save()
+  if 'compile' in FLAGS.parts:
+    res = compile_time.run(compile_variants, [1] if smoke else compile_depths, small=smoke,
+                           progress=log, **shapes)
+    results['compile'] = res
+    reference = 'lora' if 'lora' in compile_variants else next(iter(compile_variants))
+    md += ['', '## Model level: train-step compile time by stage and depth (persistent cache off)',
+           '', compile_time.__doc__.strip(), ''] + compile_time.markdown(res, reference)
     save()
   if 'decode' in FLAGS.parts:
     dec = {'merged lora (= base)': (AdapterConfig(kind='none'), 'qkvo'),
