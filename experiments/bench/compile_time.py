@@ -15,13 +15,9 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from experiments.bench import common, model
-from sira_jax import losses, trainer
-from sira_jax.adapters import AdapterConfig, trainable_mask
-from sira_jax.t5.network import Transformer
+from sira_jax.adapters import AdapterConfig
 
 _FUSION = re.compile(r'= \S+ fusion\(')
 
@@ -44,16 +40,9 @@ def stage_times(adapter: AdapterConfig, adapted: str, layers: int, *, small: boo
   fusion count."""
   cfg = dataclasses.replace(model.t5_small(adapter, adapted, small=small),
                             num_encoder_layers=layers, num_decoder_layers=layers)
-  net = Transformer(cfg)
-  variables = model.init_variables(net)
-  tx = optax.adamw(1e-4)
-  state = trainer.create_state(variables, tx, trainable_mask=trainable_mask(variables['params']),
-                               rng=jax.random.PRNGKey(0))
-  step = jax.jit(trainer.make_train_step(net, tx, losses.LossConfig()))
-  b = jax.tree.map(jnp.asarray, model.batch(cfg, batch_size, inputs, targets))
-  total = jnp.asarray(1000, jnp.int32)
+  step, args = model.jitted_train_step(cfg, model.batch(cfg, batch_size, inputs, targets))
   with persistent_cache_off():
-    traced, trace_s = common.timed(lambda: step.trace(state, b, total))
+    traced, trace_s = common.timed(lambda: step.trace(*args))
     lowered, lower_s = common.timed(traced.lower)
     compiled, compile_s = common.timed(lowered.compile)
   hlo = compiled.as_text()

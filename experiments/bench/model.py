@@ -81,16 +81,20 @@ def train_step_variant(cfg: T5Config, b: dict):
   return _COMPILED[key]
 
 
-def _train_step_variant(cfg: T5Config, b: dict):
+def jitted_train_step(cfg: T5Config, b: dict):
+  """(jitted train step, its arguments (state, batch, total steps)) of `cfg` on batch `b`:
+  AdamW on the adapter parameters, not yet traced."""
   model = Transformer(cfg)
   variables = init_variables(model)
   tx = optax.adamw(1e-4)
   state = trainer.create_state(variables, tx, trainable_mask=trainable_mask(variables['params']),
                                rng=jax.random.PRNGKey(0))
-  step_fn = trainer.make_train_step(model, tx, losses.LossConfig())
-  jitted = jax.jit(step_fn)
-  b = jax.tree.map(jnp.asarray, b)
-  total = jnp.asarray(1000, jnp.int32)
+  jitted = jax.jit(trainer.make_train_step(model, tx, losses.LossConfig()))
+  return jitted, (state, jax.tree.map(jnp.asarray, b), jnp.asarray(1000, jnp.int32))
+
+
+def _train_step_variant(cfg: T5Config, b: dict):
+  jitted, (state, b, total) = jitted_train_step(cfg, b)
   compiled, compile_s = common.timed(lambda: jitted.lower(state, b, total).compile())
   memory = compiled.memory_analysis()
   facts = dict(compile_s=compile_s, temp_bytes=getattr(memory, 'temp_size_in_bytes', None),
