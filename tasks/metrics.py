@@ -37,6 +37,7 @@ import unicodedata
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
 
 # ---------------------------------------------------------------------------
 # Edit distance / CER
@@ -47,19 +48,10 @@ def levenshtein(a: str, b: str) -> int:
   """Minimum number of single-character insertions, deletions, substitutions.
 
   Same definition as `nltk.edit_distance(a, b)` with its defaults
-  (substitution cost 1, no transpositions), which the official CER uses.
+  (substitution cost 1, no transpositions), which the official CER uses;
+  computed by rapidfuzz over Unicode code points.
   """
-  if len(a) < len(b):
-    a, b = b, a
-  previous = list(range(len(b) + 1))
-  for i, ca in enumerate(a, start=1):
-    current = [i]
-    for j, cb in enumerate(b, start=1):
-      current.append(min(previous[j] + 1,            # delete ca
-                         current[j - 1] + 1,         # insert cb
-                         previous[j - 1] + (ca != cb)))  # substitute
-    previous = current
-  return previous[-1]
+  return Levenshtein.distance(a, b)
 
 
 def asr_text_preprocess(text: str) -> str:

@@ -19,6 +19,9 @@ from tasks import metrics
     ('', 'abc', 3),
     ('abc', 'abc', 0),
     ('ab', 'ba', 2),           # no transpositions (nltk default)
+    ('\U0001F600x', 'x', 1),   # one code point (not two UTF-16 units)
+    ('\u00e9', 'e\u0301', 2),   # precomposed vs combining: e for \u00e9, +\u0301 (no normalising)
+    ('\u0928\u092e\u0938\u094d\u0924\u0947', '\u0928\u092e\u0938\u094d\u0924', 1),  # -vowel sign
 ])
 def test_levenshtein(a, b, d):
   assert metrics.levenshtein(a, b) == d

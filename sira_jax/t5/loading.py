@@ -267,18 +267,6 @@ def hf_name_map(cfg: T5Config) -> dict[str, tuple[str, bool]]:
   return m
 
 
-def _read_bf16(filename: str, name: str) -> np.ndarray:
-  """A BF16 tensor of a safetensors file as float32 (format: u64 header size, JSON header, data)."""
-  import ml_dtypes
-  with open(filename, 'rb') as f:
-    n = int(np.frombuffer(f.read(8), '<u8')[0])
-    info = json.loads(f.read(n))[name]
-    start, end = info['data_offsets']
-    f.seek(8 + n + start)
-    raw = f.read(end - start)
-  return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(info['shape']).astype(np.float32)
-
-
 # Tensors in HF files that duplicate others (tied copies) or are buffers.
 # (transformers itself ignores the never-used cross-attention relative bias some files carry.)
 _HF_IGNORABLE = re.compile(r'^(encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight|'
@@ -309,11 +297,13 @@ class HFReader:
       raise CheckpointError(f'missing file {single!r} (and no model.safetensors.index.json)')
 
   def _tensor(self, name: str) -> np.ndarray:
+    """The tensor as stored; BF16 as float32 (ml_dtypes gives numpy the 'bfloat16' dtype that
+    safetensors' numpy API reads BF16 into)."""
+    import ml_dtypes
     from safetensors import safe_open
     with safe_open(self.files[name], framework='numpy') as f:
-      if f.get_slice(name).get_dtype() == 'BF16':  # numpy has no bfloat16: read the raw bytes.
-        return _read_bf16(self.files[name], name)
-      return f.get_tensor(name)
+      x = f.get_tensor(name)
+    return x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x
 
   def same_tensor(self, a: str, b: str) -> bool:
     if b not in self.files:
