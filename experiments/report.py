@@ -13,9 +13,14 @@ each adapted site, gate entropy and dropped fraction per site). Every number com
 `result.json` files of the sweep's runs; `<out_dir>/<sweep>.json` holds the aggregated numbers the
 tables and plots show.
 
-Comparisons use Welch's t interval (95%) of the difference of per-seed test metrics; each sweep's
-verdict (`claim_verdict`) is reproduced / not reproduced / inconclusive, marked partial while runs
-are unfinished. c6 also lists each ablation against the default SiRA point (`ablation_comparisons`),
+Comparisons use Welch's t interval (95%, scipy's `ttest_ind` with unequal variances) of the
+difference of per-seed test metrics; each sweep's verdict (`claim_verdict`) is reproduced / not
+reproduced / inconclusive, marked partial while runs are unfinished.
+
+An unreadable `result.json` (truncated by a killed run, not JSON, not UTF-8) does not stop the
+report: the file is skipped with a one-line warning on stderr naming its path and the parse error,
+the runs that need it (the run itself; runs whose learning rate its tuning run chooses) are left
+out, and the sweep's table and verdict are marked partial, listing each skipped file. c6 also lists each ablation against the default SiRA point (`ablation_comparisons`),
 outside the verdict.
 """
 from __future__ import annotations
@@ -53,15 +58,54 @@ def _params(res: Mapping) -> dict:
   return runner.trained_counts(dict(res['params']), res.get('gin_config', ''))
 
 
+class _ResultFiles:
+  """Parse checks of result files, each file once: an unreadable one (truncated, not UTF-8) is
+  skipped with a one-line warning on stderr naming its path and the parse error."""
+
+  def __init__(self, results_dir: str):
+    self.results_dir = results_dir
+    self.errors: dict[str, str] = {}   # path -> parse error
+    self._checked: set[str] = set()
+
+  def unreadable(self, runs: Sequence[sweeps_lib.Run]) -> list[str]:
+    """The paths among `runs`' existing result files that do not parse as JSON."""
+    bad = []
+    for run in runs:
+      path = runner.result_path(self.results_dir, run)
+      if path not in self._checked and os.path.exists(path):
+        self._checked.add(path)
+        try:
+          with open(path, encoding='utf-8') as f:
+            json.load(f)
+        except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+          self.errors[path] = f'{type(e).__name__}: {e}'
+          print(f'warning: skipping unreadable result file {path}: {self.errors[path]}',
+                file=sys.stderr)
+      if path in self.errors:
+        bad.append(path)
+    return bad
+
+
 def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
   """Per point: the chosen learning rate, per-seed and mean/std metrics, params, times.
 
-  Returns {'points': {point: {...}}, 'missing': [run names], 'finished': n, 'total': n}.
+  Returns {'points': {point: {...}}, 'missing': [run names], 'unreadable': {path: parse error},
+  'unreadable_runs': [run names skipped for them], 'finished': n, 'total': n}. A run is skipped
+  as unreadable when its result file, or (rate still to resolve) one of its tuning runs' files,
+  does not parse.
   """
   by_point: dict[str, dict[Any, list]] = {}
-  missing = []
+  missing, skipped = [], []
+  files = _ResultFiles(results_dir)
   for run in sweep.runs:
-    run, res = runner.resolved_result(results_dir, run, sweep)
+    if not run.resolved and files.unreadable(sweep.tuning_runs(run.lr_from)):
+      skipped.append(run.name)
+      continue
+    run = runner.resolve(run, sweep, results_dir) or run
+    if run.resolved and files.unreadable([run]):
+      skipped.append(run.name)
+      continue
+    res = runner.load_result(results_dir, run)
     if res is None:
       missing.append(run.name)
       continue
@@ -101,25 +145,24 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
       entry['routing'] = routing[0]
       entry['routing_seed'] = [r.seed for r, res in items if res.get('routing')][0]
     points[point] = entry
-  return dict(points=points, missing=missing, finished=len(sweep.runs) - len(missing),
-              total=len(sweep.runs))
+  return dict(points=points, missing=missing, unreadable=files.errors, unreadable_runs=skipped,
+              finished=len(sweep.runs) - len(missing) - len(skipped), total=len(sweep.runs))
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
                    ) -> tuple[float, float, float]:
-  """(mean(a) - mean(b), low, high): Welch's t interval; nan bounds with fewer than 2 seeds each."""
+  """(mean(a) - mean(b), low, high): Welch's t interval at `level` (scipy's `ttest_ind` with
+  unequal variances); nan bounds with fewer than 2 seeds each, the point itself when neither
+  sample varies."""
   from scipy import stats  # pylint: disable=import-outside-toplevel
   a, b = np.asarray(a, float), np.asarray(b, float)
   diff = float(a.mean() - b.mean())
   if len(a) < 2 or len(b) < 2:
     return diff, float('nan'), float('nan')
-  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-  se = math.sqrt(va + vb)
-  if se == 0:
+  if np.ptp(a) == 0 and np.ptp(b) == 0:  # zero standard error (scipy would warn, then agree)
     return diff, diff, diff
-  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-  t = float(stats.t.ppf(0.5 + level / 2, dof))
-  return diff, diff - t * se, diff + t * se
+  ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+  return diff, float(ci.low), float(ci.high)
 
 
 def compare(agg: Mapping, a: str, b: str, metric: str) -> dict:
@@ -190,6 +233,15 @@ SPECIALISED_NMI = 0.10   # max over sites of NMI(expert; family or language) tha
 UNSPECIALISED_NMI = 0.02
 
 
+def partial_note(agg: Mapping) -> str:
+  """' (partial: ...)' while runs are unfinished or skipped for unreadable result files, else ''."""
+  if not agg['missing'] and not agg.get('unreadable_runs'):
+    return ''
+  skipped = len(agg.get('unreadable_runs', ()))
+  return (f' (partial: {agg["finished"]} of {agg["total"]} runs finished' +
+          (f', {skipped} skipped for unreadable result files' if skipped else '') + ')')
+
+
 def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping]) -> str:
   """'reproduced' / 'not reproduced' / 'inconclusive' (+ why) for the sweep's claim.
 
@@ -197,10 +249,9 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
   and every comparison has >= 2 seeds. Others (A beats B): reproduced when every A - B interval is
   above 0, not reproduced when one is below 0. c7: reproduced when some adapted site's NMI between
   expert and family or language reaches SPECIALISED_NMI, not reproduced when none exceeds
-  UNSPECIALISED_NMI. Unfinished runs make the verdict partial.
+  UNSPECIALISED_NMI. Unfinished runs and unreadable result files make the verdict partial.
   """
-  partial = (f' (partial: {agg["finished"]} of {agg["total"]} runs finished)'
-             if agg['missing'] else '')
+  partial = partial_note(agg)
   if sweep.name == 'c7':
     nmis = [v for e in agg['points'].values() for kind in e.get('specialisation', {}).values()
             for v in kind.values()]
@@ -409,10 +460,15 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
   os.makedirs(plots_dir, exist_ok=True)
   md = [f'## {sweep.name}: {sweep.claim}', '',
         f'{agg["finished"]} of {agg["total"]} runs finished.']
+  unreadable = []
+  if agg['unreadable']:
+    unreadable = [f'**Partial table:** {len(agg["unreadable_runs"])} run(s) skipped, their result '
+                  'files unreadable (delete them and rerun the sweep to redo those runs):']
+    unreadable += [f'- `{path}`: {error}' for path, error in agg['unreadable'].items()] + ['']
   if not agg['points']:
-    md += ['', '**Verdict at this scale: not measured** (no results yet).']
+    md += ['', '**Verdict at this scale: not measured** (no results yet).', ''] + unreadable
     return '\n'.join(md) + '\n', agg
-  md += ['', points_table(agg, sweep), '']
+  md += ['', points_table(agg, sweep), ''] + unreadable
   comps = [compare(agg, a, b, sweep.metric) for a, b in claim_comparisons(sweep, agg)]
   agg['comparisons'] = comps
   if comps:
