@@ -11,6 +11,11 @@ the closest registered names.
 A training run records `registration()` in its run_config.json, and eval and
 infer re-apply it (`apply_registration`), so they see the same tasks without
 repeating the data-directory settings.
+
+Data errors: every data source raises `tasks.DataError` (a ValueError) for a
+missing, undecodable or malformed data file, one line `path:line: problem;
+fix`. `check_data(name)` reads every data file a task or mixture will read, so
+a command can fail on bad data before it writes anything.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from tasks import offline_suite
 from tasks import registry
 from tasks import vocab
 from tasks import xtreme_up
+from tasks.data_files import DataError
 from tasks.offline_suite import register_offline_suite
 from tasks.registry import registered_names
 from tasks.xtreme_up import register_xtreme_up
@@ -71,6 +77,22 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
       and not xtreme_up.registered_data_dir()):
     register_xtreme_up()
   return registry.get_task_or_mixture(name)
+
+
+def check_data(name: str) -> list[str]:
+  """Opens and decodes every data file task or mixture `name` reads (every split of every
+  member task); returns the paths read. The bundled offline suite reads no file (its examples
+  are generated from installed packages), so its names return [].
+
+  Raises:
+    DataError: the first unreadable file, `path:line: problem; fix` (not UTF-8, a line that is
+      not JSON, a record without a field, a file removed since registration).
+    KeyError: no such task or mixture (the message lists the closest names).
+  """
+  task_or_mixture = get_task_or_mixture(name)
+  members = (task_or_mixture.tasks if isinstance(task_or_mixture, seqio.Mixture)
+             else [task_or_mixture])
+  return xtreme_up.check_files([task.name for task in members])
 
 
 def family_and_language(name: str) -> tuple[str, str]:

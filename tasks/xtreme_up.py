@@ -52,6 +52,11 @@ directory, one without any complete unit, or an empty file raises
 `XtremeUpDataError` naming the paths and the release URL; nothing is
 registered then. `registration_args()` is what a training run records so eval
 and infer register the same tasks.
+
+Files are read when a task's dataset is first built, or all at once by
+`check_files(task_names)` (`tasks.check_data`). A line that is not UTF-8, not
+JSON, or lacks a field raises `XtremeUpDataError` (a `tasks.DataError`) with a
+one-line message `path:line: what is wrong; how to fix`.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ from absl import logging
 
 from tasks import metrics
 from tasks import registry
+from tasks.data_files import DataError, iter_jsonl
 from tasks import truncation
 from tasks import vocab as vocab_lib
 
@@ -131,8 +137,8 @@ FAMILIES = ('translation', 'transliteration', 'ner', 'semantic_parsing',
             'retrieval_cross_lang', 'autocomplete')
 
 
-class XtremeUpDataError(FileNotFoundError):
-  """The XTREME-UP data directory is missing, incomplete or malformed."""
+class XtremeUpDataError(DataError):
+  """The XTREME-UP data directory is missing, incomplete or malformed (a `tasks.DataError`)."""
 
 
 # ---------------------------------------------------------------------------
@@ -281,19 +287,21 @@ def _read_cached(path: str, stem: str, kind: str, mtime: float,
                  size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
   del mtime, size  # Cache keys: a rewritten file is read again.
   fn = _preprocess_fn(kind)
+  fix = f'expected the official v1.1 JSONL format ({PROJECT_URL})'
   inputs, targets = [], []
-  with open(path, encoding='utf-8') as f:
-    for i, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        ex = fn(json.loads(line), stem)
-      except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-        raise XtremeUpDataError(
-            f'Bad XTREME-UP example at {path}:{i}: {type(e).__name__}: {e}. '
-            f'Expected the official v1.1 JSONL format ({PROJECT_URL}).') from e
-      inputs.append(ex['inputs'])
-      targets.append(ex['targets'])
+  for i, record in iter_jsonl(path, XtremeUpDataError):
+    if not isinstance(record, dict):
+      raise XtremeUpDataError.at(path, i, f'a JSON {type(record).__name__}, not an object', fix)
+    try:
+      ex = fn(record, stem)
+    except KeyError as e:
+      raise XtremeUpDataError.at(path, i, f'missing field {e} of a {kind} record',
+                                 fix) from None
+    except (ValueError, TypeError) as e:
+      raise XtremeUpDataError.at(path, i, f'bad {kind} record ({type(e).__name__}: {e})',
+                                 fix) from None
+    inputs.append(ex['inputs'])
+    targets.append(ex['targets'])
   return tuple(inputs), tuple(targets)
 
 
@@ -305,11 +313,24 @@ def _preprocess_fn(kind: str):
   return _PREPROCESS[kind]
 
 
+def _read(path: str, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(inputs, targets) of one JSONL file, read once while the file is unchanged."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    raise XtremeUpDataError.at(path, None, 'file not found (removed since registration?)',
+                               'restore it or register XTREME-UP again') from None
+  return _read_cached(path, os.path.basename(path)[:-len('.jsonl')], kind, st.st_mtime,
+                      st.st_size)
+
+
 def read_examples(path: str, kind: str) -> list[dict[str, str]]:
-  """Preprocessed examples of one JSONL file (kind: family or retrieval_*)."""
-  stem = os.path.basename(path)[:-len('.jsonl')]
-  st = os.stat(path)
-  inputs, targets = _read_cached(path, stem, kind, st.st_mtime, st.st_size)
+  """Preprocessed examples of one JSONL file (kind: family or retrieval_*).
+
+  Raises:
+    XtremeUpDataError: `path:line: ...` for a line that is not UTF-8, not JSON, or lacks a field.
+  """
+  inputs, targets = _read(path, kind)
   return [{'inputs': i, 'targets': t} for i, t in zip(inputs, targets)]
 
 
@@ -319,10 +340,7 @@ def _make_dataset_fn(paths: Mapping[str, str], kind: str):
   def dataset_fn(split: str, shuffle_files: bool = False,
                  seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # One file per split; seqio shuffles examples.
-    path = paths[split]
-    stem = os.path.basename(path)[:-len('.jsonl')]
-    st = os.stat(path)
-    inputs, targets = _read_cached(path, stem, kind, st.st_mtime, st.st_size)
+    inputs, targets = _read(paths[split], kind)
     return tf.data.Dataset.from_tensor_slices({
         'inputs': tf.constant(list(inputs), dtype=tf.string, shape=[len(inputs)]),
         'targets': tf.constant(list(targets), dtype=tf.string,
@@ -330,6 +348,22 @@ def _make_dataset_fn(paths: Mapping[str, str], kind: str):
     })
 
   return dataset_fn
+
+
+def check_files(task_names: Iterable[str]) -> list[str]:
+  """Reads and decodes every file of the registered XTREME-UP tasks among `task_names` (all
+  their splits; other names are ignored); returns the paths read.
+
+  Raises:
+    XtremeUpDataError: the first file that is missing, not UTF-8, or has a bad line.
+  """
+  read = []
+  for name in task_names:
+    paths, kind = _STATE['files'].get(name, ({}, None))
+    for path in paths.values():
+      _read(path, kind)
+      read.append(path)
+  return read
 
 
 _PREPROCESSORS = [
@@ -344,7 +378,7 @@ _PREPROCESSORS = [
 # ---------------------------------------------------------------------------
 
 _STATE: dict[str, Any] = {'data_dir': None, 'names': [], 'args': None,
-                          'missing': [], 'family': {}}
+                          'missing': [], 'family': {}, 'files': {}}
 
 
 def registered_data_dir() -> str | None:
@@ -378,7 +412,7 @@ def missing_files() -> list[str]:
 def unregister() -> None:
   """Removes every task and mixture of the last registration."""
   registry.remove(_STATE['names'])
-  _STATE.update(data_dir=None, names=[], args=None, missing=[], family={})
+  _STATE.update(data_dir=None, names=[], args=None, missing=[], family={}, files={})
 
 
 def expected_files(data_dir: str, families: Sequence[str] | None = None,
@@ -489,6 +523,7 @@ def plan_registration(data_dir: str, families: Sequence[str] | None = None,
 
 def _add_task(name: str, paths: Mapping[str, str], kind: str, output_features,
               metric_fns) -> str:
+  _STATE['files'][name] = (dict(paths), kind)
   registry.add_task(
       name,
       source=seqio.FunctionDataSource(_make_dataset_fn(paths, kind),

@@ -5,6 +5,7 @@ The fixtures are small JSONL files this test writes in the release layout
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -331,6 +332,63 @@ def test_bad_json_line_reports_location(tmp_path):
   try:
     with pytest.raises(xtreme_up.XtremeUpDataError, match=r'en2am.jsonl:3'):
       _first('xtreme_up_translation_en_am', split='train')
+  finally:
+    xtreme_up.unregister()
+
+
+@pytest.mark.parametrize('bad_line,problem', [
+    (b'{"input": "caf\xe9", "target": "x"}\n',
+     r'invalid UTF-8 \(byte 0xe9 at byte 15 of the line\); save the file as UTF-8'),
+    (b'{"input": "x", "target": \n', r'not JSON \(Expecting value at column 26\); each line '
+     r'must be one JSON object'),
+    (b'{"input": "no target"}\n', r"missing field 'target' of a translation record; expected "
+     r'the official v1.1 JSONL format'),
+    (b'["input", "target"]\n', r'a JSON list, not an object'),
+])
+def test_data_errors_name_the_file_and_line_in_one_line(tmp_path, bad_line, problem):
+  write_release(str(tmp_path), families=('translation',), languages=['am'])
+  path = str(tmp_path / 'translation' / 'validation' / 'en2am.jsonl')
+  with open(path, 'ab') as f:  # lines 1-2 are good, line 3 is not
+    f.write(bad_line)
+  xtreme_up.register_xtreme_up(str(tmp_path), families=['translation'], languages=['am'])
+  try:
+    for read in (lambda: tasks.check_data('xtreme_up_translation'),
+                 lambda: _first('xtreme_up_translation_en_am', split='validation')):
+      with pytest.raises(tasks.DataError) as e:
+        read()
+      message = str(e.value)
+      assert '\n' not in message
+      # No chained traceback under it ('During handling of the above exception ...').
+      assert e.value.__cause__ is None and (e.value.__context__ is None or
+                                            e.value.__suppress_context__)
+      assert message.startswith(f'{path}:3: ')
+      assert re.search(problem, message), message
+      assert (e.value.path, e.value.line) == (path, 3)
+  finally:
+    xtreme_up.unregister()
+
+
+def test_check_data_reads_every_file_of_a_task_or_mixture(tmp_path):
+  write_release(str(tmp_path), families=('translation', 'retrieval_in_lang'),
+                languages=['am', 'sw'])
+  xtreme_up.register_xtreme_up(str(tmp_path), families=['translation', 'retrieval_in_lang'],
+                               languages=['am', 'sw'])
+  try:
+    split_files = lambda family, stem: [  # noqa: E731
+        str(tmp_path / family / s / f'{stem}.jsonl') for s in xtreme_up.SPLITS]
+    assert sorted(tasks.check_data('xtreme_up_translation')) == sorted(
+        split_files('translation', 'en2am') + split_files('translation', 'en2sw'))
+    assert tasks.check_data('xtreme_up_retrieval_in_lang_index') == [
+        str(tmp_path / 'retrieval_in_lang' / 'index.jsonl')]
+    assert tasks.check_data('xtreme_up_retrieval_in_lang_sw_query') == split_files(
+        'retrieval_in_lang', 'sw')[1:]
+    # A file removed since registration is named too.
+    os.remove(tmp_path / 'translation' / 'test' / 'en2sw.jsonl')
+    with pytest.raises(tasks.DataError, match=r'en2sw.jsonl: file not found'):
+      tasks.check_data('xtreme_up_translation_en_sw')
+    assert tasks.check_data('offline_bench') == []  # generated from packages: no file
+    with pytest.raises(KeyError, match='No seqio Task or Mixture'):
+      tasks.check_data('xtreme_up_translation_en_zz')
   finally:
     xtreme_up.unregister()
 
