@@ -6,6 +6,8 @@ definition in google-research/xtreme-up `evaluation/metrics.py` (and
 """
 import math
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import sacrebleu
@@ -26,6 +28,23 @@ from tasks import metrics
 def test_levenshtein(a, b, d):
   assert metrics.levenshtein(a, b) == d
   assert metrics.levenshtein(b, a) == d
+
+
+def _edit_distance_by_definition(a, b):
+  """nltk.edit_distance's recurrence (unit costs, no transpositions), row by row."""
+  row = list(range(len(b) + 1))
+  for i, ca in enumerate(a, start=1):
+    prev, row[0] = row[0], i
+    for j, cb in enumerate(b, start=1):
+      prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+  return row[-1]
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.text(alphabet='ab\u00e9\u0301\u0928\U0001F600', max_size=12),
+                  st.text(alphabet='ab\u00e9\u0301\u0928\U0001F600', max_size=12))
+def test_levenshtein_is_the_official_definition(a, b):
+  assert metrics.levenshtein(a, b) == _edit_distance_by_definition(a, b)
 
 
 def test_cer_docstring_example():
