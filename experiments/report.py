@@ -15,13 +15,13 @@ tables and plots show.
 
 Comparisons use Welch's t interval (95%, scipy's `ttest_ind` with unequal variances) of the
 difference of per-seed test metrics; each sweep's verdict (`claim_verdict`) is reproduced / not
-reproduced / inconclusive, marked partial while runs are unfinished.
+reproduced / inconclusive, marked partial while runs are unfinished. c6 also lists each ablation
+against the default SiRA point (`ablation_comparisons`), outside the verdict.
 
 An unreadable `result.json` (truncated by a killed run, not JSON, not UTF-8) does not stop the
 report: the file is skipped with a one-line warning on stderr naming its path and the parse error,
 the runs that need it (the run itself; runs whose learning rate its tuning run chooses) are left
-out, and the sweep's table and verdict are marked partial, listing each skipped file. c6 also lists each ablation against the default SiRA point (`ablation_comparisons`),
-outside the verdict.
+out, and the sweep's table and verdict are marked partial, listing each skipped file.
 """
 from __future__ import annotations
 
