@@ -2,9 +2,10 @@
 
 One builder config per generation task-language of tasks/offline_suite.py (45: num2words, date,
 currency and unit in 10 languages, translit in 5), e.g. `offline_suite/date_fr`. Features
-`inputs` and `targets` (text); splits train / validation / test with the same examples, in the
-same order, as the function-backed task `offline_<task>_<lang>` (the generators of
-tasks/offline_data.py; their order is already a seeded random draw, so writing does not shuffle).
+`inputs` and `targets` (text); splits train / validation / test with the same examples as the
+function-backed task `offline_<task>_<lang>` (the generators of tasks/offline_data.py). TFDS
+orders them on disk by a hash of their keys, as it writes every dataset (an ordered dataset,
+`disable_shuffling`, would refuse the file shuffling that training asks for).
 
 Build into a data directory (offline, a few seconds per config):
 
@@ -65,8 +66,7 @@ class OfflineSuite(tfds.core.GeneratorBasedBuilder):
         description='The generation tasks of the bundled offline suite (tasks/offline_suite.py).',
         features=tfds.features.FeaturesDict({'inputs': tfds.features.Text(),
                                              'targets': tfds.features.Text()}),
-        supervised_keys=('inputs', 'targets'),
-        disable_shuffling=True)
+        supervised_keys=('inputs', 'targets'))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: examples come from installed packages.
