@@ -207,7 +207,7 @@ def dataset_builder(task: TfdsTask) -> tfds.core.DatasetBuilder:
         raise DataError.at(
             str(builder.data_path), None,
             f'TFDS task {task.name!r}: dataset {task.tfds_name!r} has no feature {key!r} '
-            f'({field}); its features: {", ".join(features)}',
+            f'({field}); its features: {", ".join(sorted(features))}',
             f'set {field} to one of them, or give a preprocessor')
       if not isinstance(features[key], tfds.features.Text) and features[key].dtype != tf.string:
         raise DataError.at(
@@ -218,14 +218,30 @@ def dataset_builder(task: TfdsTask) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def _add_task(task: TfdsTask, builder: tfds.core.DatasetBuilder,
-              vocabulary: seqio.Vocabulary) -> seqio.Task:
+def _to_text(task: TfdsTask) -> Callable:
+  """The preprocessor that makes text `inputs` and `targets` of a raw example."""
   if task.preprocessor is None:
-    to_text = functools.partial(seqio.preprocessors.rekey,
-                                key_map={'inputs': task.input_key, 'targets': task.target_key})
-  else:
-    to_text = _load_preprocessor(task)
-  return registry.add_task(
+    return functools.partial(seqio.preprocessors.rekey,
+                             key_map={'inputs': task.input_key, 'targets': task.target_key})
+  return _load_preprocessor(task)
+
+
+def _check_name_free(name: str) -> None:
+  """A TFDS task or mixture may replace its own earlier registration, never another task's."""
+  if registry.registered(name) is not None and name not in registered_names():
+    raise ValueError(f'TFDS task or mixture name {name!r} is taken by another registered task '
+                     'or mixture; choose another name.')
+
+
+def _prepare(task: TfdsTask) -> tuple[TfdsTask, tfds.core.DatasetBuilder, Callable]:
+  """Everything `_add_task` needs, checked (DataError, ValueError) before anything registers."""
+  _check_name_free(task.name)
+  return task, dataset_builder(task), _to_text(task)
+
+
+def _add_task(task: TfdsTask, builder: tfds.core.DatasetBuilder, to_text: Callable,
+              vocabulary: seqio.Vocabulary) -> None:
+  registry.add_task(
       task.name,
       source=seqio.TfdsDataSource(tfds_name=task.tfds_name, tfds_data_dir=task.data_dir,
                                   splits=_task_splits(task, builder), read_only=True),
@@ -235,6 +251,7 @@ def _add_task(task: TfdsTask, builder: tfds.core.DatasetBuilder,
                      truncation.append_eos_after_trim],
       output_features=vocab_lib.get_output_features(vocabulary),
       metric_fns=[metrics.SEQIO_METRIC_FNS[m] for m in task.metrics])
+  _STATE['tasks'][task.name] = task
 
 
 # name -> TfdsTask of every registered TFDS task; mixtures registered with them.
@@ -242,11 +259,10 @@ _STATE: dict[str, Any] = {'tasks': {}, 'mixtures': {}}
 
 
 def register_tfds_task(task: TfdsTask, vocabulary: seqio.Vocabulary | None = None) -> str:
-  """Checks `task`'s dataset (`dataset_builder`) and registers it (replacing a task of the same
-  name); returns its name. vocabulary: default `tasks.vocab.get_vocabulary()`."""
-  vocabulary = vocabulary if vocabulary is not None else vocab_lib.get_vocabulary()
-  _add_task(task, dataset_builder(task), vocabulary)
-  _STATE['tasks'][task.name] = task
+  """Checks `task`'s dataset (`dataset_builder`) and registers it (replacing a TFDS task of the
+  same name); returns its name. vocabulary: default `tasks.vocab.get_vocabulary()`."""
+  prepared = _prepare(task)
+  _add_task(*prepared, vocabulary if vocabulary is not None else vocab_lib.get_vocabulary())
   return task.name
 
 
@@ -261,18 +277,20 @@ def register_tfds_tasks(
   tasks: `TfdsTask`s (or their `record()` dicts).
   mixtures: {mixture name: member task names, or [name, rate] pairs}, rate 1 by default; members
     may be any registered tasks.
-  Every dataset is checked before anything is registered (DataError, see `dataset_builder`).
+  Every task is checked before anything is registered: its dataset (DataError, see
+  `dataset_builder`), its preprocessor's import path and a name no other task holds (ValueError).
   """
   specs = [t if isinstance(t, TfdsTask) else TfdsTask(**t) for t in tasks]
-  names = [t.name for t in specs]
+  names = [t.name for t in specs] + list(mixtures or {})
   if len(set(names)) < len(names):
-    raise ValueError(f'TFDS task names repeat: {names}.')
-  builders = [dataset_builder(t) for t in specs]
+    raise ValueError(f'TFDS task and mixture names repeat: {names}.')
+  prepared = [_prepare(t) for t in specs]
+  for name in mixtures or {}:
+    _check_name_free(name)
   vocabulary = vocabulary if vocabulary is not None else vocab_lib.get_vocabulary()
   unregister()
-  for spec, builder in zip(specs, builders):
-    _add_task(spec, builder, vocabulary)
-    _STATE['tasks'][spec.name] = spec
+  for task_args in prepared:
+    _add_task(*task_args, vocabulary)
   for name, members in (mixtures or {}).items():
     members = [m if isinstance(m, str) else tuple(m) for m in members]
     registry.add_mixture(name, members)

@@ -2,12 +2,14 @@
 (tasks/offline_suite_tfds.py), offline: registered through gin/tasks/tfds_task.gin they give the
 function-backed tasks' examples, their registration is recorded and re-applied, bad settings and
 damaged data raise tasks.DataError naming the dataset, the directory and the fix."""
+import dataclasses
 import os
 import shutil
 
 import gin
 import numpy as np
 import pytest
+import seqio
 
 import tasks
 from sira_jax import gin_utils
@@ -42,6 +44,12 @@ def _examples(name, split):
   ds = tasks.get_task_or_mixture(name).get_dataset(LENGTHS, split=split, shuffle=False)
   return sorted((ex['inputs_pretokenized'], ex['targets_pretokenized'], tuple(ex['inputs']),
                  tuple(ex['targets'])) for ex in ds.as_numpy_iterator())
+
+
+@seqio.map_over_dataset
+def reverse_task(ex):
+  """A preprocessor of one's own: the reverse task (formatted text -> raw input)."""
+  return {'inputs': ex['targets'], 'targets': ex['inputs']}
 
 
 def _register_gin_file(data_dir):
@@ -137,6 +145,31 @@ def test_bad_settings_raise_data_error(data_dir, fields, expected):
     tfds_tasks.register_tfds_tasks([good, bad])
   assert "TFDS task 'tfds_bad'" in str(e.value) and data_dir in str(e.value)
   assert tfds_tasks.registered_names() == [] and 'tfds_ok' not in tasks.registered_names()
+
+
+def test_preprocessor_replaces_the_rekey(data_dir):
+  task = tfds_tasks.TfdsTask(name='tfds_reverse_date_de', tfds_name='offline_suite/date_de:1.0.0',
+                             input_key='unused', preprocessor=reverse_task, tfds_data_dir=data_dir)
+  assert task.preprocessor == 'test_tfds_tasks.reverse_task'  # recorded as its import path
+  tfds_tasks.register_tfds_tasks([task])
+  reverse = _examples('tfds_reverse_date_de', 'validation')
+  forward = _examples('offline_date_de', 'validation')
+  assert sorted((t, i) for i, t, _, _ in reverse) == sorted((i, t) for i, t, _, _ in forward)
+  bad = dataclasses.replace(task, preprocessor='test_tfds_tasks.no_such_function')
+  with pytest.raises(ValueError, match=r"cannot import preprocessor 'test_tfds_tasks.no_such_fu"):
+    tfds_tasks.register_tfds_tasks([bad])
+  assert tfds_tasks.registered_names() == ['tfds_reverse_date_de']  # the failed call changed nothing
+
+
+def test_names_of_other_tasks_are_refused(data_dir):
+  task = tfds_tasks.TfdsTask(name='offline_date_de', tfds_name='offline_suite/date_de:1.0.0',
+                             tfds_data_dir=data_dir)
+  with pytest.raises(ValueError, match="'offline_date_de' is taken by another registered task"):
+    tasks.register_tfds_task(task)
+  ok = dataclasses.replace(task, name='tfds_date_de')
+  with pytest.raises(ValueError, match="'offline_bench' is taken"):
+    tfds_tasks.register_tfds_tasks([ok], mixtures={'offline_bench': ['tfds_date_de']})
+  assert tasks.get_task_or_mixture('offline_date_de').source.__class__ is seqio.FunctionDataSource
 
 
 def test_unknown_metric_and_local_preprocessor_are_refused():
