@@ -99,7 +99,7 @@ class TfdsTask:
         self.tfds_data_dir or os.environ.get(ENV_VAR) or tfds.core.constants.get_default_data_dir()))
 
   def record(self) -> dict[str, Any]:
-    """JSON-able fields, data dir resolved: what a run records and `TfdsTask(**record)` rebuilds."""
+    """JSON-able fields, data dir absolute: what a run records and `TfdsTask(**record)` rebuilds."""
     fields = dataclasses.asdict(dataclasses.replace(self, tfds_data_dir=self.data_dir))
     return json.loads(json.dumps(fields))
 
@@ -115,7 +115,7 @@ def _import_path(fn: Callable, task_name: str) -> str:
 def _load_preprocessor(task: TfdsTask) -> Callable:
   module, _, attr = task.preprocessor.rpartition('.')
   try:
-    return functools.reduce(getattr, attr.split('.'), importlib.import_module(module))
+    return getattr(importlib.import_module(module), attr)
   except (ImportError, AttributeError, ValueError) as e:
     raise ValueError(f'TFDS task {task.name!r}: cannot import preprocessor '
                      f'{task.preprocessor!r} ({e}); give "package.module.function" of an '
@@ -234,8 +234,10 @@ def _check_name_free(name: str) -> None:
 
 
 def _prepare(task: TfdsTask) -> tuple[TfdsTask, tfds.core.DatasetBuilder, Callable]:
-  """Everything `_add_task` needs, checked (DataError, ValueError) before anything registers."""
+  """Everything `_add_task` needs, checked (DataError, ValueError) before anything registers;
+  the task with its data directory made absolute (a later chdir cannot move it)."""
   _check_name_free(task.name)
+  task = dataclasses.replace(task, tfds_data_dir=task.data_dir)
   return task, dataset_builder(task), _to_text(task)
 
 
