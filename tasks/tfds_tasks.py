@@ -188,7 +188,8 @@ def dataset_builder(task: TfdsTask) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(task.tfds_name, data_dir=task.data_dir)
   # Not found; a bad config or version; an unreadable dataset_info.json (OSError).
   except (ValueError, AssertionError, KeyError, OSError) as e:
-    raise _not_prepared(task, str(e).strip().splitlines()[0].rstrip('.')) from None
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise _not_prepared(task, first_line.rstrip('.')) from None
   if not builder.is_prepared():
     raise _not_prepared(task, f'no dataset_info.json in {builder.data_path}')
   available = list(builder.info.splits)
