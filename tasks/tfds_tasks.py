@@ -94,9 +94,9 @@ class TfdsTask:
 
   @property
   def data_dir(self) -> str:
-    """The absolute data directory: tfds_data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-    return os.path.abspath(os.path.expanduser(
-        self.tfds_data_dir or os.environ.get(ENV_VAR) or tfds.core.constants.get_default_data_dir()))
+    """Absolute: tfds_data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    default = os.environ.get(ENV_VAR) or tfds.core.constants.get_default_data_dir()
+    return os.path.abspath(os.path.expanduser(self.tfds_data_dir or default))
 
   def record(self) -> dict[str, Any]:
     """JSON-able fields, data dir absolute: what a run records and `TfdsTask(**record)` rebuilds."""
@@ -130,7 +130,8 @@ def _dataset_and_variant(tfds_name: str) -> tuple[str, str]:
 
 
 def _prepared_variants(data_dir: str, dataset: str) -> list[str]:
-  """'config/version' (or 'version') folders of `dataset` under `data_dir` with dataset_info.json."""
+  """'config/version' (or 'version') folders of `dataset` under `data_dir` holding a
+  dataset_info.json."""
   root = os.path.join(data_dir, dataset)
   found = []
   for folder, _, files in os.walk(root):
@@ -164,7 +165,8 @@ def _not_prepared(task: TfdsTask, why: str) -> DataError:
 
 
 def _base_splits(split: str) -> list[str]:
-  """TFDS split names in a split expression: ['train', 'validation'] for 'train[:90%]+validation'."""
+  """TFDS split names in a split expression: ['train', 'validation'] for
+  'train[:90%]+validation'."""
   return [re.sub(r'\[.*\]$', '', part.strip()) for part in split.split('+')]
 
 

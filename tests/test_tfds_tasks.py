@@ -158,7 +158,8 @@ def test_preprocessor_replaces_the_rekey(data_dir):
   bad = dataclasses.replace(task, preprocessor='test_tfds_tasks.no_such_function')
   with pytest.raises(ValueError, match=r"cannot import preprocessor 'test_tfds_tasks.no_such_fu"):
     tfds_tasks.register_tfds_tasks([bad])
-  assert tfds_tasks.registered_names() == ['tfds_reverse_date_de']  # the failed call changed nothing
+  # The failed call changed nothing.
+  assert tfds_tasks.registered_names() == ['tfds_reverse_date_de']
 
 
 def test_names_of_other_tasks_are_refused(data_dir):
