@@ -129,7 +129,7 @@ def _dataset_and_variant(tfds_name: str) -> tuple[str, str]:
   return dataset, '/'.join(p for p in (config, version) if p)
 
 
-def _prepared_variants(data_dir: str, dataset: str) -> list[str]:
+def prepared_variants(data_dir: str, dataset: str) -> list[str]:
   """'config/version' (or 'version') folders of `dataset` under `data_dir` holding a
   dataset_info.json."""
   root = os.path.join(data_dir, dataset)
@@ -152,7 +152,7 @@ def _build_hint(task: TfdsTask) -> str:
 
 def _not_prepared(task: TfdsTask, why: str) -> DataError:
   dataset, variant = _dataset_and_variant(task.tfds_name)
-  found = _prepared_variants(task.data_dir, dataset)
+  found = prepared_variants(task.data_dir, dataset)
   there = (f'it holds {dataset}/{{{", ".join(found)}}}' if found else
            f'it holds no prepared {dataset}')
   return DataError.at(

@@ -203,3 +203,17 @@ def test_check_data_reads_every_shard_and_names_damage(data_dir, tmp_path):
   os.remove(os.path.join(variant, 'dataset_info.json'))
   with pytest.raises(tasks.DataError, match=rf"^{copy}: .*is not prepared in this directory"):
     tasks.check_data('tfds_damaged')
+
+
+def test_tfds_build_arguments_build_the_dataset(tmp_path):
+  """The documented `tfds build` arguments, through the build subcommand's own parser and code
+  (the `tfds` entry point also imports apache-beam, which this project does not install)."""
+  import simple_parsing
+  from tensorflow_datasets.scripts.cli import build
+  data_dir = str(tmp_path / 'tfds')
+  argv = f'offline_suite --imports=tasks.offline_suite_tfds --data_dir={data_dir} --config=date_de'
+  simple_parsing.parse(build.Args, args=argv.split()).execute()
+  assert tfds_tasks.prepared_variants(data_dir, 'offline_suite') == ['date_de/1.0.0']
+  tfds_tasks.register_tfds_task(tfds_tasks.TfdsTask(
+      name='tfds_built_by_cli', tfds_name='offline_suite/date_de:1.0.0', tfds_data_dir=data_dir))
+  assert _examples('tfds_built_by_cli', 'test') == _examples('offline_date_de', 'test')
