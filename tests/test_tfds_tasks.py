@@ -10,6 +10,8 @@ import gin
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import tasks
 from sira_jax import gin_utils
@@ -50,6 +52,31 @@ def _examples(name, split):
 def reverse_task(ex):
   """A preprocessor of one's own: the reverse task (formatted text -> raw input)."""
   return {'inputs': ex['targets'], 'targets': ex['inputs']}
+
+
+class TinySentiment(tfds.core.GeneratorBasedBuilder):
+  """A dataset of one's own with a class label, as many TFDS classification datasets have."""
+  VERSION = tfds.core.Version('1.0.0')
+  SENTENCES = {'train': [('good', 1), ('bad', 0), ('fine', 1)], 'test': [('awful', 0)]}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'sentence': tfds.features.Text(),
+        'label': tfds.features.ClassLabel(names=['negative', 'positive'])}))
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split) for split in self.SENTENCES}
+
+  def _generate_examples(self, split):
+    for i, (sentence, label) in enumerate(self.SENTENCES[split]):
+      yield i, {'sentence': sentence, 'label': label}
+
+
+@seqio.map_over_dataset
+def label_name(ex):
+  """inputs: the sentence; targets: the label's name."""
+  return {'inputs': ex['sentence'],
+          'targets': tf.gather(tf.constant(['negative', 'positive']), ex['label'])}
 
 
 def _register_gin_file(data_dir):
@@ -217,3 +244,17 @@ def test_tfds_build_arguments_build_the_dataset(tmp_path):
   tfds_tasks.register_tfds_task(tfds_tasks.TfdsTask(
       name='tfds_built_by_cli', tfds_name='offline_suite/date_de:1.0.0', tfds_data_dir=data_dir))
   assert _examples('tfds_built_by_cli', 'test') == _examples('offline_date_de', 'test')
+
+
+def test_class_label_needs_a_preprocessor(tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  TinySentiment(data_dir=data_dir).download_and_prepare()
+  rekeyed = tfds_tasks.TfdsTask(name='tfds_sentiment', tfds_name='tiny_sentiment:1.0.0',
+                                input_key='sentence', target_key='label', tfds_data_dir=data_dir)
+  with pytest.raises(tasks.DataError, match=r"feature 'label' \(target_key\) of "
+                     r"'tiny_sentiment:1.0.0' is ClassLabel, not text; give a preprocessor"):
+    tasks.register_tfds_task(rekeyed)
+  tasks.register_tfds_task(dataclasses.replace(rekeyed, preprocessor=label_name))
+  assert [ex[:2] for ex in _examples('tfds_sentiment', 'train')] == [
+      (b'bad', b'negative'), (b'fine', b'positive'), (b'good', b'positive')]
+  assert tasks.get_task_or_mixture('tfds_sentiment').splits == ('train', 'test')
