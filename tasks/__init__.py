@@ -1,4 +1,4 @@
-"""seqio tasks for sira-jax: the bundled offline suite and XTREME-UP.
+"""seqio tasks for sira-jax: the bundled offline suite, XTREME-UP and tasks over TFDS datasets.
 
 `import tasks` registers the offline suite (no download; see
 tasks/offline_suite.py and tasks/README.md). XTREME-UP (tasks/xtreme_up.py)
@@ -6,7 +6,9 @@ is registered explicitly: by `register_all()` (called after gin is parsed)
 when gin or $XTREME_UP_DATA_DIR names a data directory, or on the first
 `get_task_or_mixture('xtreme_up_...')`. The trainer selects tasks by name:
 `tasks.get_task_or_mixture(name)`; unknown names raise a KeyError that lists
-the closest registered names.
+the closest registered names. Tasks over prepared TFDS datasets (tasks/tfds_tasks.py)
+are defined in gin (`tasks.tfds_tasks.register_tfds_tasks.tasks`, see
+gin/tasks/tfds_task.gin) and registered by `register_all()` too.
 
 A training run records `registration()` in its run_config.json, and eval and
 infer re-apply it (`apply_registration`), so they see the same tasks without
@@ -29,11 +31,13 @@ from absl import logging
 from tasks import metrics
 from tasks import offline_suite
 from tasks import registry
+from tasks import tfds_tasks
 from tasks import vocab
 from tasks import xtreme_up
 from tasks.data_files import DataError
 from tasks.offline_suite import register_offline_suite
 from tasks.registry import registered_names
+from tasks.tfds_tasks import TfdsTask, register_tfds_task, register_tfds_tasks
 from tasks.xtreme_up import register_xtreme_up
 
 
@@ -42,7 +46,8 @@ def register_all(xtreme_up_data_dir: str | None = None) -> list[str]:
   """Re-registers everything with `vocab.get_vocabulary()` (gin-aware).
 
   XTREME-UP is registered when `xtreme_up_data_dir`, the gin binding of
-  `register_xtreme_up.data_dir`, or $XTREME_UP_DATA_DIR names a directory.
+  `register_xtreme_up.data_dir`, or $XTREME_UP_DATA_DIR names a directory;
+  TFDS tasks and mixtures when gin binds `register_tfds_tasks.tasks`.
   Returns the registered names.
   """
   vocabulary = vocab.get_vocabulary()
@@ -53,14 +58,21 @@ def register_all(xtreme_up_data_dir: str | None = None) -> list[str]:
     # Other register_xtreme_up arguments (families, languages, ...) come from
     # gin bindings, if any.
     names += register_xtreme_up(data_dir=data_dir, vocabulary=vocabulary)
+  if _gin_binding('tasks.tfds_tasks.register_tfds_tasks.tasks') is not None:
+    # The tasks and mixtures come from gin.
+    names += register_tfds_tasks(vocabulary=vocabulary)
   return names
 
 
-def _gin_xtreme_up_data_dir() -> str | None:
+def _gin_binding(parameter: str):
   try:
-    return gin.query_parameter('tasks.xtreme_up.register_xtreme_up.data_dir')
+    return gin.query_parameter(parameter)
   except ValueError:  # Not bound.
     return None
+
+
+def _gin_xtreme_up_data_dir() -> str | None:
+  return _gin_binding('tasks.xtreme_up.register_xtreme_up.data_dir')
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
@@ -82,17 +94,21 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
 def check_data(name: str) -> list[str]:
   """Opens and decodes every data file task or mixture `name` reads (every split of every
   member task); returns the paths read. The bundled offline suite reads no file (its examples
-  are generated from installed packages), so its names return [].
+  are generated from installed packages), so its names return []. A TFDS task's files are the
+  shards of its splits: the dataset must still be prepared under its data directory, and every
+  record must parse.
 
   Raises:
     DataError: the first unreadable file, `path:line: problem; fix` (not UTF-8, a line that is
-      not JSON, a record without a field, a file removed since registration).
+      not JSON, a record without a field, a file removed since registration; for TFDS, the data
+      directory when the dataset is not prepared there, or `shard:record number`).
     KeyError: no such task or mixture (the message lists the closest names).
   """
   task_or_mixture = get_task_or_mixture(name)
   members = (task_or_mixture.tasks if isinstance(task_or_mixture, seqio.Mixture)
              else [task_or_mixture])
-  return xtreme_up.check_files([task.name for task in members])
+  names = [task.name for task in members]
+  return xtreme_up.check_files(names) + tfds_tasks.check_files(names)
 
 
 def family_and_language(name: str) -> tuple[str, str]:
@@ -125,11 +141,24 @@ def family(name: str) -> str:
   return f'offline_{fam}' if lang and name.startswith('offline_') else name
 
 
+# Optional task families: run_config.json key -> (their registration arguments, or None when
+# none are registered; the function that registers them from those arguments).
+_OPTIONAL_FAMILIES = {
+    'xtreme_up': (xtreme_up.registration_args, lambda args: register_xtreme_up(**args)),
+    'tfds': (tfds_tasks.registration_args, lambda args: register_tfds_tasks(**args)),
+}
+
+
 def registration() -> dict[str, Any]:
   """How the optional task families were registered (JSON-able): {} when only
-  the bundled suite is, else {'xtreme_up': register_xtreme_up kwargs}."""
-  args = xtreme_up.registration_args()
-  return {'xtreme_up': args} if args else {}
+  the bundled suite is, else {'xtreme_up': register_xtreme_up kwargs, 'tfds':
+  register_tfds_tasks kwargs}, for those registered."""
+  record = {}
+  for key, (args_fn, _) in _OPTIONAL_FAMILIES.items():
+    args = args_fn()
+    if args:
+      record[key] = args
+  return record
 
 
 def apply_registration(record: Mapping[str, Any] | None) -> list[str]:
@@ -139,13 +168,15 @@ def apply_registration(record: Mapping[str, Any] | None) -> list[str]:
   is kept when it differs from the record: explicit settings win, with a
   warning.
   """
-  args = (record or {}).get('xtreme_up')
-  if not args:
-    return []
-  current = xtreme_up.registration_args()
-  if current is None:
-    return register_xtreme_up(**args)
-  if current != args:
-    logging.warning('XTREME-UP is registered with %s, not with the run\'s %s: '
-                    'keeping the explicit settings.', current, args)
-  return []
+  names = []
+  for key, (args_fn, register) in _OPTIONAL_FAMILIES.items():
+    args = (record or {}).get(key)
+    if not args:
+      continue
+    current = args_fn()
+    if current is None:
+      names += register(args)
+    elif current != args:
+      logging.warning('%s tasks are registered with %s, not with the run\'s %s: '
+                      'keeping the explicit settings.', key, current, args)
+  return names

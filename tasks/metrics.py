@@ -312,6 +312,18 @@ def mrr_seqio(targets, predictions) -> Mapping[str, float]:
   return {'mrr': mrr(targets, predictions)}
 
 
+# seqio metric functions by name, for tasks configured by name (tasks/tfds_tasks.py, gin).
+SEQIO_METRIC_FNS = {
+    'cer': cer_seqio,
+    'chrf': chrf_seqio,
+    'sequence_accuracy': sequence_accuracy_seqio,
+    'squad': squad_seqio,
+    'span_f1': span_f1_seqio,
+    'top3_accuracy': top3_accuracy_seqio,
+    'mrr': mrr_seqio,
+}
+
+
 OFFICIAL_METRIC = {
     'transliteration': 'cer',
     'translation': 'chrf',

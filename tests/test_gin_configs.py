@@ -43,8 +43,9 @@ def _parse(files, bindings=()):
 
 def test_every_gin_file_is_covered():
   covered = set(SIZES) | {'models/t5_architecture.gin', 'main.gin', 'runs/common_train.gin'}
-  covered |= {f for f in ALL_FILES if f.startswith(('adapters/', 'runs/', 't5x/', 'benchmark/'))}
-  # t5x/: tests/test_t5x_configs.py
+  covered |= {f for f in ALL_FILES
+              if f.startswith(('adapters/', 'runs/', 't5x/', 'benchmark/', 'tasks/'))}
+  # t5x/: tests/test_t5x_configs.py; tasks/: tests/test_tfds_tasks.py
   assert set(ALL_FILES) <= covered, set(ALL_FILES) - covered
   assert len(ALL_FILES) >= 16
 

@@ -1,0 +1,38 @@
+"""tasks/README.md's TFDS commands run as written: build two configs of the offline suite as a
+TFDS dataset, train a tiny T5 on gin/tasks/tfds_task.gin's mixture of TFDS-backed tasks, and
+evaluate it from the run's recorded registration (about a minute on two CPU cores)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme_commands():
+  text = open(os.path.join(ROOT, 'tasks', 'README.md'), encoding='utf-8').read()
+  blocks = [b for b in re.findall(r'```sh\n(.*?)```', text, re.S) if 'offline_suite_tfds' in b]
+  assert len(blocks) == 1, 'tasks/README.md should hold exactly one TFDS sh block'
+  return blocks[0]
+
+
+def test_readme_tfds_build_train_and_eval_run_as_written(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  env.pop('TFDS_DATA_DIR', None)
+  proc = subprocess.run(['bash', '-euo', 'pipefail', '-c', _readme_commands()], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  data_dir = tmp_path / 'tensorflow_datasets'
+  assert (data_dir / 'offline_suite' / 'unit_fr' / '1.0.0' / 'dataset_info.json').is_file()
+  run = tmp_path / 'runs' / 'tfds_offline_mix'
+  record = json.loads((run / 'run_config.json').read_text())['tfds']
+  assert {t['name']: t['tfds_data_dir'] for t in record['tasks']} == {
+      'tfds_offline_date_de': str(data_dir), 'tfds_offline_unit_fr': str(data_dir)}
+  assert json.loads((run / 'train_summary.json').read_text())['step'] == 20
+  # Eval registered the run's TFDS tasks itself (no TFDS setting on its command line).
+  metrics = json.loads((run / 'eval' / 'metrics_tfds_offline_mix_20_test.json').read_text())
+  assert set(metrics['metrics']) == {'tfds_offline_date_de', 'tfds_offline_unit_fr'}
+  assert all(set(m) == {'sequence_accuracy', 'chrf'} for m in metrics['metrics'].values())
+  assert 'mean over 2 tasks: chrf=' in proc.stdout + proc.stderr
