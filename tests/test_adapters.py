@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import flax.linen as nn
+import flax.traverse_util
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from adapter_reference import routed_reference
-from sira_jax import adapters, routers, routing
+from sira_jax import adapters, losses, routers, routing
 from sira_jax.adapters import AdaptedDense, AdapterConfig
 from sira_jax.experts import EXPERT_FORMS
 
@@ -731,6 +732,60 @@ def test_smoe_dropout_schedule_grows_active_experts():
   expected = xs @ np.asarray(params['kernel']) + mix
   y_eval = layer.apply(variables, x)
   np.testing.assert_allclose(y_eval, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ routers
+
+
+@pytest.mark.parametrize('kind', adapters.ADAPTER_KINDS)
+def test_router_variables_live_at_the_layer_paths(kind):
+  """The router module shares the layer's scope: its params, SMoE-Dropout's schedule and the
+  statistics sit directly in the layer's scope (the paths checkpoints and rules use)."""
+  cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=3, top_k=2)
+  layer = AdaptedDense(D_OUT, adapter=cfg)
+  x = random_x((2, 5, D_IN))
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  _, state = layer.apply(variables, x, mutable=['intermediates'])
+  paths = {'/'.join(k) for k in flax.traverse_util.flatten_dict(nn.unbox(variables))}
+  want = {'params/kernel'}
+  if kind != 'none':
+    want |= {'params/lora_a', 'params/lora_b'}
+  if kind in ('sira', 'molora'):
+    want.add('params/router_kernel')
+  if kind == 'smoe_dropout':
+    want |= {'params/smoe_router_kernel', 'schedule/progress'}
+  assert paths == want
+  sown = set(state.get('intermediates', {}))
+  assert sown == (set(losses.ROUTING_STATS) if kind in adapters.ROUTED_KINDS else set())
+
+
+class _Top1Router(routers.TokenRouter):
+  """A router the layer was never written for: top-1 of a trained router, no capacity."""
+
+  @property
+  def num_selected(self):
+    return 1
+
+  def router_kernel(self, d_in):
+    return self.param('router_kernel', nn.initializers.zeros, (d_in, self.config.num_experts),
+                      jnp.float32)
+
+
+@pytest.mark.parametrize('form', EXPERT_FORMS)
+def test_a_new_router_class_plugs_into_every_expert_form(form, monkeypatch):
+  """Registering a router class is all a new routing rule takes: the layer and the expert forms
+  consume its instructions unchanged (checked against the per-token reference, top-1, no drop)."""
+  monkeypatch.setitem(routers.ROUTERS, 'top1', _Top1Router)
+  cfg = AdapterConfig(kind='top1', rank=RANK, num_experts=3, expert_compute=form)
+  params = make_params(dataclasses.replace(cfg, kind='molora'), seed=2)
+  x = random_x((2, 7, D_IN), seed=3)
+  mask = jnp.ones((2, 7), bool).at[1, 5:].set(False)
+  y, stats = apply_with_stats(cfg, params, x, mask)
+  y_ref, info = routed_reference(x, mask, params, num_experts=3, top_k=1, capacity_factor=None,
+                                 min_capacity=1, max_group_size=cfg.max_group_size,
+                                 scale=cfg.scale)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(stats['expert_usage'], info['expert_usage'], atol=1e-6)
 
 
 # ----------------------------------------------------------- jit and dtypes
