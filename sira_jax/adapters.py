@@ -18,15 +18,22 @@
                 (Chen et al., 2023); gates are the softmax over the active
                 experts; evaluation uses `smoe_eval_num_experts` (default E).
 
-The sparse and dense mixtures all go through `sira_jax.routing.top_k_routing`
-and one of the expert forms of `sira_jax.experts`.
+Each mixture kind has a router module (`sira_jax.routers`): the layer calls it,
+then hands its decision to an expert form of `sira_jax.experts` (or, for
+AdaMix, to `experts.chosen_lora_delta`), then scales the delta. The per-token
+routers all go through `sira_jax.routing.top_k_routing`.
 
 Documented defaults (each a field below):
   * gate normalisation: top-k softmax probabilities, not renormalised
     (`renormalize_gates=False`, the flaxformer convention).
-  * capacity: C = min(T, max(min_expert_capacity, ceil(k * cf * T / E))) per
-    group of T <= max_group_size tokens; cf = 1.25 in training; evaluation is
-    no-drop (`eval_capacity_factor=None`), which makes one example's eval output
+  * capacity (docs/capacity.md): group g of T <= max_group_size positions with
+    n_g real tokens fills at most c_g = min(T, max(min_expert_capacity,
+    ceil(k * cf * n_g / E))) slots per expert (`capacity_counts=
+    'real_tokens'`), so the effective capacity factor does not depend on how
+    much padding a batch has; buffers keep the static size C (c_g with n_g = T).
+    `capacity_counts='positions'` counts all T positions, padding included
+    (c_g = C, flaxformer's rule). cf = 1.25 in training; evaluation is no-drop
+    (`eval_capacity_factor=None`), which makes one example's eval output
     independent of the other examples in its batch and keeps cached decoding
     equal to full recomputation.
   * aux loss: E * sum_e f_e P_e over real tokens (1 at balance), see
@@ -51,15 +58,20 @@ import jax.numpy as jnp
 from sira_jax import cost_model
 from sira_jax import experts as experts_lib
 from sira_jax import partitioning
+from sira_jax import routers
 from sira_jax import routing
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-ADAPTER_KINDS = ('none', 'lora', 'sira', 'molora', 'adamix', 'smoe_dropout')
-ROUTED_KINDS = ('sira', 'molora', 'smoe_dropout')
+# 'none', 'lora', then one kind per router class (`routers.ROUTERS`): sira, molora, adamix,
+# smoe_dropout.
+ADAPTER_KINDS = ('none', 'lora') + tuple(routers.ROUTERS)
+# The kinds routed per token (their router emits `routing.RoutingInstructions`).
+ROUTED_KINDS = tuple(kind for kind, router in routers.ROUTERS.items()
+                     if issubclass(router, routers.TokenRouter))
 TRAINABLE_PARAM_NAMES = ('lora_a', 'lora_b', 'router_kernel')
-SCHEDULE_COLLECTION = 'schedule'
+SCHEDULE_COLLECTION = routers.SCHEDULE_COLLECTION
 
 
 @gin.configurable
@@ -78,7 +90,11 @@ class AdapterConfig:
     renormalize_gates: rescale each token's kept top-k gates to sum to 1.
     capacity_factor: training capacity factor cf (sira).
     eval_capacity_factor: evaluation capacity factor; None = no drop.
-    min_expert_capacity: lower bound on C.
+    capacity_counts: what a group's capacity is counted over (docs/capacity.md):
+      'real_tokens' (default), its n_g real tokens: c_g = min(T,
+      max(min_expert_capacity, ceil(k * cf * n_g / E))); 'positions', all T
+      positions, padding included (flaxformer's rule, for parity): c_g = C.
+    min_expert_capacity: lower bound on the capacity.
     max_group_size: tokens per routing group T (capacity is per group).
     batch_prioritized_routing: slots go to tokens with larger top-1 gate
       first (encoder only; decoder layers disable it).
@@ -111,6 +127,7 @@ class AdapterConfig:
   renormalize_gates: bool = False
   capacity_factor: float = 1.25
   eval_capacity_factor: Optional[float] = None
+  capacity_counts: str = 'real_tokens'
   min_expert_capacity: int = 4
   max_group_size: int = 1024
   batch_prioritized_routing: bool = False
@@ -126,12 +143,12 @@ class AdapterConfig:
   def __post_init__(self):
     def fail(field, problem, fix):
       raise ValueError(f'AdapterConfig.{field}: {problem}. {fix}')
-    if self.kind not in ADAPTER_KINDS:
-      fail('kind', f'unknown adapter kind {self.kind!r}',
-           f'Use one of {ADAPTER_KINDS}.')
+    kinds = ('none', 'lora') + tuple(routers.ROUTERS)  # Read now: a router registered later counts.
+    if self.kind not in kinds:
+      fail('kind', f'unknown adapter kind {self.kind!r}', f'Use one of {kinds}.')
     if self.rank < 1:
       fail('rank', f'must be >= 1, got {self.rank}', 'Set rank to e.g. 4.')
-    if self.kind in ('sira', 'molora', 'adamix', 'smoe_dropout'):
+    if self.kind in routers.ROUTERS:
       if self.num_experts < 1:
         fail('num_experts', f'must be >= 1, got {self.num_experts}',
              'Set num_experts to e.g. 4.')
@@ -151,6 +168,9 @@ class AdapterConfig:
     if not 0.0 <= self.router_jitter < 1.0:
       fail('router_jitter', f'must be in [0, 1), got {self.router_jitter}',
            'Use 0 (off) or e.g. 0.01.')
+    if self.capacity_counts not in routing.CAPACITY_COUNTS:
+      fail('capacity_counts', f'unknown rule {self.capacity_counts!r}',
+           f'Use one of {routing.CAPACITY_COUNTS} (docs/capacity.md).')
     if self.expert_dropout_placement not in ('gate', 'logits'):
       fail('expert_dropout_placement',
            f'unknown placement {self.expert_dropout_placement!r}',
@@ -199,10 +219,13 @@ class AdaptedDense(nn.Module):
   by stop_gradient unless freeze_base=False); `lora_a` [E, r, d_in] and
   `lora_b` [E, r, features] (E omitted for 'lora'); `router_kernel` [d_in, E]
   (float32, trained: sira, molora); `smoe_router_kernel` [d_in, E] (float32,
-  fixed: smoe_dropout).
+  fixed: smoe_dropout). The router params and smoe_dropout's
+  'schedule/progress' belong to the kind's router (`routers.ROUTERS`), which
+  shares this module's scope.
 
-  Sown into 'intermediates' (routed kinds): aux_loss, router_z_loss,
-  dropped_fraction, expert_usage [E], gate_entropy, router_confidence.
+  Sown into 'intermediates' (routed kinds, by the router): aux_loss,
+  router_z_loss, dropped_fraction, expert_usage [E], gate_entropy,
+  router_confidence, over real tokens only.
   """
   features: int
   adapter: AdapterConfig = AdapterConfig()
@@ -251,113 +274,48 @@ class AdaptedDense(nn.Module):
 
     if cfg.kind == 'lora':
       delta = experts_lib.lora_delta(adapter_in, a, b)
-    elif cfg.kind == 'adamix':
-      delta = experts_lib.lora_delta(adapter_in,
-                                     *self._adamix_weights(a, b, enable_dropout))
     else:
-      delta = self._mixture_delta(x, adapter_in, token_mask, a, b,
-                                  enable_dropout)
+      # Router, then expert form. The router shares this scope: its params, schedule variable
+      # and statistics keep their paths here (see sira_jax.routers).
+      router = routers.ROUTERS[cfg.kind](config=cfg, input_axis=in_axis,
+                                         allow_batch_priority=self.allow_batch_priority,
+                                         name='router')
+      nn.share_scope(self, router)
+      if isinstance(router, routers.TokenRouter):
+        delta = self._token_routed_delta(router, x, adapter_in, token_mask, a, b,
+                                         enable_dropout)
+      else:
+        delta = experts_lib.chosen_lora_delta(adapter_in, a, b,
+                                              router(enable_dropout=enable_dropout))
     return y + (cfg.scale * delta).astype(y.dtype)
 
-  def _adamix_weights(self, a: Array, b: Array,
-                      enable_dropout: bool) -> tuple[Array, Array]:
-    """One random expert for A and one for B in training; the mean at eval."""
-    if not enable_dropout:
-      return a.mean(0), b.mean(0)
-    key_a, key_b = jax.random.split(self.make_rng('dropout'))
-    e = self.adapter.num_experts
-    return (a[jax.random.randint(key_a, (), 0, e)],
-            b[jax.random.randint(key_b, (), 0, e)])
-
-  def _mixture_delta(self, x: Array, adapter_in: Array, token_mask: Array,
-                     a: Array, b: Array, enable_dropout: bool) -> Array:
-    """Route the tokens of x and apply the E experts: [..., features]."""
+  def _token_routed_delta(self, router: routers.TokenRouter, x: Array, adapter_in: Array,
+                          token_mask: Array, a: Array, b: Array,
+                          enable_dropout: bool) -> Array:
+    """Route the tokens of x with `router` and apply the E experts: [..., features]."""
     cfg = self.adapter
-    e = cfg.num_experts
     lead_shape, d_in = x.shape[:-1], x.shape[-1]
     n = math.prod(lead_shape)
     g, t = routing.group_layout(n, cfg.max_group_size)
     mask = routing.to_groups(token_mask.reshape(n), g, t)
-
-    train_cf = cfg.capacity_factor if enable_dropout else cfg.eval_capacity_factor
-    if cfg.kind == 'sira':
-      num_selected, num_active, cf = cfg.top_k, None, train_cf
-    elif cfg.kind == 'molora':
-      num_selected, num_active, cf = e, None, None
-    else:  # smoe_dropout
-      num_selected, cf = e, None
-      progress = self._smoe_progress()  # Created at init even in eval mode.
-      num_active = (cfg.top_k + jnp.round(progress * (e - cfg.top_k)).astype(
-          jnp.int32) if enable_dropout else (cfg.smoe_eval_num_experts or e))
-    capacity = routing.expert_capacity(t, e, num_selected, cf,
-                                       cfg.min_expert_capacity)
-    form = self._expert_form(g, t, d_in, num_selected, cf)
-
+    form = self._expert_form(g, t, d_in, router.num_selected,
+                             router.capacity_factor(enable_dropout))
     router_in = routing.to_groups(x.reshape(n, d_in), g, t).astype(jnp.float32)
-    jitter = enable_dropout and cfg.router_jitter > 0
-    if jitter:
-      router_in = router_in * jax.random.uniform(
-          self.make_rng('dropout'), router_in.shape, jnp.float32,
-          1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
-    if cfg.kind == 'smoe_dropout':
-      router_kernel = jax.lax.stop_gradient(self.param(
-          'smoe_router_kernel', nn.with_logical_partitioning(
-              nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'),
-              (self.kernel_axes[0], 'unmodeled')), (d_in, e), jnp.float32))
-    else:
-      router_kernel = self.param(
-          'router_kernel', nn.with_logical_partitioning(
-              nn.initializers.normal(cfg.router_init_stddev),
-              (self.kernel_axes[0], 'unmodeled')), (d_in, e), jnp.float32)
-    expert_kwargs = {}
-    if (form == 'dense' and a.dtype == jnp.float32 and not jitter and
+    fused_weight = None
+    if (form == 'dense' and a.dtype == jnp.float32 and
         not (enable_dropout and cfg.dropout_rate > 0)):
-      # The router and every expert's A read the same float32 tokens: one matmul of width
-      # E*(1+r) instead of a separate narrow float32 router matmul (REFERENCE.md 6b).
-      # A used whole (replicated) like the dense form's weights: one all-gather on a mesh.
-      a_all = partitioning.with_logical_constraint(a.reshape(e * cfg.rank, d_in),
-                                                   ('unmodeled', self.kernel_axes[0]))
-      fused = experts_lib.token_matmul(
-          router_in, jnp.concatenate([router_kernel.T, a_all], axis=0), transpose_w=True)
-      logits, expert_kwargs['hidden'] = fused[..., :e], fused[..., e:]
-    else:
-      logits = experts_lib.token_matmul(router_in, router_kernel)
-    logits = partitioning.with_logical_constraint(logits, ('batch', None, 'unmodeled'))
-
-    routing_logits = logits
-    drop_experts = (enable_dropout and cfg.expert_dropout_rate > 0 and
-                    cfg.kind != 'smoe_dropout')
-    if drop_experts and cfg.expert_dropout_placement == 'logits':
-      dropped = jax.random.bernoulli(self.make_rng('dropout'),
-                                     cfg.expert_dropout_rate, logits.shape)
-      # A large negative offset, not -inf: order and finiteness survive even
-      # when every expert of a token is dropped.
-      routing_logits = logits - 1e9 * dropped
-    probs = jax.nn.softmax(routing_logits, axis=-1)
-
-    choice_keep = None
-    if drop_experts and cfg.expert_dropout_placement == 'gate':
-      choice_keep = jax.random.bernoulli(
-          self.make_rng('dropout'), 1.0 - cfg.expert_dropout_rate,
-          (g, t, num_selected))
-    instructions = routing.top_k_routing(
-        probs, mask, num_selected=num_selected, capacity=capacity,
-        renormalize=cfg.renormalize_gates or cfg.kind == 'smoe_dropout',
-        choice_keep=choice_keep, num_active=num_active,
-        batch_prioritized=(cfg.batch_prioritized_routing and
-                           self.allow_batch_priority))
-    if choice_keep is not None and cfg.expert_dropout_rescale:
-      instructions = instructions.replace(
-          weight=instructions.weight / (1.0 - cfg.expert_dropout_rate))
-
-    for name, value in routing.routing_statistics(
-        logits, probs, instructions, mask).items():
-      self.sow('intermediates', name, value)
-
+      # The router and every expert's A read the same float32 tokens: the router computes x A^T
+      # in its own matmul, one matmul of width E*(1+r) that reads the tokens once, instead of a
+      # separate narrow float32 router matmul. A is used whole (replicated) like the dense
+      # form's weights: one all-gather on a mesh.
+      fused_weight = partitioning.with_logical_constraint(
+          a.reshape(cfg.num_experts * cfg.rank, d_in), ('unmodeled', self.kernel_axes[0]))
+    instructions, hidden = router(router_in, mask, enable_dropout=enable_dropout,
+                                  fused_weight=fused_weight)
     compute = experts_lib.EXPERT_FORMS[form]
     delta = compute(routing.to_groups(adapter_in.reshape(n, d_in), g, t), a, b, instructions,
-                    input_axis=self.kernel_axes[0],
-                    output_axis=self.kernel_axes[1], **expert_kwargs)
+                    input_axis=self.kernel_axes[0], output_axis=self.kernel_axes[1],
+                    **({} if hidden is None else {'hidden': hidden}))
     return routing.from_groups(delta, n).reshape(lead_shape + (self.features,))
 
   def _expert_form(self, g: int, t: int, d_in: int, num_selected: int,
@@ -376,22 +334,6 @@ class AdaptedDense(nn.Module):
         group_size=t, min_capacity=cfg.min_expert_capacity,
         dtype_bytes=jnp.dtype(self.dtype).itemsize)
     return cost_model.choose_form(site, shape, jax.default_backend())
-
-  def _smoe_progress(self) -> Array:
-    """Training progress in [0, 1] for SMoE-Dropout's schedule.
-
-    The schedule: k + round(progress * (E - k)) active experts, k = top_k.
-    `progress` is read from the 'schedule' collection, which the trainer sets
-    each step (`with_training_progress`); when the collection is absent (a
-    caller that does not know it), progress is 1: all E experts.
-    """
-    if self.is_initializing() or self.has_variable(SCHEDULE_COLLECTION,
-                                                   'progress'):
-      progress = self.variable(SCHEDULE_COLLECTION, 'progress',
-                               lambda: jnp.ones((), jnp.float32)).value
-    else:
-      progress = jnp.ones((), jnp.float32)
-    return jnp.clip(progress, 0.0, 1.0)
 
 
 def _path_names(path) -> list[str]:

@@ -2,13 +2,16 @@
 
 Low-rank weights are stored in PEFT's layout, the rank axis before the feature
 axis: `a: [E, r, d_in]`, `b: [E, r, d_out]` (one expert: `a: [r, d_in]`).
-XLA on CPU computes the weight gradient several times faster in this layout
-than with `a: [d_in, r]` (REFERENCE.md section 6; `experiments/bench_routing.py`),
-and faster again as a dot batched over the leading axis (`token_matmul`, used
-for every low-rank and router contraction).
+XLA on CPU computes the weight gradient faster in this layout than with
+`a: [d_in, r]` (a LoRA gradient step took 1.4x to 3.8x longer with `[d_in, r]`,
+on a quiet and a loaded machine: `experiments/bench_routing.py`), and faster
+again as a dot batched over the leading axis (`token_matmul`, used for every
+low-rank and router contraction).
 
-Two interchangeable forms compute the same output (tested equal, values and
-gradients, drops included):
+Three interchangeable forms compute the same output (tested equal, values and
+gradients, drops included). Every form drops exactly the choices that
+`RoutingInstructions.dispatched` rules out (inactive, or at a slot beyond its
+group's capacity c_g, docs/capacity.md), through the masks derived from it:
   * `einsum_experts`: the flaxformer one-hot dispatch/combine einsums over
     [G, T, E, C] buffers. The reference, and the form whose expert buffers
     shard over an `expert` mesh axis (all-to-all on TPU/GPU).
@@ -16,6 +19,11 @@ gradients, drops included):
     one matmul of width E*r (like a LoRA of rank E*r); each token's columns are
     scaled by its gate (0 for unselected, over-capacity or padding choices),
     then one [E*r, d_out] matmul. Exact SiRA output at ~LoRA cost for small E*r.
+  * `gather_experts`: the index form: tokens gathered into the [G, E, C, d_in]
+    buffers by index, per-expert matmuls, each token's K outputs gathered back.
+
+`chosen_lora_delta` applies AdaMix's whole-adapter choice (`routing.AdapterChoice`)
+instead: one LoRA for every token.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from sira_jax.partitioning import with_logical_constraint as constrain
-from sira_jax.routing import RoutingInstructions
+from sira_jax.routing import AdapterChoice, RoutingInstructions
 
 Array = jax.Array
 
@@ -92,6 +100,22 @@ def lora_delta(x: Array, a: Array, b: Array) -> Array:
     [..., d_out].
   """
   return token_matmul(token_matmul(x, a, transpose_w=True), b)
+
+
+def chosen_lora_delta(x: Array, a: Array, b: Array, choice: AdapterChoice) -> Array:
+  """One LoRA made of the chosen experts' A and B (the mean where none is chosen), unscaled.
+
+  Args:
+    x: [..., d_in].
+    a: [E, r, d_in].
+    b: [E, r, d_out].
+    choice: which expert's A and B (`routing.AdapterChoice`).
+
+  Returns:
+    [..., d_out].
+  """
+  pick = lambda w, index: w.mean(0) if index is None else w[index]
+  return lora_delta(x, pick(a, choice.a_index), pick(b, choice.b_index))
 
 
 def einsum_experts(x: Array, a: Array, b: Array,
@@ -215,7 +239,7 @@ def gather_experts(x: Array, a: Array, b: Array,
   hidden = jnp.einsum('gecd,erd->gecr', expert_in.reshape(g, e, c, d_in), a)
   expert_out = jnp.einsum('gecr,ero->geco', hidden, b).reshape(g, e * c, -1)
   picked = _gather_rows(expert_out, row, choice[..., None], filled[..., None])
-  weight = instructions.weight.astype(x.dtype).reshape(g, t, k, 1)
+  weight = instructions.dispatched_weight.astype(x.dtype).reshape(g, t, k, 1)
   return jnp.sum(picked.reshape(g, t, k, -1) * weight, axis=2)
 
 

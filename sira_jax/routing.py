@@ -2,19 +2,26 @@
 
 Every mixture variant (SiRA's sparse top-k, MoLoRA's dense softmax mixture,
 SMoE-Dropout's fixed random router with a growing number of active experts)
-is one call of `top_k_routing` with different arguments, and every expert
-computation form in `sira_jax.experts` consumes the same instructions without
-knowing which router made them (the flaxformer design, REFERENCE.md section 2).
+is one call of `top_k_routing` with different arguments, made by its router
+module (`sira_jax.routers`), and every expert computation form in
+`sira_jax.experts` consumes the same instructions without knowing which router
+made them.
 
 Shapes: G groups of T tokens, E experts, K choices per token, C capacity slots
-per expert and group.
+per expert and group (the static buffer size), c_g <= C the slots group g may
+fill.
 
 Conventions (documented defaults, every one a config field in
 `sira_jax.adapters.AdapterConfig`):
   * Gates are the softmax probabilities of the top-K experts, not renormalised
     unless asked (flaxformer and MoLoRA default).
-  * Capacity: `C = min(T, max(min_capacity, ceil(K * capacity_factor * T / E)))`;
-    `capacity_factor=None` means no token is ever dropped (C = T).
+  * Capacity (docs/capacity.md): buffers hold
+    `C = min(T, max(min_capacity, ceil(K * capacity_factor * T / E)))` slots;
+    group g fills at most `c_g = min(T, max(min_capacity,
+    ceil(K * capacity_factor * n_g / E)))` of them, n_g its real (unpadded)
+    tokens (`capacity_counts='real_tokens'`), or all C (`'positions'`, the
+    padding-inclusive flaxformer rule). `capacity_factor=None` means no token
+    is ever dropped (c_g = C = T).
   * Priority: all first choices outrank all second choices; within a choice,
     earlier tokens first, or, with batch-prioritised routing (encoder only),
     tokens with the larger top-1 probability first.
@@ -30,8 +37,11 @@ from typing import Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+
+CAPACITY_COUNTS = ('real_tokens', 'positions')
 
 
 @flax.struct.dataclass
@@ -42,15 +52,22 @@ class RoutingInstructions:
     expert_index: [G, T, K] int32, the expert of each choice.
     slot: [G, T, K] int32, the position of the token in that expert's buffer:
       -1 for an inactive choice (padding, removed by expert dropout, beyond the
-      active number of experts); >= capacity for a choice dropped by capacity.
-    weight: [G, T, K] float32 combine weight; 0 wherever the choice is not
-      dispatched.
-    capacity: C, slots per expert and group (static).
+      active number of experts); >= group_capacity[g] for a choice dropped by
+      capacity.
+    weight: [G, T, K] float32 gate of each choice; 0 wherever the choice is not
+      dispatched (the expert forms mask it with `dispatched` as well).
+    group_capacity: [G] int32, c_g <= C: the slots group g may fill (slots
+      >= c_g are dropped; docs/capacity.md).
+    capacity: C, slots per expert and group: the static buffer size.
     num_experts: E (static).
+
+  Every expert form reads the decision through `dispatched` (or the masks
+  derived from it), so a slot beyond c_g is dropped in every form alike.
   """
   expert_index: Array
   slot: Array
   weight: Array
+  group_capacity: Array
   capacity: int = flax.struct.field(pytree_node=False)
   num_experts: int = flax.struct.field(pytree_node=False)
 
@@ -61,26 +78,50 @@ class RoutingInstructions:
 
   @property
   def dispatched(self) -> Array:
-    """[G, T, K] bool: the choice is processed by its expert."""
-    return (self.slot >= 0) & (self.slot < self.capacity)
+    """[G, T, K] bool: the choice is processed by its expert (slot < c_g)."""
+    return (self.slot >= 0) & (self.slot < self.group_capacity[:, None, None])
+
+  @property
+  def dispatched_slot(self) -> Array:
+    """[G, T, K] int32: the slot of each dispatched choice, -1 elsewhere."""
+    return jnp.where(self.dispatched, self.slot, -1)
+
+  @property
+  def dispatched_weight(self) -> Array:
+    """[G, T, K] float32: the gate of each dispatched choice, 0 elsewhere."""
+    return jnp.where(self.dispatched, self.weight, 0.0)
 
   def dispatch_mask(self, dtype=jnp.float32) -> Array:
-    """[G, T, E, C] one-hot dispatch mask (slot >= C one-hots to zeros)."""
+    """[G, T, E, C] one-hot dispatch mask (undispatched choices one-hot to zeros)."""
     experts = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=dtype)
-    slots = jax.nn.one_hot(self.slot, self.capacity, dtype=dtype)  # -1, >=C: 0
+    slots = jax.nn.one_hot(self.dispatched_slot, self.capacity, dtype=dtype)  # -1: 0
     return jnp.einsum('gtke,gtkc->gtec', experts, slots)
 
   def combine_array(self, dtype=jnp.float32) -> Array:
     """[G, T, E, C] combine weights: weight at each dispatched (expert, slot)."""
     experts = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=dtype)
-    slots = jax.nn.one_hot(self.slot, self.capacity, dtype=dtype)
+    slots = jax.nn.one_hot(self.dispatched_slot, self.capacity, dtype=dtype)
     slots = slots * self.weight.astype(dtype)[..., None]
     return jnp.einsum('gtke,gtkc->gtec', experts, slots)
 
   def expert_gates(self, dtype=jnp.float32) -> Array:
     """[G, T, E] per-token weight of each expert (0 where not dispatched)."""
     experts = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=dtype)
-    return jnp.einsum('gtke,gtk->gte', experts, self.weight.astype(dtype))
+    return jnp.einsum('gtke,gtk->gte', experts,
+                      self.dispatched_weight.astype(dtype))
+
+
+@flax.struct.dataclass
+class AdapterChoice:
+  """A routing decision made per forward pass, not per token (AdaMix).
+
+  Attributes:
+    a_index: int32 scalar, the expert whose A serves every token; None: the
+      mean of the experts' A.
+    b_index: likewise for B (chosen independently of A).
+  """
+  a_index: Optional[Array] = None
+  b_index: Optional[Array] = None
 
 
 def group_layout(num_tokens: int, max_group_size: int) -> tuple[int, int]:
@@ -117,11 +158,13 @@ def from_groups(x: Array, num_tokens: int) -> Array:
 
 
 def expert_capacity(group_size: int, num_experts: int, num_selected: int,
-                    capacity_factor: Optional[float],
-                    min_capacity: int) -> int:
-  """C = min(T, max(min_capacity, ceil(K * capacity_factor * T / E))).
+                    capacity_factor: Optional[float], min_capacity: int,
+                    num_tokens: Optional[int] = None) -> int:
+  """C = min(T, max(min_capacity, ceil(K * capacity_factor * n / E))).
 
-  `capacity_factor=None` gives C = T: every choice fits (no-drop routing).
+  n = `num_tokens`, the tokens the capacity is counted over, default T =
+  `group_size` (the static buffer size). `capacity_factor=None` gives C = T:
+  every choice fits (no-drop routing). See docs/capacity.md.
   """
   if capacity_factor is None:
     return group_size
@@ -129,8 +172,42 @@ def expert_capacity(group_size: int, num_experts: int, num_selected: int,
     raise ValueError(
         f'capacity_factor must be > 0 (or None for no-drop routing), got '
         f'{capacity_factor}.')
-  c = math.ceil(num_selected * capacity_factor * group_size / num_experts)
+  n = group_size if num_tokens is None else num_tokens
+  c = math.ceil(num_selected * capacity_factor * n / num_experts)
   return min(group_size, max(min_capacity, c))
+
+
+def group_capacity(token_mask: Array, num_experts: int, num_selected: int,
+                   capacity_factor: Optional[float], min_capacity: int,
+                   counts: str = 'real_tokens') -> Array:
+  """c_g, the slots each group may fill: [G] int32 (docs/capacity.md).
+
+  Args:
+    token_mask: [G, T] bool, False for padding.
+    num_experts, num_selected, capacity_factor, min_capacity: as
+      `expert_capacity`.
+    counts: 'real_tokens' (default): c_g = `expert_capacity` counted over the
+      n_g real tokens of group g, so the effective capacity factor does not
+      depend on how much padding a batch has; 'positions': c_g = C for every
+      group, counted over all T positions, padding included (flaxformer's
+      rule).
+
+  Returns:
+    [G] int32, each <= C = `expert_capacity(T, ...)`; equal to C when a group
+    has no padding. The value for each possible n_g is computed on the host
+    with `expert_capacity`'s exact arithmetic and looked up, so c_g and C never
+    differ by a rounding.
+  """
+  if counts not in CAPACITY_COUNTS:
+    raise ValueError(f'capacity counts {counts!r} unknown; use one of '
+                     f'{CAPACITY_COUNTS}.')
+  g, t = token_mask.shape
+  rule = lambda n: expert_capacity(t, num_experts, num_selected,
+                                   capacity_factor, min_capacity, num_tokens=n)
+  if counts == 'positions' or capacity_factor is None:
+    return jnp.full((g,), rule(t), jnp.int32)
+  by_count = jnp.asarray(np.array([rule(n) for n in range(t + 1)], np.int32))
+  return by_count[jnp.sum(token_mask, axis=1, dtype=jnp.int32)]
 
 
 def assign_slots(expert_index: Array, active: Array, num_experts: int,
@@ -145,7 +222,8 @@ def assign_slots(expert_index: Array, active: Array, num_experts: int,
     expert_index: [G, T, K] int.
     active: [G, T, K] bool; inactive choices take no slot.
     num_experts: E.
-    capacity: C (slots >= C are dropped by the caller's consumers).
+    capacity: C (slots beyond a group's capacity are dropped by the
+      consumers of the instructions).
     priority_order: optional [G, T] permutation of token positions, most
       important first.
 
@@ -192,7 +270,8 @@ def top_k(probs: Array, k: int) -> tuple[Array, Array]:
 
 
 def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
-                  capacity: int, renormalize: bool = False,
+                  capacity: int, group_capacity: Optional[Array] = None,
+                  renormalize: bool = False,
                   choice_keep: Optional[Array] = None,
                   num_active: Optional[Array] = None,
                   batch_prioritized: bool = False) -> RoutingInstructions:
@@ -202,7 +281,10 @@ def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
     probs: [G, T, E] float32 router probabilities.
     token_mask: [G, T] bool, False for padding.
     num_selected: K, choices per token (K = E gives a dense mixture).
-    capacity: C slots per expert and group (see `expert_capacity`).
+    capacity: C slots per expert and group, the buffer size (see
+      `expert_capacity`).
+    group_capacity: optional [G] int, c_g <= C, the slots group g may fill
+      (see `group_capacity`); None: C for every group.
     renormalize: rescale the active gates of each token to sum to 1.
     choice_keep: optional [G, T, K] bool; False removes that choice before
       slots are assigned (expert dropout on gate values).
@@ -233,10 +315,14 @@ def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
     score = jnp.where(token_mask, gates[..., 0], -1.0)
     order = jnp.argsort(-score, axis=1, stable=True)
   slot = assign_slots(expert_index, active, num_experts, capacity, order)
-  weight = jnp.where((slot >= 0) & (slot < capacity), gates, 0.0)
-  return RoutingInstructions(expert_index=expert_index.astype(jnp.int32),
-                             slot=slot, weight=weight.astype(jnp.float32),
-                             capacity=capacity, num_experts=num_experts)
+  if group_capacity is None:
+    group_capacity = jnp.full(probs.shape[:1], capacity, jnp.int32)
+  instructions = RoutingInstructions(
+      expert_index=expert_index.astype(jnp.int32), slot=slot,
+      weight=gates.astype(jnp.float32),
+      group_capacity=jnp.minimum(group_capacity, capacity).astype(jnp.int32),
+      capacity=capacity, num_experts=num_experts)
+  return instructions.replace(weight=instructions.dispatched_weight)
 
 
 def routing_statistics(logits: Array, probs: Array,
@@ -256,7 +342,8 @@ def routing_statistics(logits: Array, probs: Array,
       router probability of e. 1 at perfect balance; E when every token goes
       to one expert with probability 1 (K=1). Equals flaxformer's loss / K.
     router_z_loss: mean over tokens of logsumexp(logits)^2.
-    dropped_fraction: active choices dropped by capacity / active choices.
+    dropped_fraction: active choices dropped by capacity (slot >= c_g) /
+      active choices; both counted over real tokens only.
     expert_usage: [E] dispatched choices per expert / active choices.
     gate_entropy: mean entropy (nats) of the router distribution.
     router_confidence: mean total combine weight a token receives.

@@ -1,8 +1,10 @@
 """Numerics of the adapted projections (sira_jax.adapters) for every kind."""
 
 import dataclasses
+import math
 
 import flax.linen as nn
+import flax.traverse_util
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from adapter_reference import routed_reference
-from sira_jax import adapters, routing
+from sira_jax import adapters, losses, routers, routing
 from sira_jax.adapters import AdaptedDense, AdapterConfig
 from sira_jax.experts import EXPERT_FORMS
 
@@ -155,12 +157,13 @@ def directional_check(f_np, f_jax_grad, params, x, rng, keys):
     renormalize=st.booleans(),
     batch_prioritized=st.booleans(),
     molora=st.booleans(),
+    capacity_counts=st.sampled_from(routing.CAPACITY_COUNTS),
     seed=st.integers(0, 2**16),
 )
 def test_forms_match_per_token_reference(num_experts, k_frac, capacity_factor,
                                          max_group_size, min_capacity, pad,
                                          renormalize, batch_prioritized,
-                                         molora, seed):
+                                         molora, capacity_counts, seed):
   top_k = num_experts if molora else 1 + int(k_frac * (num_experts - 1))
   kind = 'molora' if molora else 'sira'
   if molora:
@@ -169,14 +172,16 @@ def test_forms_match_per_token_reference(num_experts, k_frac, capacity_factor,
                        top_k=top_k, eval_capacity_factor=capacity_factor,
                        min_expert_capacity=min_capacity,
                        max_group_size=max_group_size, renormalize_gates=renormalize,
-                       batch_prioritized_routing=batch_prioritized, alpha=2.0)
+                       batch_prioritized_routing=batch_prioritized, alpha=2.0,
+                       capacity_counts=capacity_counts)
   params = make_params(base, seed=seed)
   x = random_x((2, 6, D_IN), seed=seed + 1)
   mask = jnp.asarray(np.array(pad).reshape(2, 6)) | jnp.zeros((2, 6), bool).at[0, 0].set(True)
   ref_kw = dict(num_experts=num_experts, top_k=top_k,
                 capacity_factor=capacity_factor, min_capacity=min_capacity,
                 max_group_size=max_group_size, scale=base.scale,
-                renormalize=renormalize, batch_prioritized=batch_prioritized)
+                renormalize=renormalize, batch_prioritized=batch_prioritized,
+                capacity_counts=capacity_counts)
   y_ref, info = routed_reference(x, mask, params, **ref_kw)
   rng = np.random.default_rng(seed)
   cot = rng.normal(size=y_ref.shape)
@@ -310,6 +315,27 @@ def test_capacity_formula():
   assert routing.expert_capacity(64, 4, 2, None, 4) == 64    # no drop
   with pytest.raises(ValueError, match='capacity_factor must be > 0'):
     routing.expert_capacity(64, 4, 2, 0.0, 4)
+  # Counted over n real tokens of a group of T = 100 positions.
+  assert routing.expert_capacity(100, 8, 2, 1.25, 4, num_tokens=50) == 16   # ceil(15.625)
+  assert routing.expert_capacity(100, 8, 2, 1.25, 4, num_tokens=3) == 4     # min capacity
+  assert routing.expert_capacity(100, 8, 2, 1.25, 4, num_tokens=100) == 32  # n = T: C
+
+
+def test_group_capacity_counts_real_tokens_or_positions():
+  """c_g = min(T, max(min_capacity, ceil(k cf n_g / E))) per group; 'positions': C everywhere;
+  cf None: T everywhere. Checked against the formula for every n_g of a group of 40."""
+  t, e, k, cf, min_cap = 40, 8, 2, 1.1, 2
+  mask = jnp.arange(t)[None, :] < jnp.arange(t + 1)[:, None]   # group g: g real tokens
+  got = routing.group_capacity(mask, e, k, cf, min_cap)
+  want = [min(t, max(min_cap, math.ceil(k * cf * n / e))) for n in range(t + 1)]
+  np.testing.assert_array_equal(got, want)
+  full = routing.expert_capacity(t, e, k, cf, min_cap)
+  assert want[-1] == full  # no padding: c_g = C
+  np.testing.assert_array_equal(
+      routing.group_capacity(mask, e, k, cf, min_cap, counts='positions'), full)
+  np.testing.assert_array_equal(routing.group_capacity(mask, e, k, None, min_cap), t)
+  with pytest.raises(ValueError, match='capacity counts'):
+    routing.group_capacity(mask, e, k, cf, min_cap, counts='tokens')
 
 
 # ------------------------------------------------------------------ aux loss
@@ -357,23 +383,131 @@ def test_group_layout_pads_instead_of_collapsing():
 
 
 @pytest.mark.parametrize('form', EXPERT_FORMS)
-def test_capacity_binds_with_a_prime_token_count(form):
-  """97 tokens that all prefer expert 0: capacity binds in each padded group of 25."""
+@pytest.mark.parametrize('counts, dispatched', [('real_tokens', 13 * 3 + 11),
+                                                ('positions', 13 * 4)])
+def test_capacity_binds_with_a_prime_token_count(form, counts, dispatched):
+  """97 tokens that all prefer expert 0: capacity binds in each padded group of 25.
+
+  The last group holds 22 real tokens and 3 padding positions: counted over real tokens its
+  capacity is ceil(22 / 2) = 11, counted over positions ceil(25 / 2) = 13 like the others.
+  """
   cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=2, top_k=1,
                       eval_capacity_factor=1.0, max_group_size=32,
-                      expert_compute=form)
+                      expert_compute=form, capacity_counts=counts)
   params = make_params(cfg)
   params['router_kernel'] = jnp.zeros((D_IN, 2)).at[0, 0].set(50.0)
   x = jnp.abs(random_x((1, 97, D_IN))).at[..., 0].add(1.0)
   mask = jnp.ones((1, 97), bool)
   y, stats = apply_with_stats(cfg, params, x, mask)
-  # C = ceil(25 / 2) = 13 per group, 4 groups: 52 of 97 tokens dispatched.
-  np.testing.assert_allclose(stats['dropped_fraction'], 45 / 97, rtol=1e-6)
+  np.testing.assert_allclose(stats['dropped_fraction'], (97 - dispatched) / 97, rtol=1e-6)
   y_ref, info = routed_reference(x, mask, params, num_experts=2, top_k=1,
                                  capacity_factor=1.0, min_capacity=1,
-                                 max_group_size=32, scale=cfg.scale)
+                                 max_group_size=32, scale=cfg.scale,
+                                 capacity_counts=counts)
   np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(stats['expert_usage'], info['expert_usage'], atol=1e-6)
+
+
+def _padded(x, extra, seed=9):
+  """x [B, L, d] with `extra` junk positions appended to every row, and the mask of the reals."""
+  junk = random_x(x.shape[:1] + (extra, x.shape[-1]), seed=seed) * 100
+  mask = jnp.arange(x.shape[1] + extra)[None] < x.shape[1]
+  return jnp.concatenate([x, junk], axis=1), jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:])
+
+
+CAPACITY_CASES = [  # (batch, length, max_group_size, appended padding): padding fraction
+    (2, 8, 64, 4),     # one group; 1/3 padding
+    (2, 8, 64, 8),     # one group; 1/2
+    (2, 8, 64, 24),    # one group; 3/4
+    (4, 8, 8, 8),      # a group per row, and as many padding-only groups; 1/2
+]
+
+
+@pytest.mark.parametrize('form', EXPERT_FORMS)
+@pytest.mark.parametrize('case', CAPACITY_CASES)
+@pytest.mark.parametrize('train', [False, True])
+def test_real_token_capacity_ignores_appended_padding(form, case, train):
+  """The same real tokens with and without appended padding: identical outputs, drop fraction
+  and expert usage (capacity counted over real tokens), at a cf where tokens are dropped. With
+  'positions' padding that shares a group with real tokens raises their capacity: fewer drops."""
+  batch, length, group, extra = case
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=4, top_k=2, capacity_factor=0.5,
+                      eval_capacity_factor=0.5, min_expert_capacity=1, max_group_size=group,
+                      expert_compute=form)
+  params = make_params(cfg)
+  x = random_x((batch, length, D_IN))
+  x_pad, mask_pad = _padded(x, extra)
+  y, stats = apply_with_stats(cfg, params, x, None, train=train)
+  y_pad, stats_pad = apply_with_stats(cfg, params, x_pad, mask_pad, train=train)
+  assert stats['dropped_fraction'] > 0.2
+  np.testing.assert_allclose(y_pad[:, :length], y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(stats_pad['dropped_fraction'], stats['dropped_fraction'])
+  np.testing.assert_array_equal(stats_pad['expert_usage'], stats['expert_usage'])
+  for name in stats:
+    np.testing.assert_allclose(stats_pad[name], stats[name], rtol=1e-6, err_msg=name)
+  positions = dataclasses.replace(cfg, capacity_counts='positions')
+  _, stats_pos = apply_with_stats(positions, params, x, None, train=train)
+  _, stats_pos_pad = apply_with_stats(positions, params, x_pad, mask_pad, train=train)
+  np.testing.assert_array_equal(stats_pos['dropped_fraction'], stats['dropped_fraction'])
+  if group > length:  # Padding shares the groups of real tokens.
+    assert stats_pos_pad['dropped_fraction'] < stats['dropped_fraction']
+  else:               # Padding-only groups: the real tokens' groups are unchanged.
+    np.testing.assert_array_equal(stats_pos_pad['dropped_fraction'], stats['dropped_fraction'])
+
+
+@pytest.mark.parametrize('form', EXPERT_FORMS)
+@pytest.mark.parametrize('counts', routing.CAPACITY_COUNTS)
+@pytest.mark.parametrize('pad_fraction', [0.0, 0.25, 0.5, 0.75])
+def test_capacity_matches_per_token_reference_at_padding_fractions(form, counts, pad_fraction):
+  """Outputs, drop fraction and usage against the per-token reference, whose capacity is counted
+  per group over its real tokens (or its positions); the padding is scattered, so the groups
+  hold different numbers of real tokens. Counted over real tokens, cf 0.5 drops at every padding
+  fraction; counted over positions, heavy padding leaves room for every real token."""
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=4, top_k=2,
+                      eval_capacity_factor=0.5, min_expert_capacity=1, max_group_size=12,
+                      expert_compute=form, capacity_counts=counts)
+  params = make_params(cfg, seed=3)
+  x = random_x((3, 16, D_IN), seed=4)
+  mask = jnp.asarray(np.random.default_rng(5).random((3, 16)) >= pad_fraction).at[0, 0].set(True)
+  y, stats = apply_with_stats(cfg, params, x, mask)
+  y_ref, info = routed_reference(x, mask, params, num_experts=4, top_k=2, capacity_factor=0.5,
+                                 min_capacity=1, max_group_size=12, scale=cfg.scale,
+                                 capacity_counts=counts)
+  assert info['dropped_fraction'] > 0 or counts == 'positions'
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(stats['dropped_fraction'], info['dropped_fraction'], atol=1e-6)
+  np.testing.assert_allclose(stats['expert_usage'], info['expert_usage'], atol=1e-6)
+
+
+@pytest.mark.parametrize('counts', routing.CAPACITY_COUNTS)
+def test_kept_tokens_per_expert_and_group_equal_the_group_capacity(counts):
+  """k = E (every real token asks every expert for a slot): each expert keeps min(c_g, n_g)
+  tokens of group g, in the instructions and in the masks every expert form reads. Counted over
+  real tokens, cf 0.5 drops in every group: exactly c_g kept; counted over positions, c_g = C = 8
+  leaves the groups of 7 and 3 real tokens undropped."""
+  e = 4
+  cfg = AdapterConfig(kind='sira', rank=RANK, num_experts=e, top_k=e, capacity_factor=0.5,
+                      min_expert_capacity=1, max_group_size=16, capacity_counts=counts)
+  g, t = 4, 16
+  real = np.array([16, 12, 7, 3])                                  # n_g
+  mask = jnp.arange(t)[None] < real[:, None]
+  router_in = random_x((g, t, D_IN))
+  router = routers.SiraRouter(config=cfg)
+  variables = router.init(jax.random.PRNGKey(0), router_in, mask, enable_dropout=True)
+  instructions, _ = router.apply(variables, router_in, mask, enable_dropout=True)
+  counted = real if counts == 'real_tokens' else np.full(g, t)
+  c_g = np.minimum(t, np.maximum(1, np.ceil(e * 0.5 * counted / e))).astype(int)
+  np.testing.assert_array_equal(instructions.group_capacity, c_g)
+  assert instructions.capacity == 8   # the buffers: C from T
+  kept = np.einsum('gtke,gtk->ge', jax.nn.one_hot(instructions.expert_index, e),
+                   instructions.dispatched)
+  np.testing.assert_array_equal(kept, np.broadcast_to(np.minimum(c_g, real)[:, None], (g, e)))
+  if counts == 'real_tokens':
+    assert np.all(c_g < real)
+    np.testing.assert_array_equal(kept, np.broadcast_to(c_g[:, None], (g, e)))
+  # einsum and gather read the dispatch mask / `dispatched`; dense reads the gates.
+  np.testing.assert_array_equal(instructions.dispatch_mask().sum(axis=(1, 3)), kept)
+  np.testing.assert_array_equal((instructions.expert_gates() > 0).sum(axis=1), kept)
 
 
 @pytest.mark.parametrize('form', EXPERT_FORMS)
@@ -600,6 +734,60 @@ def test_smoe_dropout_schedule_grows_active_experts():
   np.testing.assert_allclose(y_eval, expected, rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------ routers
+
+
+@pytest.mark.parametrize('kind', adapters.ADAPTER_KINDS)
+def test_router_variables_live_at_the_layer_paths(kind):
+  """The router module shares the layer's scope: its params, SMoE-Dropout's schedule and the
+  statistics sit directly in the layer's scope (the paths checkpoints and rules use)."""
+  cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=3, top_k=2)
+  layer = AdaptedDense(D_OUT, adapter=cfg)
+  x = random_x((2, 5, D_IN))
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  _, state = layer.apply(variables, x, mutable=['intermediates'])
+  paths = {'/'.join(k) for k in flax.traverse_util.flatten_dict(nn.unbox(variables))}
+  want = {'params/kernel'}
+  if kind != 'none':
+    want |= {'params/lora_a', 'params/lora_b'}
+  if kind in ('sira', 'molora'):
+    want.add('params/router_kernel')
+  if kind == 'smoe_dropout':
+    want |= {'params/smoe_router_kernel', 'schedule/progress'}
+  assert paths == want
+  sown = set(state.get('intermediates', {}))
+  assert sown == (set(losses.ROUTING_STATS) if kind in adapters.ROUTED_KINDS else set())
+
+
+class _Top1Router(routers.TokenRouter):
+  """A router the layer was never written for: top-1 of a trained router, no capacity."""
+
+  @property
+  def num_selected(self):
+    return 1
+
+  def router_kernel(self, d_in):
+    return self.param('router_kernel', nn.initializers.zeros, (d_in, self.config.num_experts),
+                      jnp.float32)
+
+
+@pytest.mark.parametrize('form', EXPERT_FORMS)
+def test_a_new_router_class_plugs_into_every_expert_form(form, monkeypatch):
+  """Registering a router class is all a new routing rule takes: the layer and the expert forms
+  consume its instructions unchanged (checked against the per-token reference, top-1, no drop)."""
+  monkeypatch.setitem(routers.ROUTERS, 'top1', _Top1Router)
+  cfg = AdapterConfig(kind='top1', rank=RANK, num_experts=3, expert_compute=form)
+  params = make_params(dataclasses.replace(cfg, kind='molora'), seed=2)
+  x = random_x((2, 7, D_IN), seed=3)
+  mask = jnp.ones((2, 7), bool).at[1, 5:].set(False)
+  y, stats = apply_with_stats(cfg, params, x, mask)
+  y_ref, info = routed_reference(x, mask, params, num_experts=3, top_k=1, capacity_factor=None,
+                                 min_capacity=1, max_group_size=cfg.max_group_size,
+                                 scale=cfg.scale)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(stats['expert_usage'], info['expert_usage'], atol=1e-6)
+
+
 # ----------------------------------------------------------- jit and dtypes
 
 
@@ -657,6 +845,7 @@ def test_jits_and_runs_in_bfloat16_with_float32_router(kind):
     (dict(kind='sira', expert_dropout_rate=1.0), 'expert_dropout_rate'),
     (dict(kind='sira', expert_dropout_placement='after'), 'placement'),
     (dict(kind='sira', expert_compute='ragged'), 'expert_compute'),
+    (dict(kind='sira', capacity_counts='tokens'), 'capacity_counts'),
 ])
 def test_bad_config_names_the_field(kwargs, match):
   with pytest.raises(ValueError, match=match):
