@@ -33,12 +33,8 @@ def subtask_names(mixture: str) -> list[str]:
 
 def load_base(base_dir: str):
   """(model, variables, config) of a base checkpoint alone: the frozen base without adapters."""
-  from sira_jax import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  cfg = train_lib.config_from_dict(ckpt_lib.read_base_meta(base_dir)['model_config'])
-  model = train_lib.build_model(cfg)
-  variables = train_lib.load_base_into(train_lib.init_variables(model, cfg), cfg, base_dir)
-  return model, variables, cfg
+  from sira_jax import base_checkpoint  # pylint: disable=import-outside-toplevel
+  return base_checkpoint.load_base_model(base_dir)
 
 
 def fitted_batch_size(batch_size: int, num_examples: int | None) -> int:
@@ -129,9 +125,9 @@ def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], s
                    num_examples: int | None, batch_size: int, output_dir: str) -> dict:
   """{'tasks': {task: {metric: value}}, 'summary': {metric: unweighted mean over tasks}}."""
   from sira_jax import eval as eval_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax import infer as infer_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
   batch_size = fitted_batch_size(batch_size, num_examples)
-  predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])
+  predict = predict_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])
   decoded = eval_lib.evaluate(
       model_dir=output_dir, mixture_or_task_name=mixture, split=split,
       task_feature_lengths=dict(lengths), batch_size=batch_size, num_examples=num_examples,

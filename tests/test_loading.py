@@ -10,10 +10,11 @@ import pytest
 from flax import traverse_util
 
 import sira_jax
+from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig, trainable_mask
 from sira_jax.t5 import loading
 from sira_jax.t5.config import small_test_config
-from sira_jax.t5.network import Transformer, init_variables
+from sira_jax.t5.network import Transformer
 
 CFG = small_test_config(num_encoder_layers=2, num_decoder_layers=1)
 ENC = jnp.array([[5, 6, 7, 1, 0], [9, 3, 1, 0, 0]], jnp.int32)
@@ -23,7 +24,7 @@ DEC = jnp.array([[0, 11, 12], [0, 13, 1]], jnp.int32)
 
 @pytest.fixture(scope='module')
 def base():
-  params = nn.unbox(init_variables(Transformer(CFG), jax.random.PRNGKey(1)))['params']
+  params = nn.unbox(model_init.init_fn(Transformer(CFG))(jax.random.PRNGKey(1)))['params']
   params = jax.tree.map(np.asarray, params)
   logits = Transformer(CFG).apply({'params': params}, ENC, DEC, TGT, enable_dropout=False)
   return params, np.asarray(logits)
@@ -200,7 +201,7 @@ def test_errors_name_file_parameter_and_shapes(tmp_path, base):
 def test_checkpoint_architecture_wins_and_disagreement_is_an_error(tmp_path):
   """Issue 11: a tied HF T5 saved with scale_decoder_outputs=false must load unscaled."""
   cfg = CFG.replace(tie_word_embeddings=True, scale_logits=False, layer_norm_epsilon=1e-5)
-  params = nn.unbox(init_variables(Transformer(cfg), jax.random.PRNGKey(3)))['params']
+  params = nn.unbox(model_init.init_fn(Transformer(cfg))(jax.random.PRNGKey(3)))['params']
   params = jax.tree.map(np.asarray, params)
   hf = tmp_path / 'hf_unscaled'
   loading.save_hf_safetensors(hf, params, cfg)

@@ -39,6 +39,7 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
+from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig
 from sira_jax.checkpoints import CheckpointError  # one error class for every checkpoint problem
 from sira_jax.t5.config import (ARCHITECTURE_FIELDS, T5Config, as_dtype,
@@ -91,13 +92,13 @@ def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **confi
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
 
-  shapes = jax.eval_shape(lambda r: nn.unbox(_init(model, r)), rng)
+  shapes = nn.unbox(model_init.abstract_variables(model))
   flat_shapes = traverse_util.flatten_dict(shapes['params'], sep='/')
   loaded = reader.read(cfg, flat_shapes)
   missing = [k for k in flat_shapes if k not in loaded]
 
   def init_rest(r):
-    v = nn.unbox(_init(model, r))
+    v = nn.unbox(model_init.init_fn(model)(r))
     flat = traverse_util.flatten_dict(v['params'], sep='/')
     rest = {k: flat[k] for k in missing}
     others = {c: x for c, x in v.items() if c != 'params'}
@@ -129,12 +130,6 @@ def open_checkpoint(path) -> tuple['HFReader | T5XReader', T5Config, dict[str, A
   reader = T5XReader(path)
   cfg, known = reader.config_from_shapes()
   return reader, cfg, {k: v for k, v in cfg.architecture().items() if k in known}
-
-
-def _init(model: Transformer, rng):
-  tokens = jnp.ones((1, 2), jnp.int32)
-  return model.init({'params': rng, 'dropout': rng}, tokens, tokens, tokens,
-                    enable_dropout=False)
 
 
 def detect_format(path: str) -> str:

@@ -3,8 +3,8 @@
 `adapter_only(optimizer)` wraps any T5X `OptimizerDef` (e.g. `t5x.adafactor.Adafactor`) in a
 `t5x.optimizers.MultiOptimizer` whose single traversal selects the adapter and router params
 (`sira_jax.adapters.is_adapter_param(path, trainable=True)`: lora_a, lora_b, router_kernel). Every
-other param (the pretrained base, SMoE-Dropout's fixed router) gets no optimizer state (None), no update and so no
-weight decay: after fine-tuning it is bit-identical to the restored checkpoint.
+other param (the pretrained base, SMoE-Dropout's fixed router) gets no optimizer state (None), no
+update and so no weight decay: after fine-tuning it is bit-identical to the restored checkpoint.
 
 Gin (gin/t5x/runs/finetune.gin):
     OPTIMIZER = @t5x_optimizers.adapter_only()
