@@ -21,8 +21,6 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from sira_jax import lru
-
 
 def subtask_names(mixture: str) -> list[str]:
   import seqio  # pylint: disable=import-outside-toplevel
@@ -48,24 +46,19 @@ def fitted_batch_size(batch_size: int, num_examples: int | None) -> int:
   return max(1, min(batch_size, -(-num_examples // 8) * 8))
 
 
-_BATCHES = lru.Bounded(256)  # key -> (task, [(batch, real rows)])
-
-
 def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=False, seed=0,
                    max_batches=None):
   """[(model-feature batch, number of real rows)] of a task's first `num_examples` examples (at
   most `max_batches` batches).
 
-  Built once per process and key (preprocessing and seqio's feature converter cost about 0.7 s a
-  task here, more than scoring a short model) and reused by every run a sweep evaluates. The key
-  holds the registered task object, so re-registering a task under the same name rebuilds.
+  Built once per process and key (`data.cached_eval_batches`; preprocessing and seqio's feature
+  converter cost about 0.7 s a task here, more than scoring a short model) and reused by every
+  run a sweep evaluates. The cache holds the registered task object, so re-registering a task
+  under the same name rebuilds.
   """
   from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  key = (task.name, id(task), tuple(sorted(dict(lengths).items())), split, num_examples,
-         batch_size, shuffle, seed, max_batches)
-  if key in _BATCHES:
-    _BATCHES.move_to_end(key)
-  else:
+
+  def build():
     ds = task.get_dataset(dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=1,
                           use_cached=False)
     if num_examples:
@@ -77,8 +70,10 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
         break
       n = b.pop('num_real')
       batches.append((b, n))
-    _BATCHES.put(key, (task, batches))  # The task is kept alive, so its id stays unique.
-  return list(_BATCHES[key][1])
+    return batches
+  key = ('model', tuple(sorted(dict(lengths).items())), split, num_examples, batch_size, shuffle,
+         seed, max_batches)
+  return list(data_lib.cached_eval_batches(task, key, build))
 
 
 # Jitted once per model (a hashable flax module, static like `decoding.predict_batch`'s), not

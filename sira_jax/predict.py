@@ -17,7 +17,6 @@ import seqio
 from absl import logging
 
 from sira_jax import data as data_lib
-from sira_jax import lru
 from sira_jax import restore
 from sira_jax import run_dir
 from tasks import truncation
@@ -105,23 +104,20 @@ def seqio_predict_fn(predict: Callable, batch_size: int,
   return fn
 
 
-_PADDED = lru.Bounded(256)
-
-
 def _padded_batches(ds, batch_size: int) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
   """[(example indices, features padded to `batch_size` rows, number of real rows)] of a finite
-  enumerated dataset; kept per dataset object (alive with it) and batch size, read-only, so a
-  dataset an Evaluator caches is batched once (a new tf.data iterator per task costs ~0.1 s)."""
-  key = (id(ds), batch_size)
-  if key not in _PADDED:
+  enumerated dataset, read-only and cached per dataset object and batch size
+  (`data.cached_eval_batches`), so a dataset an Evaluator caches is batched once (a new tf.data
+  iterator per task costs ~0.1 s)."""
+  def build():
     batches = []
     for idx, feats in ds.batch(batch_size).as_numpy_iterator():
       feats = data_lib.pad_rows(feats, batch_size)
       for v in (idx, *feats.values()):
         v.setflags(write=False)
       batches.append((idx, feats, len(idx)))
-    _PADDED.put(key, (ds, batches))  # the dataset is kept alive, so its id stays unique
-  return _PADDED[key][1]
+    return batches
+  return data_lib.cached_eval_batches(ds, ('padded', batch_size), build)
 
 
 def warn_empty(empty: Mapping[str, tuple[int, int]], where: str) -> str | None:

@@ -178,12 +178,12 @@ def test_cli_bad_input_exits_with_message(tmp_path):
 
 def _tiny_hf_checkpoint(path, **arch):
   """A random HF T5 directory of the tiny gin model's sizes with the given architecture fields."""
-  from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import saving  # pylint: disable=import-outside-toplevel
   gin_utils.parse_gin(['models/t5_tiny.gin'], [], ['.', gin_utils.PROJECT_GIN_DIR])
   cfg = T5Config().replace(**arch)
   gin.clear_config()
   params = model_init.init_variables(model_init.build_model(cfg), cfg, 1)['params']
-  loading.save_hf_safetensors(str(path), params, cfg)
+  saving.save_hf_safetensors(str(path), params, cfg)
   return cfg
 
 
