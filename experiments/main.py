@@ -1,6 +1,6 @@
 r"""The offline default job: LoRA, a parameter-matched LoRA and SiRA on the bundled benchmark.
 
-  python -m experiments.main                               # gin/main.gin; work dir ./runs/main
+  python -m experiments.main                            # gin/main.gin; work dir ./runs/main
   python -m experiments.main --gin.SEEDS='(0, 1, 2)' --gin.FINETUNE_STEPS=1000
 
 The short version of the sweeps in this package (README, "Sweeps and the report"): the methods of

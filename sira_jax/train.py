@@ -10,8 +10,12 @@ BATCH_SIZE, INITIAL_CHECKPOINT_PATH (a Hugging Face / T5X directory `load_pretra
 base checkpoint this project wrote: a pretraining run's MODEL_DIR or its `base/` directory).
 
 MODEL_DIR holds run_config.json (the run's fingerprint), config.gin, checkpoints/<step>/ and
-TensorBoard events in train/. Re-running the same command resumes from the latest checkpoint; a
-MODEL_DIR holding a run with another config is refused unless --overwrite.
+TensorBoard events in train/ (`run_dir`). Re-running the same command resumes from the latest
+checkpoint; a MODEL_DIR holding a run with another config is refused unless --overwrite.
+
+This module is the training CLI and loop orchestration; the stages it calls live in their own
+modules: model_init (model, keys, initial variables), base_checkpoint (the frozen base),
+run_dir (MODEL_DIR bookkeeping), placement (mesh and shardings), trainer (step and loop).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from sira_jax.adapters import trainable_mask
 from sira_jax.placement import Placement
 from sira_jax.run_dir import ConfigError, say
 from sira_jax.t5.config import T5Config
+
+
 # ----------------------------------------------------------------------------------------------
 # The compiled step and the run's checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +280,8 @@ def initial_state(model, cfg: T5Config, seed: int, base: Mapping[tuple, Any] | N
   if base is not None:
     variables = base_checkpoint.with_base(variables, base)
   mask = None if pretrain else trainable_mask(variables['params'])
-  state = trainer_lib.create_state(variables, tx, trainable_mask=mask, rng=model_init.run_keys(seed)[1])
+  state = trainer_lib.create_state(variables, tx, trainable_mask=mask,
+                                   rng=model_init.run_keys(seed)[1])
   state_sh = placement.state_shardings(model, state, mask)
   return placement.place(state, state_sh), state_sh
 
@@ -297,7 +304,8 @@ def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, mode
                         'train.pretrain = True to train every parameter')
     if not initial_checkpoint_path:
       logging.warning('fine-tuning without INITIAL_CHECKPOINT_PATH: the frozen base is random')
-    model_config = base_checkpoint.resolve_model_config(model_config, initial_checkpoint_path, configured_fields)
+    model_config = base_checkpoint.resolve_model_config(model_config, initial_checkpoint_path,
+                                                        configured_fields)
   check_vocabulary(task, model_config)
   return model_config
 

@@ -245,3 +245,11 @@ def test_model_dir_that_is_a_file(tmp_path):
   with pytest.raises(ConfigError, match=r'afile is a file'):
     _run(f / 'sub')
   assert f.read_text() == 'keep me'
+
+
+def test_dict_diff_names_every_changed_leaf():
+  from sira_jax.run_dir import dict_diff  # pylint: disable=import-outside-toplevel
+  old = {'a': 1, 'm': {'k': 'sira', 'r': 4}, 'gone': 0}
+  new = {'a': 1, 'm': {'k': 'lora', 'r': 4}, 'added': [1]}
+  assert dict_diff(old, new) == "added: None -> [1]; gone: 0 -> None; m.k: 'sira' -> 'lora'"
+  assert dict_diff(old, old) == ''
