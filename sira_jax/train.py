@@ -103,7 +103,7 @@ class RunCheckpoints:
       if mngr.latest_step() is None:
         return state
       restored, meta, self._damaged = mngr.restore_intact(self.tree(state), fallback=fallback,
-                                                          log=_say)
+                                                          log=say)
     finally:
       mngr.close()
     if meta.get('base_path') != self.meta['base_path']:

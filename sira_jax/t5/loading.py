@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,9 @@ from sira_jax.adapters import AdapterConfig
 from sira_jax.checkpoints import CheckpointError  # one error class for every checkpoint problem
 from sira_jax.t5.config import T5Config, with_checkpoint_architecture
 from sira_jax.t5.network import Transformer
+
+if TYPE_CHECKING:
+  from sira_jax.t5.t5x_reader import T5XReader  # imported where used: it imports this module
 
 Params = dict
 
