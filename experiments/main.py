@@ -32,6 +32,11 @@ from typing import Mapping, Sequence
 import gin
 from absl import flags
 
+# Imported before gin parses and locks the config: they register configurables (tasks, ...).
+from experiments import report, runner, sweeps
+from sira_jax import gin_utils
+from sira_jax.run_dir import ConfigError
+
 
 @gin.configurable
 def main_sweep(
@@ -62,7 +67,6 @@ def main_sweep(
   if unknown:
     raise ValueError(f'main_sweep.method_learning_rates names {unknown}, which are not methods; '
                      f'methods: {sorted(methods)}')
-  from experiments import sweeps  # pylint: disable=import-outside-toplevel
   runs = sweeps.floor_run() if floor else []
   for point, (gin_file, *bindings) in methods.items():
     method = os.path.splitext(os.path.basename(gin_file))[0]
@@ -81,7 +85,6 @@ def main_sweep(
 def run_main(*, work_dir: str = gin.REQUIRED, progress_bar: bool = True) -> dict:
   """Runs the main sweep in `work_dir`, writes its report, prints the table; returns the
   aggregated results (experiments.report.aggregate) with 'report' (path) and 'wall_time' (s)."""
-  from experiments import report, runner  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   work_dir = os.path.abspath(work_dir)
   sweep = main_sweep()
@@ -102,8 +105,6 @@ def run_main(*, work_dir: str = gin.REQUIRED, progress_bar: bool = True) -> dict
 
 def main(argv):
   del argv
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax.run_dir import ConfigError  # pylint: disable=import-outside-toplevel
   gin_utils.quiet_logs()
   flags_ = flags.FLAGS
   try:
@@ -116,6 +117,5 @@ def main(argv):
 
 
 def cli():
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
   gin_utils.define_gin_flags()
   gin_utils.run(main)
