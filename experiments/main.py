@@ -32,9 +32,11 @@ from typing import Mapping, Sequence
 import gin
 from absl import flags
 
-# Imported before gin parses and locks the config: they register configurables (tasks, ...).
+# Imported before gin parses and locks the config: they register configurables (tasks, the
+# trainer's, optimizers', ...) that the runs' gin files bind.
 from experiments import report, runner, sweeps
 from sira_jax import gin_utils
+from sira_jax import train  # noqa: F401  pylint: disable=unused-import
 from sira_jax.run_dir import ConfigError
 
 
