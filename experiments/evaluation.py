@@ -21,8 +21,6 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from sira_jax import lru
-
 
 def subtask_names(mixture: str) -> list[str]:
   import seqio  # pylint: disable=import-outside-toplevel
@@ -33,12 +31,8 @@ def subtask_names(mixture: str) -> list[str]:
 
 def load_base(base_dir: str):
   """(model, variables, config) of a base checkpoint alone: the frozen base without adapters."""
-  from sira_jax import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  cfg = train_lib.config_from_dict(ckpt_lib.read_base_meta(base_dir)['model_config'])
-  model = train_lib.build_model(cfg)
-  variables = train_lib.load_base_into(train_lib.init_variables(model, cfg), cfg, base_dir)
-  return model, variables, cfg
+  from sira_jax import base_checkpoint  # pylint: disable=import-outside-toplevel
+  return base_checkpoint.load_base_model(base_dir)
 
 
 def fitted_batch_size(batch_size: int, num_examples: int | None) -> int:
@@ -52,24 +46,19 @@ def fitted_batch_size(batch_size: int, num_examples: int | None) -> int:
   return max(1, min(batch_size, -(-num_examples // 8) * 8))
 
 
-_BATCHES = lru.Bounded(256)  # key -> (task, [(batch, real rows)])
-
-
 def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=False, seed=0,
                    max_batches=None):
   """[(model-feature batch, number of real rows)] of a task's first `num_examples` examples (at
   most `max_batches` batches).
 
-  Built once per process and key (preprocessing and seqio's feature converter cost about 0.7 s a
-  task here, more than scoring a short model) and reused by every run a sweep evaluates. The key
-  holds the registered task object, so re-registering a task under the same name rebuilds.
+  Built once per process and key (`data.cached_eval_batches`; preprocessing and seqio's feature
+  converter cost about 0.7 s a task here, more than scoring a short model) and reused by every
+  run a sweep evaluates. The cache holds the registered task object, so re-registering a task
+  under the same name rebuilds.
   """
   from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  key = (task.name, id(task), tuple(sorted(dict(lengths).items())), split, num_examples,
-         batch_size, shuffle, seed, max_batches)
-  if key in _BATCHES:
-    _BATCHES.move_to_end(key)
-  else:
+
+  def build():
     ds = task.get_dataset(dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=1,
                           use_cached=False)
     if num_examples:
@@ -81,8 +70,10 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
         break
       n = b.pop('num_real')
       batches.append((b, n))
-    _BATCHES.put(key, (task, batches))  # The task is kept alive, so its id stays unique.
-  return list(_BATCHES[key][1])
+    return batches
+  key = ('model', tuple(sorted(dict(lengths).items())), split, num_examples, batch_size, shuffle,
+         seed, max_batches)
+  return list(data_lib.cached_eval_batches(task, key, build))
 
 
 # Jitted once per model (a hashable flax module, static like `decoding.predict_batch`'s), not
@@ -129,9 +120,9 @@ def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], s
                    num_examples: int | None, batch_size: int, output_dir: str) -> dict:
   """{'tasks': {task: {metric: value}}, 'summary': {metric: unweighted mean over tasks}}."""
   from sira_jax import eval as eval_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax import infer as infer_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
   batch_size = fitted_batch_size(batch_size, num_examples)
-  predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])
+  predict = predict_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])
   decoded = eval_lib.evaluate(
       model_dir=output_dir, mixture_or_task_name=mixture, split=split,
       task_feature_lengths=dict(lengths), batch_size=batch_size, num_examples=num_examples,

@@ -115,14 +115,7 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
     lrs = by_point.get(point)
     if not lrs:
       continue
-    # The rate is chosen as the runner chooses it: on the tuning runs' validation metric (all
-    # runs of the point where it has none, e.g. one fixed rate).
-    tuning = {r.key for r in sweep.tuning_runs(point)}
-    val = lambda res: res['metrics'][sweep.select_split]['summary'][sweep.metric]  # noqa: E731
-    scores = {k: [val(res) for r, res in v if r.key in tuning] for k, v in lrs.items()}
-    scores = {k: v for k, v in scores.items() if v} or {
-        k: [val(res) for _, res in v] for k, v in lrs.items()}
-    lr = sweeps_lib.choose_learning_rate(scores)
+    lr, scores = sweeps_lib.chosen_learning_rate(sweep, point, lrs)  # as the runner chooses
     items = sorted(lrs[lr], key=lambda x: x[0].seed)
     runs_here = [r for r in sweep.runs if r.point == point]
     rep = [res['metrics'][sweep.report_split] for _, res in items]

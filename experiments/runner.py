@@ -34,7 +34,6 @@ DEFAULT_RESULTS_DIR = os.path.join(REPO, 'experiments', 'results')
 DEFAULT_WORK_DIR = os.path.join(REPO, 'runs', 'experiments')
 SHIPPED_BASE_DIR = os.path.join(REPO, 'experiments', 'base')
 RESULT = 'result.json'
-ROUTER_KINDS = ('sira', 'molora', 'smoe_dropout')
 
 
 class RunInterrupted(RuntimeError):
@@ -159,23 +158,18 @@ def shipped_base(config_hash: str, settings: Mapping[str, Any] | None = None,
     if prov.get('config_hash') == config_hash:
       return os.path.join(shipped_dir, name)
     if settings is not None and prov.get('settings'):
-      diff = _diff(prov['settings'], settings)
-      log(f'base: the shipped base {name} does not match this config ({diff[:300]}); '
-          'pretraining instead')
+      from sira_jax.run_dir import dict_diff  # pylint: disable=import-outside-toplevel
+      diff = dict_diff(prov['settings'], settings)
+      log(f'base: the shipped base {name} does not match this config (shipped -> now: '
+          f'{diff[:300]}); pretraining instead')
   return None
-
-
-def _diff(a, b, prefix=''):
-  if isinstance(a, dict) and isinstance(b, dict):
-    parts = [_diff(a.get(k), b.get(k), f'{prefix}{k}.') for k in sorted(set(a) | set(b))]
-    return '; '.join(p for p in parts if p)
-  return '' if a == b else f'{prefix.rstrip(".")}: shipped {a!r}, now {b!r}'
 
 
 def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = True,
                 log: Callable[[str], None] = print) -> tuple[str, dict]:
   """Pretrains the sweep's base once (or finds it); returns (base checkpoint dir, provenance)."""
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import base_checkpoint  # pylint: disable=import-outside-toplevel
+  from sira_jax import run_dir as run_dir_lib  # pylint: disable=import-outside-toplevel
   key, settings = base_config_hash(sweep)
   if use_shipped:
     found = shipped_base(key, settings, log=log)
@@ -186,7 +180,7 @@ def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = T
       return found, prov
   run_dir = os.path.join(os.path.abspath(work_dir), f'base_{key}')
   prov_path = os.path.join(run_dir, 'provenance.json')
-  base_dir = train_lib.resolve_base_dir(run_dir)
+  base_dir = base_checkpoint.resolve_base_dir(run_dir)
   if base_dir is not None and os.path.exists(prov_path):
     log(f'base: reusing the cached pretrained base {run_dir}')
     with open(prov_path) as f:
@@ -196,8 +190,7 @@ def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = T
   r = _train(progress_bar=True)
   if r.stopped_by != 'done':
     raise RunInterrupted(f'base pretraining stopped at step {r.step}; re-run to resume')
-  with open(os.path.join(run_dir, train_lib.RUN_CONFIG)) as f:
-    fingerprint = json.load(f)
+  fingerprint = run_dir_lib.read_run_config(run_dir)
   prov = dict(config_hash=key, settings=settings, gin_files=list(sweep.base_gin),
               bindings=list(sweep.base_bindings),
               steps=r.step, final_metrics=r.last_metrics, wall_time_s=r.wall_time,
@@ -275,17 +268,16 @@ def trained_counts(counts: dict, gin_config: str) -> dict:
 def resolve(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, results_dir: str
             ) -> sweeps_lib.Run | None:
   """`run` with its learning rate chosen by the tuning runs of `run.lr_from` (validation metric
-  of the tuning seeds, `sweeps.choose_learning_rate`); None while one of them is unfinished."""
+  of the tuning seeds, `sweeps.chosen_learning_rate`); None while one of them is unfinished."""
   if run.resolved:
     return run
-  scores: dict[float, list[float]] = {}
+  by_lr: dict[float, list] = {}
   for t in sweep.tuning_runs(run.lr_from):
     res = load_result(results_dir, t)
     if res is None:
       return None
-    scores.setdefault(t.learning_rate, []).append(
-        res['metrics'][sweep.select_split]['summary'][sweep.metric])
-  return run.with_learning_rate(sweeps_lib.choose_learning_rate(scores))
+    by_lr.setdefault(t.learning_rate, []).append((t, res))
+  return run.with_learning_rate(sweeps_lib.chosen_learning_rate(sweep, run.lr_from, by_lr)[0])
 
 
 def resolved_result(results_dir: str, run: sweeps_lib.Run, sweep: sweeps_lib.Sweep
@@ -301,7 +293,9 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
   """Trains (kind 'finetune') or just loads (kind 'floor') one run, evaluates it, writes its
   result file; returns the result dict."""
   from experiments import evaluation  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import restore  # pylint: disable=import-outside-toplevel
+  from sira_jax import run_dir  # pylint: disable=import-outside-toplevel
+  from sira_jax.adapters import ROUTED_KINDS  # pylint: disable=import-outside-toplevel
   from sira_jax.t5 import param_count  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   model_dir = os.path.join(os.path.abspath(work_dir), 'runs', run.key)
@@ -317,14 +311,10 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
     r = _train(progress_bar=progress_bar)
     if r.stopped_by != 'done':
       raise RunInterrupted(f'{run.name} stopped at step {r.step}; re-run the sweep to resume it')
-    steps = [h for h in r.history if 'step_time' in h]
     train_info = dict(steps=r.step, wall_time_s=r.wall_time, final_metrics=r.last_metrics,
-                      history=r.history,
-                      median_step_time_s=float(np.median([h['step_time'] for h in steps[1:]]))
-                      if len(steps) > 1 else None)
-    model, variables, cfg, _ = train_lib.load_trained(model_dir)
-    with open(os.path.join(model_dir, train_lib.RUN_CONFIG)) as f:
-      fingerprint = json.load(f)
+                      history=r.history, median_step_time_s=r.median_step_time)
+    model, variables, cfg, _ = restore.load_trained(model_dir)
+    fingerprint = run_dir.read_run_config(model_dir)
     mixture, lengths = fingerprint['mixture_or_task_name'], fingerprint['task_feature_lengths']
   gin.clear_config()
   t_eval = time.time()
@@ -334,7 +324,7 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
         model, variables, mixture, lengths, split, num_examples=sweep.eval_num_examples,
         batch_size=sweep.eval_batch_size, output_dir=os.path.join(model_dir, 'eval'))
   routing = None
-  if cfg.adapter.kind in ROUTER_KINDS and run.point in sweep.routing_points:
+  if cfg.adapter.kind in ROUTED_KINDS and run.point in sweep.routing_points:
     routing = evaluation.routing_analysis(
         model, variables, mixture, lengths, split=sweep.select_split,
         num_examples=sweep.eval_num_examples, batch_size=sweep.eval_batch_size)

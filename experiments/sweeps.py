@@ -160,6 +160,21 @@ def choose_learning_rate(scores: Mapping[float, Sequence[float]]) -> float:
   return max(sorted(scores), key=lambda lr: float(np.mean(scores[lr])))
 
 
+def chosen_learning_rate(sweep: 'Sweep', point: str,
+                         results: Mapping[float, Sequence[tuple[Run, Mapping[str, Any]]]]
+                         ) -> tuple[float, dict[float, list[float]]]:
+  """(rate, {rate: scores}) of `point`, the one choice the runner and the report make:
+  `choose_learning_rate` over the validation metric (`sweep.select_split` summary's
+  `sweep.metric`) of the point's tuning runs among `results` ({rate: [(run, result dict)]}), or
+  of every given run where none is a tuning run (e.g. one fixed rate)."""
+  tuning = {r.key for r in sweep.tuning_runs(point)}
+  val = lambda res: res['metrics'][sweep.select_split]['summary'][sweep.metric]  # noqa: E731
+  scores = {lr: [val(res) for r, res in v if r.key in tuning] for lr, v in results.items()}
+  scores = {lr: v for lr, v in scores.items() if v} or {
+      lr: [val(res) for _, res in v] for lr, v in results.items()}
+  return choose_learning_rate(scores), scores
+
+
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------

@@ -340,16 +340,27 @@ def _path_names(path) -> list[str]:
   return [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
 
 
-def trainable_mask(params: Any) -> Any:
-  """Bool pytree like `params`: True exactly for trainable adapter params.
+def is_adapter_param(path: Any, *, trainable: bool = False) -> bool:
+  """True for a param an adapter adds to the base model: LoRA A/B (`lora_a`, `lora_b`), the
+  learned router (`router_kernel`) and SMoE-Dropout's fixed random router (`smoe_router_kernel`).
+  None of them is in a base checkpoint; every other param (kernels, embeddings, norms) is.
 
-  Trainable: `lora_a`, `lora_b`, `router_kernel`. Everything else (the base
-  and SMoE-Dropout's fixed router) is frozen. Works on boxed
-  (nn.LogicallyPartitioned) and plain trees.
+  trainable=True: only those fine-tuning updates (TRAINABLE_PARAM_NAMES; the fixed router stays
+  frozen). path: a tuple of names or jax key-path entries, or a '/'-joined string.
+  """
+  names = path.strip('/').split('/') if isinstance(path, str) else _path_names(path)
+  wanted = TRAINABLE_PARAM_NAMES if trainable else (*TRAINABLE_PARAM_NAMES, 'smoe_router_kernel')
+  return any(n in wanted for n in names)
+
+
+def trainable_mask(params: Any) -> Any:
+  """Bool pytree like `params`: True exactly for trainable adapter params
+  (`is_adapter_param(path, trainable=True)`: `lora_a`, `lora_b`, `router_kernel`). Everything else
+  (the base and SMoE-Dropout's fixed router) is frozen. Works on boxed (nn.LogicallyPartitioned)
+  and plain trees.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(n in TRAINABLE_PARAM_NAMES
-                          for n in _path_names(path)), params)
+      lambda path, _: is_adapter_param(path, trainable=True), params)
 
 
 def with_training_progress(variables: Any, progress: Any) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -98,21 +98,24 @@ class CheckpointManager:
       raise DamagedCheckpointError(self.directory, step, 'its meta/ item is missing')
     return dict(out['meta'])
 
-  def restore(self, target: PyTree, step: int | None = None, *,
+  def restore(self, target: PyTree | Callable[[dict], PyTree], step: int | None = None, *,
               partial: bool = False) -> tuple[PyTree, dict]:
     """Restores the state into the structure (and shardings) of `target`; returns (state, meta).
 
+    target: a pytree, or `meta -> pytree` when what to restore depends on the step's metadata.
     partial=True restores only the keys of `target` (e.g. params without optimizer state).
     Raises DamagedCheckpointError (naming the step) when the step cannot be read.
     """
     step = self._step(step)
+    meta = self.read_meta(step)
+    if callable(target):
+      target = target(meta)
     if partial:
       state_args = ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True)
     else:
       state_args = ocp.args.StandardRestore(_abstract(target))
-    meta = self.read_meta(step)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(state=state_args))
     except Exception as e:  # pylint: disable=broad-except
@@ -120,8 +123,8 @@ class CheckpointManager:
       raise DamagedCheckpointError(self.directory, step, e) from None
     return out['state'], meta
 
-  def restore_intact(self, target: PyTree, *, partial: bool = False, fallback: bool = True,
-                     log=None) -> tuple[PyTree, dict, list[int]]:
+  def restore_intact(self, target: PyTree | Callable[[dict], PyTree], *, partial: bool = False,
+                     fallback: bool = True, log=None) -> tuple[PyTree, dict, list[int]]:
     """Restores the newest step that reads back; returns (state, meta, damaged steps).
 
     A damaged step (unreadable files, missing metadata, another structure) is reported with

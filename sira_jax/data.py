@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 import numpy as np
 import seqio
@@ -207,6 +207,25 @@ def eval_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict[str, np.
     b = pad_rows(b, batch_size)
     b['num_real'] = n
     yield b
+
+
+_EVAL_BATCHES = lru.Bounded(256)  # (id(owner), key) -> (owner, batches)
+
+
+def cached_eval_batches(owner: Any, key: Hashable, build: Callable[[], list]) -> list:
+  """The eval batches `build()` returns, built once per process per (owner, key) and reused by
+  every run a sweep evaluates (the one eval-batch cache: eval, infer and the sweeps' scoring).
+
+  owner: the object the batches come from (a registered seqio task, a dataset an Evaluator
+  caches); the entry keeps it alive, so its id stays unique, and re-registering a task under the
+  same name builds new batches. Callers must not modify the batches.
+  """
+  k = (id(owner), key)
+  if k in _EVAL_BATCHES:
+    _EVAL_BATCHES.move_to_end(k)
+  else:
+    _EVAL_BATCHES.put(k, (owner, build()))
+  return _EVAL_BATCHES[k][1]
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

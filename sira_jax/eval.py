@@ -29,14 +29,11 @@ from typing import Any, Mapping
 import gin
 import numpy as np
 import seqio
-from absl import flags
-from absl import logging
 
 import tasks
 from sira_jax import data as data_lib
-from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
-from sira_jax import infer as infer_lib
 from sira_jax import lru
+from sira_jax import predict as predict_lib
 from tasks import truncation
 
 
@@ -138,30 +135,23 @@ def evaluate(
 
   predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
   """
-  data_lib.register_run_tasks(os.path.join(model_dir, train_lib.RUN_CONFIG))
-  data_lib.get_mixture_or_task(mixture_or_task_name)  # clear error for unknown names
-  lengths = dict(task_feature_lengths)
+  run = predict_lib.load_predictor(model_dir, mixture_or_task_name, task_feature_lengths,
+                                   checkpoint_step=checkpoint_step, decode_method=decode_method,
+                                   predict=predict)
+  lengths, step = run.lengths, run.step
   before = truncation.snapshot()
   evaluator = cached_evaluator(mixture_or_task_name, split, lengths, num_examples)
-  if predict is None:
-    model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
-    predict = infer_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'],
-                                        method=decode_method)
-  else:
-    step = 0
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   total = sum(int(ds.cardinality()) for ds in evaluator.cached_task_datasets.values())
   with tqdm(total=total if total >= 0 else None, desc=f'eval {split}', unit='ex',
             disable=not progress_bar) as bar:
     all_metrics, all_output = evaluator.evaluate(
         compute_metrics=True, step=step,
-        predict_fn=infer_lib.seqio_predict_fn(predict, batch_size, on_batch=bar.update))
+        predict_fn=predict_lib.seqio_predict_fn(run.predict, batch_size, on_batch=bar.update))
   if hasattr(all_metrics, 'result'):  # seqio returns a Future of the metrics
     all_metrics = all_metrics.result()
-  cut = truncation.message(truncation.since(before), lengths, f'eval {mixture_or_task_name}')
-  if cut:
-    logging.warning('%s', cut)
-  infer_lib.warn_empty(_empty_predictions(all_output), f'eval {mixture_or_task_name} {split}')
+  predict_lib.warn_truncated(before, lengths, f'eval {mixture_or_task_name}')
+  predict_lib.warn_empty(_empty_predictions(all_output), f'eval {mixture_or_task_name} {split}')
   results = {}
   for task, metrics in all_metrics.items():
     results[task] = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}

@@ -24,96 +24,12 @@ import sys
 from typing import Any, Callable, Mapping
 
 import gin
-import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
-from absl import flags
-from absl import logging
 
 from sira_jax import data as data_lib
-from sira_jax import lru
-from sira_jax import train as train_lib  # imported before gin locks: it registers configurables
+from sira_jax import predict as predict_lib
 from tasks import truncation
-
-PyTree = Any
-
-
-def make_predict_fn(model, variables: Mapping[str, Any], *, max_decode_length: int,
-                    method: str = 'greedy', num_beams: int = 4
-                    ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-  """`batch -> predicted target tokens [B, max_decode_length]` (0-padded after EOS).
-
-  Uses the network's cached decoding (`sira_jax.t5.decoding.predict_batch`, jitted there); routing
-  runs in eval mode (eval capacity factor, no expert dropout).
-  """
-  from sira_jax.t5 import decoding  # pylint: disable=import-outside-toplevel
-  variables = {k: v for k, v in variables.items() if k not in ('cache', 'intermediates')}
-
-  def predict(batch):
-    out = decoding.predict_batch(
-        model, variables, {'encoder_input_tokens': jnp.asarray(batch['encoder_input_tokens'])},
-        max_decode_length=max_decode_length, method=method, num_beams=num_beams)
-    return np.asarray(jax.device_get(out))
-
-  return predict
-
-
-def seqio_predict_fn(predict: Callable, batch_size: int,
-                     on_batch: Callable[[int], Any] | None = None):
-  """Adapts `predict` to seqio.Evaluator: enumerated dataset -> [(index, tokens [L])].
-
-  on_batch(n) is called after each batch of n real examples (a progress bar's update). The
-  numpy batches of a dataset are read once per process (`_padded_batches`): a cached Evaluator
-  passes the same datasets to every run of a sweep.
-  """
-
-  def fn(ds, model_feature_shapes=None):
-    del model_feature_shapes
-    out = []
-    for idx, feats, n in _padded_batches(ds, batch_size):
-      toks = predict(feats)[:n]
-      for i, t in zip(idx, toks):
-        # Fixed-length rows (0 after EOS): seqio needs equal-length arrays and cuts at EOS itself.
-        out.append((int(i), np.asarray(t)))
-      if on_batch is not None:
-        on_batch(n)
-    return out
-
-  return fn
-
-
-_PADDED = lru.Bounded(256)
-
-
-def _padded_batches(ds, batch_size: int) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
-  """[(example indices, features padded to `batch_size` rows, number of real rows)] of a finite
-  enumerated dataset; kept per dataset object (alive with it) and batch size, read-only, so a
-  dataset an Evaluator caches is batched once (a new tf.data iterator per task costs ~0.1 s)."""
-  key = (id(ds), batch_size)
-  if key not in _PADDED:
-    batches = []
-    for idx, feats in ds.batch(batch_size).as_numpy_iterator():
-      feats = data_lib.pad_rows(feats, batch_size)
-      for v in (idx, *feats.values()):
-        v.setflags(write=False)
-      batches.append((idx, feats, len(idx)))
-    _PADDED.put(key, (ds, batches))  # the dataset is kept alive, so its id stays unique
-  return _PADDED[key][1]
-
-
-def warn_empty(empty: Mapping[str, tuple[int, int]], where: str) -> str | None:
-  """Warns (and returns the message) when any task has empty predictions."""
-  bad = {t: c for t, c in empty.items() if c[0]}
-  if not bad:
-    return None
-  n, total = sum(c[0] for c in bad.values()), sum(c[1] for c in empty.values())
-  shown = ', '.join(f'{t} {e}/{n_t}' for t, (e, n_t) in sorted(bad.items())[:10])
-  msg = (f'{where}: {n} of {total} predictions are empty ({shown}'
-         f'{", ..." if len(bad) > 10 else ""}): the model emits EOS first; it may need more '
-         'training or a base checkpoint.')
-  logging.warning('%s', msg)
-  return msg
 
 
 def _strip(tokens) -> list[int]:
@@ -148,34 +64,27 @@ def infer(
   """Writes one JSONL file per task of the mixture; returns their paths.
 
   Shows a progress bar over examples (its total grows as each task is read), prints a summary,
-  and warns when predictions are empty or examples were truncated to `task_feature_lengths`. predict: optional `batch -> tokens [B, L]`
-  used instead of the run's model (step 0).
+  and warns when predictions are empty or examples were truncated to `task_feature_lengths`.
+  predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  data_lib.register_run_tasks(os.path.join(model_dir, train_lib.RUN_CONFIG))
-  mt = data_lib.get_mixture_or_task(mixture_or_task_name)
-  lengths = dict(task_feature_lengths)
-  if predict is None:
-    model, variables, _, step = train_lib.load_trained(model_dir, checkpoint_step)
-    predict = make_predict_fn(model, variables, max_decode_length=lengths['targets'],
-                              method=decode_method)
-  else:
-    step = 0
+  run = predict_lib.load_predictor(model_dir, mixture_or_task_name, task_feature_lengths,
+                                   checkpoint_step=checkpoint_step, decode_method=decode_method,
+                                   predict=predict)
+  lengths, step = run.lengths, run.step
   output_dir = output_dir or os.path.join(model_dir, 'infer')
   os.makedirs(output_dir, exist_ok=True)
-  subtasks = [t for t in seqio.get_subtasks(mt) if split in t.splits]
+  subtasks = [t for t in seqio.get_subtasks(run.mixture) if split in t.splits]
   before = truncation.snapshot()
   paths, empty = [], {}
   with tqdm(total=0, desc=f'infer {split}', unit='ex', disable=not progress_bar) as bar:
     for task in subtasks:
       path = os.path.join(output_dir, f'{task.name}_{split}_{step}.jsonl')
       empty[task.name] = _write_predictions(task, split, lengths, num_examples, batch_size,
-                                            predict, path, bar)
+                                            run.predict, path, bar)
       paths.append(path)
-  cut = truncation.message(truncation.since(before), lengths, f'infer {mixture_or_task_name}')
-  if cut:
-    logging.warning('%s', cut)
-  warn_empty(empty, f'infer {mixture_or_task_name} {split}')
+  predict_lib.warn_truncated(before, lengths, f'infer {mixture_or_task_name}')
+  predict_lib.warn_empty(empty, f'infer {mixture_or_task_name} {split}')
   n_empty, n = sum(e for e, _ in empty.values()), sum(t for _, t in empty.values())
   print(f'infer: {n} predictions of {len(paths)} tasks ({split}, step {step}) in {output_dir}; '
         f'{n_empty} empty', file=sys.stderr)

@@ -12,7 +12,7 @@ Params carry logical axis names (`nn.with_logical_partitioning` in the network a
 
     mesh = make_mesh(data=2, expert=2, model=2)
     rules = logical_axis_rules()
-    abstract = abstract_variables(model)                      # boxed ShapeDtypeStructs
+    abstract = model_init.abstract_variables(model)           # boxed ShapeDtypeStructs
     shardings = variable_shardings(abstract, mesh, rules)     # NamedSharding per variable
     batch = shard_batch(numpy_batch, mesh, rules)
 
@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax._src import mesh as jax_mesh  # the mesh `with mesh:` binds (no public getter)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sira_jax import lru
 
 PyTree = Any
 Rules = Sequence[tuple[str, Any]]
@@ -167,37 +165,8 @@ def logical_to_mesh_spec(names: Sequence[str | None], rules: Rules | None = None
 
 
 # ----------------------------------------------------------------------------------------------
-# Variables
+# Variable shardings (abstract variables: sira_jax.model_init)
 # ----------------------------------------------------------------------------------------------
-def _dummy_inputs(batch_size: int = 1, input_len: int = 2, target_len: int = 2):
-  enc = jnp.ones((batch_size, input_len), jnp.int32)
-  dec = jnp.ones((batch_size, target_len), jnp.int32)
-  return enc, dec
-
-
-def default_init_fn(model) -> Callable[[jax.Array], PyTree]:
-  """rng -> boxed variables of a `Transformer` (dummy inputs, no dropout)."""
-  def init(rng):
-    enc, dec = _dummy_inputs()
-    return model.init({'params': rng, 'dropout': rng}, enc, dec, dec, enable_dropout=False)
-  return init
-
-
-_ABSTRACT = lru.Bounded(8)
-
-
-def abstract_variables(model, init_fn: Callable | None = None) -> PyTree:
-  """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the model's variables.
-
-  With the default init, traced once per model (a hashable flax module) and process: tracing a
-  model's init takes seconds on CPU, and a sweep asks once per run."""
-  if init_fn is not None:
-    return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  if model not in _ABSTRACT:
-    _ABSTRACT.put(model, jax.eval_shape(default_init_fn(model), jax.random.PRNGKey(0)))
-  return jax.tree.map(lambda x: x, _ABSTRACT[model])  # new containers: callers may edit theirs
-
-
 def logical_specs(abstract: PyTree) -> PyTree:
   """Logical PartitionSpecs (axis names) of boxed variables; unboxed leaves get P()."""
   return nn.get_partition_spec(abstract)

@@ -10,8 +10,12 @@ BATCH_SIZE, INITIAL_CHECKPOINT_PATH (a Hugging Face / T5X directory `load_pretra
 base checkpoint this project wrote: a pretraining run's MODEL_DIR or its `base/` directory).
 
 MODEL_DIR holds run_config.json (the run's fingerprint), config.gin, checkpoints/<step>/ and
-TensorBoard events in train/. Re-running the same command resumes from the latest checkpoint; a
-MODEL_DIR holding a run with another config is refused unless --overwrite.
+TensorBoard events in train/ (`run_dir`). Re-running the same command resumes from the latest
+checkpoint; a MODEL_DIR holding a run with another config is refused unless --overwrite.
+
+This module is the training CLI and loop orchestration; the stages it calls live in their own
+modules: model_init (model, keys, initial variables), base_checkpoint (the frozen base),
+run_dir (MODEL_DIR bookkeeping), placement (mesh and shardings), trainer (step and loop).
 """
 
 from __future__ import annotations
@@ -26,350 +30,33 @@ if __name__ == '__main__':
   _module.cli()
 
 import dataclasses
-import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Collection, Mapping
 
 import gin
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags, logging
 
+from sira_jax import base_checkpoint
 from sira_jax import checkpoints as ckpt_lib
 from sira_jax import data as data_lib
-from sira_jax import optim
 from sira_jax import lru
+from sira_jax import model_init
+from sira_jax import optim
 from sira_jax import partitioning
+from sira_jax import run_dir
 from sira_jax import trainer as trainer_lib
-from sira_jax.adapters import AdapterConfig, trainable_mask
-from sira_jax.t5.config import T5Config, with_checkpoint_architecture
-
-
-
-class ConfigError(ValueError):
-  """A run configuration refused before anything is trained or written."""
-
-
-def _say(msg: str):
-  """A line for the user (stderr, process 0 only): resume, fallbacks, nothing to do."""
-  if jax.process_index() == 0:
-    print(msg, file=sys.stderr, flush=True)
+from sira_jax.adapters import trainable_mask
+from sira_jax.placement import Placement
+from sira_jax.run_dir import ConfigError, say
+from sira_jax.t5.config import T5Config
 
 
 # ----------------------------------------------------------------------------------------------
-# Config <-> JSON
+# The compiled step and the run's checkpoints
 # ----------------------------------------------------------------------------------------------
-def config_to_dict(cfg: T5Config) -> dict:
-  d = dataclasses.asdict(cfg)
-  d['adapter_overrides'] = [[p, dataclasses.asdict(c)] for p, c in cfg.adapter_overrides]
-  return json.loads(json.dumps(d, default=str))
-
-
-def config_from_dict(d: Mapping[str, Any]) -> T5Config:
-  d = dict(d)
-  d['adapter'] = AdapterConfig(**d['adapter'])
-  d['adapter_overrides'] = tuple((p, AdapterConfig(**c)) for p, c in d.get('adapter_overrides', ()))
-  for k in ('mlp_activations', 'adapter_targets'):
-    d[k] = tuple(d[k])
-  return T5Config(**d)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model building and initial variables
-# ----------------------------------------------------------------------------------------------
-def build_model(cfg: T5Config):
-  from sira_jax.t5 import network  # pylint: disable=import-outside-toplevel
-  return network.Transformer(cfg)
-
-
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-  """(params_key, dropout_key) of a run: parameter init and the per-step randomness never share
-  a key."""
-  params_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-  return params_key, dropout_key
-
-
-_INIT_LENGTHS = (8, 8)
-
-
-def _init_fn(model):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  enc = jnp.ones((1, _INIT_LENGTHS[0]), jnp.int32)
-  dec = jnp.ones((1, _INIT_LENGTHS[1]), jnp.int32)
-
-  def init(key):
-    variables = model.init({'params': key, 'dropout': jax.random.fold_in(key, 1)}, enc, dec, dec,
-                           enable_dropout=False)
-    variables = dict(nn.meta.unbox(variables))
-    variables.pop('intermediates', None)
-    variables.pop('cache', None)
-    return variables
-  return init
-
-
-def abstract_params(model) -> dict:
-  """Shapes and dtypes of the model's params (jax.ShapeDtypeStruct leaves; nothing compiled)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  return nn.meta.unbox(partitioning.abstract_variables(model))['params']
-
-
-_INIT_CACHE = lru.Bounded(4)
-_INIT_FNS = lru.Bounded(4)
-
-
-def init_variables(model, cfg: T5Config, seed: int = 0) -> dict:
-  """Fresh variables (params with adapters, plus e.g. 'schedule') as plain arrays, from
-  `run_keys(seed)[0]`. Cached per (config, seed, devices) within a process, and the compiled init
-  per (config, devices), so another seed does not compile again: XLA compiles of the init take
-  several seconds on CPU."""
-  devices = tuple(d.id for d in jax.devices())
-  key = (cfg, seed, devices)
-  if key not in _INIT_CACHE:
-    fn = _INIT_FNS.get((cfg, devices)) or _INIT_FNS.put((cfg, devices), jax.jit(_init_fn(model)))
-    _INIT_CACHE.put(key, fn(run_keys(seed)[0]))
-  return dict(_INIT_CACHE[key])
-
-
-def _is_adapter_path(path: tuple) -> bool:
-  from sira_jax import adapters  # pylint: disable=import-outside-toplevel
-  names = set(adapters.TRAINABLE_PARAM_NAMES) | {'smoe_router_kernel'}
-  return any(n in names for n in path)
-
-
-# ----------------------------------------------------------------------------------------------
-# The base checkpoint: architecture and weights (read and checked before anything is compiled)
-# ----------------------------------------------------------------------------------------------
-def resolve_base_dir(path: str) -> str | None:
-  """A project base checkpoint directory for `path` (itself or `<path>/base`), else None."""
-  for cand in (path, os.path.join(path, 'base')):
-    if ckpt_lib.is_base_checkpoint(cand):
-      return os.path.abspath(cand)
-  return None
-
-
-def checkpoint_architecture(path: str) -> dict[str, Any]:
-  """The architecture fields a checkpoint records ({field: value}, `T5Config.architecture`).
-
-  path: a base checkpoint this project wrote (its saved model config), a Hugging Face directory
-  (config.json) or a T5X checkpoint (shapes, and a config.json beside it).
-  """
-  base_dir = resolve_base_dir(path)
-  if base_dir is not None:
-    return config_from_dict(ckpt_lib.read_base_meta(base_dir)['model_config']).architecture()
-  if not os.path.exists(path):
-    raise ckpt_lib.CheckpointError(f'INITIAL_CHECKPOINT_PATH {path} does not exist')
-  from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
-  return loading.open_checkpoint(path)[2]
-
-
-def resolve_model_config(cfg: T5Config, path: str | None,
-                         configured: Collection[str] | None = None) -> T5Config:
-  """The model to fine-tune: `cfg` with the architecture of the checkpoint at `path`.
-
-  configured: the T5Config fields the user set (gin bindings); they must agree with the
-  checkpoint, and the others are taken from it. None: every field of `cfg` must agree.
-  """
-  if not path:
-    return cfg
-  return with_checkpoint_architecture(cfg, checkpoint_architecture(path), source=path,
-                                      configured=configured)
-
-
-def read_base_params(path: str, cfg: T5Config, abstract: Mapping[str, Any]) -> dict:
-  """The base weights at `path` for the model `cfg`: {param path tuple: np.ndarray}, every one
-  checked against `abstract` (the model's param shapes) and every non-adapter param present.
-
-  Raises CheckpointError naming the parameter, the checkpoint and both shapes.
-  """
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  base_dir = resolve_base_dir(path)
-  if base_dir is not None:
-    base, _ = ckpt_lib.load_base_params(base_dir)
-  else:
-    from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
-    reader = loading.open_checkpoint(path)[0]
-    base = traverse_util.unflatten_dict(
-        reader.read(cfg, traverse_util.flatten_dict(dict(abstract), sep='/')), sep='/')
-  flat = traverse_util.flatten_dict(optim.to_plain_dict(base))
-  flat = {k: v for k, v in flat.items() if not _is_adapter_path(k)}
-  return ckpt_lib.check_base_params(abstract, flat, source=path, allow_missing=_is_adapter_path)
-
-
-def with_base(variables: dict, base: Mapping[tuple, Any]) -> dict:
-  """`variables` with the (checked) base weights in place of the fresh ones."""
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  flat = traverse_util.flatten_dict(optim.to_plain_dict(variables['params']))
-  for k, v in base.items():
-    flat[k] = jnp.asarray(v, flat[k].dtype)
-  return dict(variables, params=traverse_util.unflatten_dict(flat))
-
-
-def load_base_into(variables: dict, cfg: T5Config, path: str) -> dict:
-  """Copies the base weights at `path` into `variables['params']` (adapter params stay fresh)."""
-  model = build_model(cfg)
-  return with_base(variables, read_base_params(path, cfg, abstract_params(model)))
-
-
-# ----------------------------------------------------------------------------------------------
-# MODEL_DIR bookkeeping
-# ----------------------------------------------------------------------------------------------
-RUN_CONFIG = 'run_config.json'
-SUMMARY = 'train_summary.json'
-DAMAGED = 'damaged_checkpoints'
-
-
-def check_model_dir_path(model_dir: str):
-  """MODEL_DIR must be a directory or creatable as one."""
-  p = model_dir
-  while not os.path.exists(p):
-    parent = os.path.dirname(p)
-    if parent == p:
-      break
-    p = parent
-  if not os.path.isdir(p):
-    what = 'MODEL_DIR' if p == model_dir else f'MODEL_DIR {model_dir}: its parent'
-    raise ConfigError(f'{what} {p} is a file, not a directory; choose a directory path for '
-                      'MODEL_DIR (it holds checkpoints, config and logs).')
-  if not os.access(p, os.W_OK):
-    raise ConfigError(f'MODEL_DIR {model_dir}: {p} is not writable')
-
-
-def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: bool) -> bool:
-  """Refuses a MODEL_DIR that holds a run with another config (unless overwrite, which clears it).
-
-  Returns True when the directory holds this same run (resume).
-  """
-  path = os.path.join(model_dir, RUN_CONFIG)
-  if not os.path.exists(path):
-    if os.path.isdir(os.path.join(model_dir, 'checkpoints')) and os.listdir(
-        os.path.join(model_dir, 'checkpoints')):
-      if not overwrite:
-        raise ConfigError(f'MODEL_DIR {model_dir} holds checkpoints but no {RUN_CONFIG}; refusing '
-                          'to mix runs. Use another MODEL_DIR or pass --overwrite.')
-      _clear_run(model_dir)
-    return False
-  with open(path) as f:
-    old = json.load(f)
-  if old == json.loads(json.dumps(fingerprint)):
-    return True
-  if not overwrite:
-    diff = _dict_diff(old, json.loads(json.dumps(fingerprint)))
-    raise ConfigError(
-        f'MODEL_DIR {model_dir} holds a run with another config ({diff}); refusing to overwrite it. '
-        'Use another MODEL_DIR or pass --overwrite to replace that run.')
-  _clear_run(model_dir)
-  return False
-
-
-def _dict_diff(a, b, prefix=''):
-  out = []
-  for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, dict) and isinstance(vb, dict):
-      sub = _dict_diff(va, vb, f'{prefix}{k}.')
-      if sub:
-        out.append(sub)
-    elif va != vb:
-      out.append(f'{prefix}{k}: {va!r} -> {vb!r}')
-  return '; '.join(out)
-
-
-def _clear_run(model_dir: str):
-  for name in ('checkpoints', 'train', 'base', 'eval', 'infer', RUN_CONFIG, 'config.gin', SUMMARY):
-    p = os.path.join(model_dir, name)
-    if os.path.isdir(p):
-      shutil.rmtree(p)
-    elif os.path.exists(p):
-      os.remove(p)
-
-
-def write_run_files(model_dir: str, fingerprint: Mapping[str, Any]):
-  """run_config.json and config.gin: written once every input has been validated."""
-  os.makedirs(model_dir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(model_dir, RUN_CONFIG), 'w') as f:
-      json.dump(fingerprint, f, indent=1, sort_keys=True)
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-      f.write(gin.config_str())
-
-
-def write_summary(model_dir: str, loop: trainer_lib.LoopResult, start_step: int
-                  ) -> tuple[dict, list]:
-  """Appends this session's history to MODEL_DIR/train_summary.json (history before
-  `start_step` kept across resumes); returns (last_metrics, full history)."""
-  path = os.path.join(model_dir, SUMMARY)
-  old = dict(last_metrics={}, history=[])
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-  history = [h for h in old['history'] if h['step'] <= start_step] + loop.history
-  last = loop.last_metrics or old['last_metrics']
-  if loop.history and jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(dict(step=int(loop.state.step), last_metrics=last, history=history), f, indent=1)
-  return last, history
-
-
-# ----------------------------------------------------------------------------------------------
-# Sharding
-# ----------------------------------------------------------------------------------------------
-class Placement:
-  """Where arrays live: a (data, expert, model) mesh and the shardings of state and batches.
-
-  Params take the shardings their logical axis names get under `partitioning.logical_axis_rules`
-  (experts over 'expert', heads/mlp/vocab over 'model'); the trainable/frozen split and the
-  optimizer state follow them; batches are split over ('data', 'expert'). The same code runs on
-  one device (mesh 1x1x1) or many.
-
-  mesh_shape: {'data': d, 'expert': e, 'model': m}; -1 on one axis takes the remaining devices;
-  without -1 the first d*e*m devices are used. Default: every device on 'data'.
-  """
-
-  def __init__(self, mesh_shape: Mapping[str, int] | None = None):
-    shape = dict(mesh_shape or {'data': -1})
-    devices = None
-    if -1 not in shape.values():
-      devices = jax.devices()[:int(np.prod(list(shape.values())))]
-    self.shape = shape
-    self.mesh = partitioning.make_mesh(**shape, devices=devices)
-
-  @property
-  def batch_divisor(self) -> int:
-    return int(self.mesh.shape['data'] * self.mesh.shape['expert'])
-
-  @property
-  def key(self) -> tuple:
-    """Identifies the mesh (axis sizes and device ids) in compile caches."""
-    return (tuple(self.mesh.shape.items()), tuple(int(d.id) for d in self.mesh.devices.flat))
-
-  def check_batch_size(self, batch_size: int):
-    if batch_size % self.batch_divisor != 0:
-      raise ConfigError(f'BATCH_SIZE {batch_size} is not divisible by the mesh batch axes '
-                        f'data*expert={self.batch_divisor}')
-
-  def put_batch(self, batch: Mapping[str, np.ndarray]):
-    batch = {k: v for k, v in batch.items() if k != 'num_real'}
-    return partitioning.shard_batch(batch, self.mesh, process_local=jax.process_count() > 1)
-
-  def state_shardings(self, model, state: trainer_lib.TrainState, mask) -> trainer_lib.TrainState:
-    """A TrainState of NamedShardings matching `state`."""
-    var_sh = partitioning.variable_shardings(partitioning.abstract_variables(model), self.mesh)
-    trainable_sh, frozen_sh = optim.partition_params(var_sh['params'], mask)
-    rep = partitioning.replicated(self.mesh)
-    extra_sh = {k: var_sh.get(k, jax.tree_util.tree_map(lambda _: rep, v))
-                for k, v in state.extra.items()}
-    opt_sh = partitioning.opt_state_shardings(state.opt_state, trainable_sh, self.mesh)
-    return trainer_lib.TrainState(step=rep, rng=rep, params=trainable_sh, opt_state=opt_sh,
-                                  frozen=frozen_sh, extra=extra_sh)
-
-  def place(self, tree, shardings):
-    return partitioning.place(tree, shardings)
-
-
 _STEP_CACHE = lru.Bounded(4)
 
 
@@ -416,7 +103,7 @@ class RunCheckpoints:
       if mngr.latest_step() is None:
         return state
       restored, meta, self._damaged = mngr.restore_intact(self.tree(state), fallback=fallback,
-                                                          log=_say)
+                                                          log=say)
     finally:
       mngr.close()
     if meta.get('base_path') != self.meta['base_path']:
@@ -428,8 +115,8 @@ class RunCheckpoints:
     """Opens for writing; damaged steps found by `restore` are moved to MODEL_DIR/DAMAGED."""
     self._mngr = ckpt_lib.CheckpointManager(self.directory, save_every=self.every, keep=self.keep)
     for step in self._damaged:
-      dest = self._mngr.set_aside(step, os.path.join(self.model_dir, DAMAGED))
-      _say(f'moved the damaged checkpoint step {step} to {dest}')
+      dest = self._mngr.set_aside(step, os.path.join(self.model_dir, run_dir.DAMAGED))
+      say(f'moved the damaged checkpoint step {step} to {dest}')
 
   def save(self, s: trainer_lib.TrainState, force: bool) -> bool:
     return self._mngr.save(int(s.step), self.tree(s), self.meta, force=force)
@@ -455,9 +142,8 @@ class TrainResult:
 
   @property
   def median_step_time(self) -> float | None:
-    """Median seconds per step over the logged windows, compile step excluded."""
-    times = [h['step_time'] for h in self.history if 'step_time' in h]
-    return float(np.median(times)) if times else None
+    """`trainer.median_step_time` of the run's history (compile steps excluded)."""
+    return trainer_lib.median_step_time(self.history)
 
 
 @gin.configurable(denylist=['overwrite', 'on_step', 'configured_fields'])
@@ -514,21 +200,21 @@ def train(
                                model_config, pretrain, initial_checkpoint_path, configured_fields)
   placement = Placement(mesh_shape)
   placement.check_batch_size(batch_size)
-  model = build_model(model_config)
+  model = model_init.build_model(model_config)
   base = None
   if initial_checkpoint_path:
-    base = read_base_params(initial_checkpoint_path, model_config, abstract_params(model))
+    base = base_checkpoint.read_base_params(initial_checkpoint_path, model_config, model_init.abstract_params(model))
   base_source = os.path.abspath(initial_checkpoint_path) if initial_checkpoint_path else None
   optimizer = dict(name=optimizer_name, learning_rate=learning_rate, schedule=schedule,
                    warmup_steps=warmup_steps, weight_decay=weight_decay,
                    clip_grad_norm=clip_grad_norm)
   fingerprint = dict(
-      model_config=config_to_dict(model_config), mixture_or_task_name=mixture_or_task_name,
+      model_config=model_init.config_to_dict(model_config), mixture_or_task_name=mixture_or_task_name,
       task_feature_lengths=dict(task_feature_lengths), batch_size=batch_size, pretrain=pretrain,
       initial_checkpoint_path=base_source, optimizer=optimizer,
       loss=dataclasses.asdict(loss_config), seed=seed, data_seed=data_seed, pack=pack,
       full_checkpoints=full_checkpoints, **data_lib.task_registration())
-  resume = check_model_dir(model_dir, fingerprint, overwrite)
+  resume = run_dir.check_model_dir(model_dir, fingerprint, overwrite)
 
   # 2. The initial state, or the newest intact checkpoint's.
   lr = optim.make_schedule(schedule, learning_rate, warmup_steps, train_steps)
@@ -544,13 +230,13 @@ def train(
   start_step = int(state.step)
 
   # 3. MODEL_DIR is ours from here on.
-  write_run_files(model_dir, fingerprint)
+  run_dir.write_run_files(model_dir, fingerprint)
   ckpts.open()
   if start_step >= train_steps:
-    _say(f'{model_dir} already holds step {start_step} >= TRAIN_STEPS {train_steps}: nothing to '
+    say(f'{model_dir} already holds step {start_step} >= TRAIN_STEPS {train_steps}: nothing to '
          'train (raise TRAIN_STEPS to train further).')
   elif start_step:
-    _say(f'resuming from step {start_step} of {train_steps} ({model_dir})')
+    say(f'resuming from step {start_step} of {train_steps} ({model_dir})')
 
   def save_fn(s, force):
     if on_step is not None and not force:
@@ -574,7 +260,8 @@ def train(
   ckpts.close()
 
   # 4. Record: the summary (history across resumes) and, after pretraining, the base checkpoint.
-  last_metrics, history = write_summary(model_dir, loop, start_step)
+  last_metrics, history = run_dir.write_summary(model_dir, loop.history, loop.last_metrics,
+                                                int(loop.state.step), start_step)
   base_dir = None
   if pretrain and loop.stopped_by == 'done' and proc == 0:
     params = optim.merge_params(loop.state.params, loop.state.frozen)
@@ -589,11 +276,12 @@ def initial_state(model, cfg: T5Config, seed: int, base: Mapping[tuple, Any] | N
                   placement: Placement, pretrain: bool):
   """(state, its shardings): fresh params (the checked `base` weights in place), the trainable
   part's optimizer state, placed on the mesh. Pretraining trains every parameter."""
-  variables = init_variables(model, cfg, seed)
+  variables = model_init.init_variables(model, cfg, seed)
   if base is not None:
-    variables = with_base(variables, base)
+    variables = base_checkpoint.with_base(variables, base)
   mask = None if pretrain else trainable_mask(variables['params'])
-  state = trainer_lib.create_state(variables, tx, trainable_mask=mask, rng=run_keys(seed)[1])
+  state = trainer_lib.create_state(variables, tx, trainable_mask=mask,
+                                   rng=model_init.run_keys(seed)[1])
   state_sh = placement.state_shardings(model, state, mask)
   return placement.place(state, state_sh), state_sh
 
@@ -602,7 +290,7 @@ def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, mode
                   pretrain, initial_checkpoint_path, configured_fields) -> T5Config:
   """Raises ConfigError / CheckpointError / ValueError for bad inputs; returns the model config
   to train (the checkpoint's architecture, `freeze_base=False` when pretraining)."""
-  check_model_dir_path(model_dir)
+  run_dir.check_model_dir_path(model_dir)
   task = data_lib.get_mixture_or_task(mixture_or_task_name)
   if train_steps < 1 or batch_size < 1:
     raise ConfigError(f'TRAIN_STEPS and BATCH_SIZE must be >= 1 (got {train_steps}, {batch_size})')
@@ -616,7 +304,8 @@ def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, mode
                         'train.pretrain = True to train every parameter')
     if not initial_checkpoint_path:
       logging.warning('fine-tuning without INITIAL_CHECKPOINT_PATH: the frozen base is random')
-    model_config = resolve_model_config(model_config, initial_checkpoint_path, configured_fields)
+    model_config = base_checkpoint.resolve_model_config(model_config, initial_checkpoint_path,
+                                                        configured_fields)
   check_vocabulary(task, model_config)
   return model_config
 
@@ -638,56 +327,6 @@ def _metric_writer(model_dir: str, tensorboard: bool):
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   return metric_writers.create_default_writer(
       os.path.join(model_dir, 'train'), just_logging=jax.process_index() != 0, asynchronous=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Restoring a trained model (eval / infer)
-# ----------------------------------------------------------------------------------------------
-def load_trained(model_dir: str, step: int | None = None, model_config: T5Config | None = None):
-  """(model, variables, model_config, step) of a run in `model_dir` (latest intact checkpoint
-  by default; a damaged one is reported and skipped, an explicit `step` must be intact).
-
-  The model config comes from the run's run_config.json unless given; the frozen base is re-read
-  from the base path in the checkpoint's metadata unless the checkpoint holds it. Frozen params
-  that neither holds (SMoE-Dropout's fixed router; a random base) are re-created from the run's
-  own seed, as training created them.
-  """
-  model_dir = os.path.abspath(model_dir)
-  run_cfg_path = os.path.join(model_dir, RUN_CONFIG)
-  if not os.path.exists(run_cfg_path):
-    raise ckpt_lib.CheckpointError(f'{model_dir} holds no training run ({RUN_CONFIG} missing)')
-  with open(run_cfg_path) as f:
-    fingerprint = json.load(f)
-  if model_config is None:
-    model_config = config_from_dict(fingerprint['model_config'])
-  model = build_model(model_config)
-  mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'), create=False)
-  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
-  if not steps:
-    raise ckpt_lib.CheckpointError(f'no checkpoint in {mngr.directory}')
-  try:
-    for i, s in enumerate(steps):
-      try:
-        meta = mngr.read_meta(s)
-        variables = init_variables(model, model_config, int(fingerprint.get('seed', 0)))
-        if not meta.get('includes_base') and meta.get('base_path'):
-          variables = load_base_into(variables, model_config, meta['base_path'])
-        mask = None if meta.get('pretrain') else trainable_mask(variables['params'])
-        trainable, frozen = optim.partition_params(variables['params'], mask)
-        # Optimizer state is not needed for inference: restore only the listed items.
-        target = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=trainable)
-        if meta.get('includes_base') and frozen:
-          target['frozen'] = frozen
-        restored, _ = mngr.restore(target, s, partial=True)
-        break
-      except ckpt_lib.DamagedCheckpointError as e:
-        if i + 1 == len(steps):
-          raise
-        _say(f'warning: {e}; trying the previous checkpoint')
-  finally:
-    mngr.close()
-  params = optim.merge_params(restored['params'], restored.get('frozen', frozen))
-  return model, dict(variables, params=params), model_config, int(restored['step'])
 
 
 # ----------------------------------------------------------------------------------------------

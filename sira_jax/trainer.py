@@ -166,6 +166,17 @@ class LoopResult:
   history: list
 
 
+def median_step_time(history: list) -> float | None:
+  """Median seconds per step over the logged windows of `history` (None if none has one).
+
+  The one rule for a run's step time: each window's `step_time` is the mean over its steps, and
+  the first step of every session (trace and compile) is never in a window (`train_loop` logs it
+  apart as `first_step_time`), so no window needs dropping.
+  """
+  times = [h['step_time'] for h in history if 'step_time' in h]
+  return float(np.median(times)) if times else None
+
+
 def train_loop(
     state: TrainState,
     train_step: Callable,

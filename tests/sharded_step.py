@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from sira_jax import model_init
 from sira_jax import partitioning
 from sira_jax.adapters import AdapterConfig, trainable_mask
 from sira_jax.optim import merge_params, partition_params
@@ -40,7 +41,7 @@ def batch(batch_size=8, inp=6, tgt=6):
 @functools.lru_cache(maxsize=None)
 def host_params(model):
   """Deterministic params (numpy), with nonzero lora_b so adapters matter."""
-  v = nn.unbox(jax.jit(partitioning.default_init_fn(model))(jax.random.PRNGKey(0)))
+  v = nn.unbox(jax.jit(model_init.init_fn(model))(jax.random.PRNGKey(0)))
   def bump(path, x):
     if 'lora_b' in jax.tree_util.keystr(path):
       return x + 0.1 * jax.random.normal(jax.random.PRNGKey(7), x.shape, x.dtype)
@@ -107,7 +108,7 @@ def run(mesh=None, process_local_batch=False, params=None, hlo=None):
     _SINGLE.append((loss, grads, new))  # the reference is reused within one pytest session
     return loss, grads, new
   rules = partitioning.logical_axis_rules()
-  abstract = partitioning.abstract_variables(model)
+  abstract = model_init.abstract_variables(model)
   shardings = partitioning.variable_shardings(abstract, mesh, rules)['params']
   t_sh, f_sh = partition_params(shardings, trainable_mask(shardings))
   trainable = partitioning.place(trainable, t_sh)

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from sira_jax import checkpoints as ckpt_lib
+from sira_jax import optim
+from sira_jax import restore
 from sira_jax import train as train_lib
 from sira_jax import trainer as trainer_lib
+from sira_jax.adapters import trainable_mask
 from tests import trainer_fixtures as fx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,13 +75,13 @@ def test_adapter_only_checkpoint_holds_no_base(tmp_path):
   names = os.listdir(tmp_path / 'r' / 'checkpoints' / '2' / 'state')
   assert names  # written
   # Restoring reads only the trainable params: every restored leaf is an adapter/router param.
-  model, variables, _, step = train_lib.load_trained(str(tmp_path / 'r'))
+  model, variables, _, step = restore.load_trained(str(tmp_path / 'r'))
   assert step == 2
   flat = jax.tree_util.tree_flatten_with_path(res.state.params)[0]
   assert flat and all(any(n in jax.tree_util.keystr(p) for n in ('lora_a', 'lora_b', 'router'))
                       for p, _ in flat)
-  restored = train_lib.optim.partition_params(
-      variables['params'], train_lib.trainable_mask(variables['params']))[0]
+  restored = optim.partition_params(
+      variables['params'], trainable_mask(variables['params']))[0]
   for x, y in zip(_leaves(res.state.params), _leaves(restored)):
     np.testing.assert_array_equal(x, y)
   # The full-state option stores the frozen base as well.
@@ -93,8 +96,8 @@ def test_restore_recreates_frozen_non_base_params_from_the_runs_seed(tmp_path):
   # restoring must re-create them from the run's seed, not from seed 0.
   cfg = fx.tiny_config('smoe_dropout', num_experts=4, top_k=1)
   res = _train(tmp_path / 's', train_steps=2, seed=3, model_config=cfg)
-  _, variables, _, _ = train_lib.load_trained(str(tmp_path / 's'))
-  trained = train_lib.optim.merge_params(res.state.params, res.state.frozen)
+  _, variables, _, _ = restore.load_trained(str(tmp_path / 's'))
+  trained = optim.merge_params(res.state.params, res.state.frozen)
   flat_a = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(trained))[0])
   flat_b = dict(jax.tree_util.tree_flatten_with_path(variables['params'])[0])
   assert flat_a.keys() == flat_b.keys()
@@ -111,7 +114,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'n' / 'checkpoints'))
   step = mngr.latest_step()
   assert step is not None and step >= 1
-  _, variables, _, _ = train_lib.load_trained(str(tmp_path / 'n'))
+  _, variables, _, _ = restore.load_trained(str(tmp_path / 'n'))
   assert all(np.all(np.isfinite(x)) for x in _leaves(variables['params']))
 
 
@@ -200,7 +203,7 @@ def test_damaged_checkpoint_falls_back_to_newest_intact_step(tmp_path, capfd):
   # Eval/infer's loader skips a step whose arrays cannot be read, saying so.
   _zero_arrays(d / 'checkpoints' / '6')
   capfd.readouterr()
-  assert train_lib.load_trained(str(d))[3] == 4
+  assert restore.load_trained(str(d))[3] == 4
   assert 'checkpoint step 6' in capfd.readouterr().err
   # Already past TRAIN_STEPS: said plainly, nothing trained.
   capfd.readouterr()

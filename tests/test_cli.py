@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 
 from sira_jax import checkpoints as ckpt_lib
+from sira_jax import data as data_lib
 from sira_jax import gin_utils
+from sira_jax import model_init
 from sira_jax import train as train_lib
+from sira_jax.run_dir import ConfigError
+from sira_jax.t5.config import T5Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = ['models/t5_tiny.gin', 'adapters/sira.gin', 'runs/finetune.gin']
 TASK = 'offline_currency_en'
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures('clean_gin')
 
 
 def _bindings(model_dir, base=None, **extra):
@@ -83,7 +83,7 @@ def test_bad_routing_config_is_refused(tmp_path, binding, match):
 
 def test_base_checkpoint_not_matching_model_config(tmp_path):
   # A base written for another size (d_model 32 instead of the tiny model's 64).
-  other = train_lib.config_to_dict(train_lib.T5Config(
+  other = model_init.config_to_dict(T5Config(
       vocab_size=384, d_model=32, d_ff=128, num_heads=4, d_kv=16, num_encoder_layers=2,
       num_decoder_layers=2))
   ckpt_lib.save_base_params(str(tmp_path / 'base_other'),
@@ -97,7 +97,7 @@ def test_base_checkpoint_not_matching_model_config(tmp_path):
   # Same config recorded, but a parameter of the wrong shape: the error names it and both shapes.
   gin.clear_config()
   gin_utils.parse_gin(['models/t5_tiny.gin'], [], ['.', gin_utils.PROJECT_GIN_DIR])
-  tiny = train_lib.config_to_dict(train_lib.T5Config())
+  tiny = model_init.config_to_dict(T5Config())
   gin.clear_config()
   ckpt_lib.save_base_params(str(tmp_path / 'base_bad'),
                             {'token_embedder': {'embedding': np.zeros((300, 64), np.float32)}},
@@ -115,7 +115,7 @@ def test_model_dir_with_another_config_needs_overwrite(tmp_path):
   before = _snapshot(d)
   lora = ['models/t5_tiny.gin', 'adapters/lora.gin', 'runs/finetune.gin']
   gin.clear_config()
-  with pytest.raises(train_lib.ConfigError, match=r'another config.*sira.*lora.*--overwrite'):
+  with pytest.raises(ConfigError, match=r'another config.*sira.*lora.*--overwrite'):
     _run(d, files=lora)
   assert _snapshot(d) == before  # nothing overwritten
   gin.clear_config()
@@ -178,12 +178,12 @@ def test_cli_bad_input_exits_with_message(tmp_path):
 
 def _tiny_hf_checkpoint(path, **arch):
   """A random HF T5 directory of the tiny gin model's sizes with the given architecture fields."""
-  from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import saving  # pylint: disable=import-outside-toplevel
   gin_utils.parse_gin(['models/t5_tiny.gin'], [], ['.', gin_utils.PROJECT_GIN_DIR])
-  cfg = train_lib.T5Config().replace(**arch)
+  cfg = T5Config().replace(**arch)
   gin.clear_config()
-  params = train_lib.init_variables(train_lib.build_model(cfg), cfg, 1)['params']
-  loading.save_hf_safetensors(str(path), params, cfg)
+  params = model_init.init_variables(model_init.build_model(cfg), cfg, 1)['params']
+  saving.save_hf_safetensors(str(path), params, cfg)
   return cfg
 
 
@@ -206,7 +206,7 @@ def test_finetuning_takes_the_checkpoint_architecture(tmp_path):
   r = _run(d, base=str(hf), bindings=['T5Config.tie_word_embeddings = True'])
   assert r.step == 1
   with open(d / 'run_config.json') as f:
-    cfg = train_lib.config_from_dict(json.load(f)['model_config'])
+    cfg = model_init.config_from_dict(json.load(f)['model_config'])
   assert cfg.logits_scaled is False and cfg.layer_norm_epsilon == 1e-5
 
 
@@ -221,8 +221,8 @@ def test_checkpoint_shape_errors_come_before_compile_and_data(tmp_path, monkeypa
   def must_not_run(*a, **k):
     raise AssertionError('compiled or built data before checking the checkpoint')
 
-  monkeypatch.setattr(train_lib, 'init_variables', must_not_run)
-  monkeypatch.setattr(train_lib.data_lib, 'train_batches', must_not_run)
+  monkeypatch.setattr(model_init, 'init_variables', must_not_run)
+  monkeypatch.setattr(data_lib, 'train_batches', must_not_run)
   d = tmp_path / 'run'
   with pytest.raises(ckpt_lib.CheckpointError, match=r'DenseReluDense\.wo\.weight.*missing'):
     _run(d, base=str(hf))
@@ -239,9 +239,17 @@ def test_unused_command_line_macro_is_refused(tmp_path):
 def test_model_dir_that_is_a_file(tmp_path):
   f = tmp_path / 'afile'
   f.write_text('keep me')
-  with pytest.raises(train_lib.ConfigError, match=r'MODEL_DIR .*afile is a file'):
+  with pytest.raises(ConfigError, match=r'MODEL_DIR .*afile is a file'):
     _run(f)
   gin.clear_config()
-  with pytest.raises(train_lib.ConfigError, match=r'afile is a file'):
+  with pytest.raises(ConfigError, match=r'afile is a file'):
     _run(f / 'sub')
   assert f.read_text() == 'keep me'
+
+
+def test_dict_diff_names_every_changed_leaf():
+  from sira_jax.run_dir import dict_diff  # pylint: disable=import-outside-toplevel
+  old = {'a': 1, 'm': {'k': 'sira', 'r': 4}, 'gone': 0}
+  new = {'a': 1, 'm': {'k': 'lora', 'r': 4}, 'added': [1]}
+  assert dict_diff(old, new) == "added: None -> [1]; gone: 0 -> None; m.k: 'sira' -> 'lora'"
+  assert dict_diff(old, old) == ''

@@ -6,7 +6,7 @@ from flax import traverse_util
 
 from sira_jax import losses
 from sira_jax.adapters import AdapterConfig
-from sira_jax import train as train_lib
+from sira_jax import model_init
 from sira_jax import trainer as trainer_lib
 from tests.trainer_fixtures import tiny_config
 
@@ -22,8 +22,8 @@ BATCH['decoder_loss_weights'] = (BATCH['decoder_target_tokens'] > 0).astype(jnp.
 def _model(num_experts):
   cfg = tiny_config('adamix', num_experts=num_experts).replace(
       adapter_targets=('*/query', '*/value', '*/mlp/wo'))
-  model = train_lib.build_model(cfg)
-  variables = train_lib.init_variables(model, cfg)
+  model = model_init.build_model(cfg)
+  variables = model_init.init_variables(model, cfg)
   # lora_b starts at zero (no delta, no gradient into lora_a): give every expert its own B.
   flat = traverse_util.flatten_dict(variables['params'])
   for i, k in enumerate(sorted(flat)):

@@ -104,6 +104,21 @@ def test_choose_learning_rate():
     sweeps_lib.choose_learning_rate({})
 
 
+def test_chosen_learning_rate_is_one_rule_for_runner_and_report():
+  # Tuning runs (seed 0 at two rates) choose; a seed-1 run at a worse-scoring rate does not.
+  runs = sweeps_lib.grid('p', ('adapters/lora.gin',), seeds=(0,), learning_rates=(1e-3, 1e-2))
+  other = sweeps_lib.grid('p', ('adapters/lora.gin',), seeds=(1,), learning_rates=(1e-3,))[0]
+  sweep = sweeps_lib.Sweep('t', 'test', tuple(runs) + (other,))
+  res = lambda v: {'metrics': {'validation': {'summary': {'sequence_accuracy': v}}}}  # noqa: E731
+  results = {1e-3: [(runs[0], res(10.0)), (other, res(90.0))], 1e-2: [(runs[1], res(20.0))]}
+  lr, scores = sweeps_lib.chosen_learning_rate(sweep, 'p', results)
+  assert lr == 1e-2 and scores == {1e-3: [10.0], 1e-2: [20.0]}
+  # A point without tuning runs (one fixed rate) is scored on every given run.
+  fixed = sweeps_lib.Sweep('f', 'test', (other,))
+  assert sweeps_lib.chosen_learning_rate(fixed, 'p', {1e-3: [(other, res(5.0))]}) == (
+      1e-3, {1e-3: [5.0]})
+
+
 def test_sweep_definitions():
   assert {'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'} <= set(sweeps_lib.SWEEPS)
   for sweep in sweeps_lib.SWEEPS.values():

@@ -6,11 +6,11 @@ import gin
 import jax
 import pytest
 
+from experiments import main as main_lib  # noqa: F401  registers `run_main`
 from sira_jax import eval as eval_lib  # noqa: F401  registers `evaluate`
 from sira_jax import gin_utils
 from sira_jax import infer as infer_lib  # noqa: F401  registers `infer`
-from sira_jax import main as main_lib  # noqa: F401  registers `run_main`
-from sira_jax import train as train_lib
+from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig
 from sira_jax.t5.config import T5Config
 
@@ -30,11 +30,7 @@ SIZES = {  # expected (d_model, layers, vocab) of each size file
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures('clean_gin')
 
 
 def _parse(files, bindings=()):
@@ -60,7 +56,7 @@ def test_model_files_build_configs(path):
   if d_model >= 2048:  # XL/XXL: the same code path as large, only wider (keeps CI time down)
     return
   # The network builds on this config (abstract init: shapes only, no compute).
-  model = train_lib.build_model(cfg.replace(vocab_size=64) if vocab > 40000 else cfg)
+  model = model_init.build_model(cfg.replace(vocab_size=64) if vocab > 40000 else cfg)
   tokens = (jax.numpy.ones((1, 2), 'int32'),) * 3
   shapes = jax.eval_shape(lambda k: model.init({'params': k}, *tokens, enable_dropout=False),
                           jax.random.PRNGKey(0))
@@ -83,7 +79,7 @@ def test_adapter_files_build_adapted_configs(path):
   # Unadapted sites stay plain: the scoped binding does not leak into AdapterConfig().
   assert AdapterConfig().kind == 'none'
   assert cfg.adapter_for('encoder/mlp/wo').kind == 'none'
-  model = train_lib.build_model(cfg)
+  model = model_init.build_model(cfg)
   shapes = jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k},
                                                *(jax.numpy.ones((1, 4), 'int32'),) * 3,
                                                enable_dropout=False), jax.random.PRNGKey(0))

@@ -10,10 +10,12 @@ import pytest
 from flax import traverse_util
 
 import sira_jax
+from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig, trainable_mask
 from sira_jax.t5 import loading
+from sira_jax.t5 import saving
 from sira_jax.t5.config import small_test_config
-from sira_jax.t5.network import Transformer, init_variables
+from sira_jax.t5.network import Transformer
 
 CFG = small_test_config(num_encoder_layers=2, num_decoder_layers=1)
 ENC = jnp.array([[5, 6, 7, 1, 0], [9, 3, 1, 0, 0]], jnp.int32)
@@ -23,7 +25,7 @@ DEC = jnp.array([[0, 11, 12], [0, 13, 1]], jnp.int32)
 
 @pytest.fixture(scope='module')
 def base():
-  params = nn.unbox(init_variables(Transformer(CFG), jax.random.PRNGKey(1)))['params']
+  params = nn.unbox(model_init.init_fn(Transformer(CFG))(jax.random.PRNGKey(1)))['params']
   params = jax.tree.map(np.asarray, params)
   logits = Transformer(CFG).apply({'params': params}, ENC, DEC, TGT, enable_dropout=False)
   return params, np.asarray(logits)
@@ -53,7 +55,7 @@ def _rewrite_as_bf16(filename):
 @pytest.mark.parametrize('variant', ['single', 'sharded', 'bf16'])
 def test_hf_roundtrip_single_sharded_bf16(tmp_path, base, variant):
   params, ref = base
-  loading.save_hf_safetensors(tmp_path, params, CFG,
+  saving.save_hf_safetensors(tmp_path, params, CFG,
                               max_shard_bytes=4000 if variant == 'sharded' else None)
   if variant == 'sharded':
     index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
@@ -73,7 +75,7 @@ def test_hf_hub_style_flan_t5_directory(tmp_path, base):
   """A transformers-4 era Flan-T5 layout: hub config keys, duplicated embeddings, extra bias."""
   from safetensors.numpy import load_file, save_file
   params, ref = base
-  loading.save_hf_safetensors(tmp_path, params, CFG)
+  saving.save_hf_safetensors(tmp_path, params, CFG)
   t = load_file(str(tmp_path / 'model.safetensors'))
   t['encoder.embed_tokens.weight'] = t['shared.weight']
   t['decoder.embed_tokens.weight'] = t['shared.weight']
@@ -98,7 +100,7 @@ def test_hf_hub_style_flan_t5_directory(tmp_path, base):
 def test_t5x_orbax_with_fresh_adapters(tmp_path, base):
   params, ref = base
   ckpt = tmp_path / 'checkpoint_100'
-  loading.save_t5x_orbax(str(ckpt), params, step=100)
+  saving.save_t5x_orbax(str(ckpt), params, step=100)
   assert loading.detect_format(str(ckpt)) == 't5x'
   sira = AdapterConfig(kind='sira', num_experts=4, top_k=2)
   model, loaded = sira_jax.load_pretrained(ckpt, sira, adapter_targets=('*/query', '*/mlp/wo'),
@@ -156,7 +158,7 @@ def test_errors_name_file_parameter_and_shapes(tmp_path, base):
     sira_jax.load_pretrained(empty)
 
   hf = tmp_path / 'hf'
-  loading.save_hf_safetensors(hf, params, CFG)
+  saving.save_hf_safetensors(hf, params, CFG)
   cfg = json.loads((hf / 'config.json').read_text())
   # Unknown architecture.
   (hf / 'config.json').write_text(json.dumps({**cfg, 'model_type': 'bart',
@@ -183,7 +185,7 @@ def test_errors_name_file_parameter_and_shapes(tmp_path, base):
 
   # T5X: an explicit config whose shapes differ from the checkpoint.
   ckpt = tmp_path / 't5x'
-  loading.save_t5x_orbax(str(ckpt), params)
+  saving.save_t5x_orbax(str(ckpt), params)
   with pytest.raises(ValueError) as e:
     sira_jax.load_pretrained(ckpt, config=CFG.replace(d_model=24))
   assert 'd_model: configured 24 vs checkpoint 16' in str(e.value)
@@ -193,10 +195,10 @@ def test_errors_name_file_parameter_and_shapes(tmp_path, base):
 def test_checkpoint_architecture_wins_and_disagreement_is_an_error(tmp_path):
   """Issue 11: a tied HF T5 saved with scale_decoder_outputs=false must load unscaled."""
   cfg = CFG.replace(tie_word_embeddings=True, scale_logits=False, layer_norm_epsilon=1e-5)
-  params = nn.unbox(init_variables(Transformer(cfg), jax.random.PRNGKey(3)))['params']
+  params = nn.unbox(model_init.init_fn(Transformer(cfg))(jax.random.PRNGKey(3)))['params']
   params = jax.tree.map(np.asarray, params)
   hf = tmp_path / 'hf_unscaled'
-  loading.save_hf_safetensors(hf, params, cfg)
+  saving.save_hf_safetensors(hf, params, cfg)
   assert json.loads((hf / 'config.json').read_text())['scale_decoder_outputs'] is False
   want = _logits(Transformer(cfg), params)
   model, loaded = sira_jax.load_pretrained(hf)

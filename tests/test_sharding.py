@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharded_step
-from sira_jax import cost_model, partitioning
+from sira_jax import cost_model, model_init, partitioning
 
 
 def test_mesh_and_rules():
@@ -108,7 +108,7 @@ def test_opt_state_and_variable_shardings():
   mesh = partitioning.make_mesh(data=2, expert=2, model=2)
   from sira_jax.t5.network import Transformer
   model = Transformer(sharded_step.CONFIG)
-  abstract = partitioning.abstract_variables(model)
+  abstract = model_init.abstract_variables(model)
   sh = partitioning.variable_shardings(abstract, mesh)['params']
   assert sh['token_embedder']['embedding'].spec == P('model', None)
   assert sh['encoder']['layers_0']['mlp']['wi_0']['kernel'].spec == P(None, 'model')

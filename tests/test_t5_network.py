@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig
 from sira_jax.t5 import decoding
 from sira_jax.t5.config import ALL_SITES, T5Config, small_test_config
-from sira_jax.t5.network import Transformer, init_variables
+from sira_jax.t5.network import Transformer
 
 
 # A few SiRA sites on each side (+ LoRA on every attention output) keep compiles short.
@@ -26,7 +27,7 @@ def _flat_names(tree):
 
 
 def _init(model, seed=0):
-  return nn.unbox(init_variables(model, jax.random.PRNGKey(seed)))  # eager: cheaper than a compile
+  return nn.unbox(model_init.init_fn(model)(jax.random.PRNGKey(seed)))  # eager: no compile
 
 
 def _rbg(seed):
@@ -51,7 +52,7 @@ def test_param_names_follow_t5x_and_carry_logical_axes():
   cfg = small_test_config(num_encoder_layers=1, num_decoder_layers=1,
                           adapter=AdapterConfig(kind='sira', num_experts=4, top_k=2),
                           adapter_targets=('encoder/attention/query', 'decoder/mlp/*'))
-  boxed = jax.eval_shape(lambda r: init_variables(Transformer(cfg), r), jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(model_init.init_fn(Transformer(cfg)), jax.random.PRNGKey(0))
   names = _flat_names(nn.unbox(boxed)['params'])
   expected = {
       'token_embedder/embedding', 'encoder/relpos_bias/rel_embedding',
@@ -85,7 +86,7 @@ def test_param_names_follow_t5x_and_carry_logical_axes():
   # relu: a single `wi`; tied: no logits_dense.
   cfg2 = small_test_config(mlp_activations=('relu',), tie_word_embeddings=True,
                            num_encoder_layers=1, num_decoder_layers=1)
-  names2 = _flat_names(jax.eval_shape(lambda r: nn.unbox(init_variables(Transformer(cfg2), r)),
+  names2 = _flat_names(jax.eval_shape(lambda r: nn.unbox(model_init.init_fn(Transformer(cfg2))(r)),
                                       jax.random.PRNGKey(0))['params'])
   assert 'encoder/layers_0/mlp/wi/kernel' in names2
   assert not any('logits_dense' in n for n in names2)

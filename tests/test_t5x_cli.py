@@ -19,7 +19,7 @@ from flax import traverse_util
 import tensorflow as tf
 
 from sira_jax import gin_utils
-from sira_jax.t5x import optimizers
+from sira_jax.adapters import is_adapter_param
 
 REPO = os.path.dirname(gin_utils.PROJECT_GIN_DIR)
 SMALL = ['--gin.BATCH_SIZE=8', "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"]
@@ -81,10 +81,11 @@ def test_finetune_keeps_base_bit_identical_without_optimizer_state(runs):
   for k, v in base_params.items():
     np.testing.assert_array_equal(np.asarray(tuned[k]), np.asarray(v), err_msg=k)
   adapters = [k for k in tuned if k.startswith('target/') and k not in base_params]
-  assert adapters and all(optimizers.is_adapter_param(k) for k in adapters)
+  assert adapters and all(is_adapter_param(k, trainable=True) for k in adapters)
   states = {k: v for k, v in tuned.items() if k.startswith('state/param_states/')}
-  assert all(v is None for k, v in states.items() if not optimizers.is_adapter_param(k))
-  assert any(v is not None for k, v in states.items() if optimizers.is_adapter_param(k))
+  assert all(v is None for k, v in states.items()
+                if not is_adapter_param(k, trainable=True))
+  assert any(v is not None for k, v in states.items() if is_adapter_param(k, trainable=True))
   assert int(tuned['state/step']) == 40
 
 

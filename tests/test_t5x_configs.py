@@ -21,11 +21,7 @@ SIZES = {'small': (512, 8), 'base': (768, 12), 'large': (1024, 24), 'xl': (2048,
          'xxl': (4096, 24), 'tiny': (64, 2)}
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures('clean_gin')
 
 
 def _t5x_selectors() -> set:

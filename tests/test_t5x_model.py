@@ -24,6 +24,7 @@ from t5x.contrib.moe import partitioning as moe_partitioning
 from sira_jax import losses
 from sira_jax import trainer as trainer_lib
 from sira_jax.adapters import AdapterConfig
+from sira_jax.adapters import is_adapter_param
 from sira_jax.adapters import trainable_mask
 from sira_jax.t5 import network
 from sira_jax.t5.config import T5Config
@@ -247,9 +248,11 @@ def test_freezing_is_the_optimizers_job():
                                                _optimizer())
   with pytest.raises(ValueError, match='no adapter params'):
     no_adapters.get_initial_variables(jax.random.PRNGKey(0), SHAPES)
-  assert optimizers.is_adapter_param('/decoder/layers_0/mlp/wo/lora_b')
-  assert not optimizers.is_adapter_param('/decoder/layers_0/mlp/wo/kernel')
-  assert not optimizers.is_adapter_param('/encoder/layers_0/attention/query/smoe_router_kernel')
+  assert is_adapter_param('/decoder/layers_0/mlp/wo/lora_b', trainable=True)
+  assert not is_adapter_param('/decoder/layers_0/mlp/wo/kernel', trainable=True)
+  assert not is_adapter_param('/encoder/layers_0/attention/query/smoe_router_kernel',
+                              trainable=True)
+  assert is_adapter_param('/encoder/layers_0/attention/query/smoe_router_kernel')
 
 
 @pytest.mark.parametrize('partitioner', ['pjit', 'moe'])
@@ -288,4 +291,4 @@ def test_partitioned_train_step_trains_adapters_only(partitioner):
   flat_a = jax.tree.leaves(after)
   changed = {'/'.join(str(k.key) for k in p) for (p, x), y in zip(flat_b, flat_a)
              if not np.array_equal(x, y)}
-  assert changed and all(optimizers.is_adapter_param(c) for c in changed), changed
+  assert changed and all(is_adapter_param(c, trainable=True) for c in changed), changed

@@ -7,12 +7,17 @@ import jax
 import numpy as np
 import pytest
 import seqio
+from flax import traverse_util
 
 from sira_jax import eval as eval_lib
 from sira_jax import infer as infer_lib
 from sira_jax import optim
 from sira_jax import lru
+from sira_jax import model_init
 from sira_jax import train as train_lib
+from sira_jax import trainer as trainer_lib
+from sira_jax.adapters import trainable_mask
+from sira_jax.placement import Placement
 from tests import trainer_fixtures as fx
 
 
@@ -46,11 +51,11 @@ def test_few_steps_on_bundled_suite(tmp_path):
            jax.tree_util.tree_flatten_with_path(res.state.params)[0]]
   assert names and all(any(n in k for n in ('lora_a', 'lora_b', 'router_kernel')) for k in names)
   assert optim.count_params(res.state.opt_state) <= 2 * optim.count_params(res.state.params)
-  init = train_lib.init_variables(train_lib.build_model(cfg), cfg, 0)['params']
-  _, frozen0 = optim.partition_params(init, train_lib.trainable_mask(init))
+  init = model_init.init_variables(model_init.build_model(cfg), cfg, 0)['params']
+  _, frozen0 = optim.partition_params(init, trainable_mask(init))
   for a, b in zip(jax.tree_util.tree_leaves(frozen0), jax.tree_util.tree_leaves(res.state.frozen)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  trained0, _ = optim.partition_params(init, train_lib.trainable_mask(init))
+  trained0, _ = optim.partition_params(init, trainable_mask(init))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
       jax.tree_util.tree_leaves(trained0), jax.tree_util.tree_leaves(res.state.params)))
 
@@ -124,9 +129,31 @@ def test_compile_caches_are_bounded_and_keyed_by_devices():
   for i in range(5):
     cache.put(i, i)
   assert list(cache) == [3, 4]
-  a = train_lib.Placement({'data': 1})
-  b = train_lib.Placement({'data': 2})
+  a = Placement({'data': 1})
+  b = Placement({'data': 2})
   assert a.key != b.key  # a step compiled for one mesh is never reused on another
   # Parameter init and the dropout stream draw from different keys.
-  params_key, dropout_key = train_lib.run_keys(0)
+  params_key, dropout_key = model_init.run_keys(0)
   assert not np.array_equal(np.asarray(params_key), np.asarray(dropout_key))
+
+
+def test_adapter_param_predicate_matches_the_models_params():
+  from sira_jax.adapters import is_adapter_param  # pylint: disable=import-outside-toplevel
+  cfg = fx.tiny_config('smoe_dropout', num_experts=4, top_k=1)
+  params = model_init.abstract_params(model_init.build_model(cfg))
+  paths = list(traverse_util.flatten_dict(params))
+  names = {p[-1] for p in paths if is_adapter_param(p)}
+  assert names == {'lora_a', 'lora_b', 'smoe_router_kernel'}  # never in a base checkpoint
+  assert {p[-1] for p in paths if is_adapter_param(p, trainable=True)} == {'lora_a', 'lora_b'}
+  assert not is_adapter_param('/encoder/layers_0/attention/query/kernel')
+  assert is_adapter_param('/encoder/layers_0/attention/query/router_kernel', trainable=True)
+  # trainable_mask is the trainable predicate over a whole tree.
+  mask = traverse_util.flatten_dict(trainable_mask(params))
+  assert all(mask[p] == is_adapter_param(p, trainable=True) for p in paths)
+
+
+def test_median_step_time_is_one_rule():
+  history = [dict(step=1, first_step_time=9.0), dict(step=10, step_time=0.3),
+             dict(step=20, step_time=0.1), dict(step=30, step_time=0.2)]
+  assert trainer_lib.median_step_time(history) == pytest.approx(0.2)  # compile step never in it
+  assert trainer_lib.median_step_time(history[:1]) is None

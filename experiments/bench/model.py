@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from experiments.bench import common
-from sira_jax import losses, optim, trainer
+from sira_jax import losses, model_init, optim, trainer
 from sira_jax.adapters import AdapterConfig, trainable_mask
 from sira_jax.t5 import decoding
 from sira_jax.t5.config import T5Config
@@ -45,11 +46,7 @@ def batch(cfg: T5Config, batch_size: int, inputs: int, targets: int, seed: int =
 
 
 def init_variables(model: Transformer, seed: int = 0) -> dict:
-  enc = jnp.ones((1, 2), jnp.int32)
-  init = jax.jit(lambda rng: model.init({'params': rng, 'dropout': rng}, enc, enc, enc,
-                                        enable_dropout=False))
-  variables = jax.tree.map(lambda x: x, __import__('flax').linen.unbox(init(
-      jax.random.PRNGKey(seed))))
+  variables = nn.unbox(jax.jit(model_init.init_fn(model))(jax.random.PRNGKey(seed)))
   # Non-zero B, so the adapters change the output (their init is B = 0).
   return jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.01 if 'lora_b' in jax.tree_util.keystr(p) else x, variables)

@@ -15,7 +15,7 @@ Formats:
       'target', 'params' or at the root; optimizer state is ignored), or a legacy T5X checkpoint
       directory (a msgpack file named `checkpoint` whose leaves are tensorstore specs of
       `target.<path>` arrays). The architecture comes from the parameter shapes and a
-      `config.json` saved beside them, if any (see `_infer_t5x_config`).
+      `config.json` saved beside them, if any (see `t5x_reader`).
 
 The checkpoint's architecture always wins: a `config=` must agree with every architecture field
 the checkpoint records (sizes, activations, tying, logit scaling, relative-position buckets and
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +39,14 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
+from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig
 from sira_jax.checkpoints import CheckpointError  # one error class for every checkpoint problem
-from sira_jax.t5.config import (ARCHITECTURE_FIELDS, T5Config, as_dtype,
-                                 with_checkpoint_architecture)
+from sira_jax.t5.config import T5Config, with_checkpoint_architecture
 from sira_jax.t5.network import Transformer
+
+if TYPE_CHECKING:
+  from sira_jax.t5.t5x_reader import T5XReader  # imported where used: it imports this module
 
 Params = dict
 
@@ -91,13 +94,13 @@ def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **confi
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
 
-  shapes = jax.eval_shape(lambda r: nn.unbox(_init(model, r)), rng)
+  shapes = nn.unbox(model_init.abstract_variables(model))
   flat_shapes = traverse_util.flatten_dict(shapes['params'], sep='/')
   loaded = reader.read(cfg, flat_shapes)
   missing = [k for k in flat_shapes if k not in loaded]
 
   def init_rest(r):
-    v = nn.unbox(_init(model, r))
+    v = nn.unbox(model_init.init_fn(model)(r))
     flat = traverse_util.flatten_dict(v['params'], sep='/')
     rest = {k: flat[k] for k in missing}
     others = {c: x for c, x in v.items() if c != 'params'}
@@ -126,15 +129,10 @@ def open_checkpoint(path) -> tuple['HFReader | T5XReader', T5Config, dict[str, A
     cfg = hf_config_to_t5(read_json(os.path.join(path, 'config.json')),
                           os.path.join(path, 'config.json'), reader)
     return reader, cfg, cfg.architecture()
+  from sira_jax.t5.t5x_reader import T5XReader  # pylint: disable=import-outside-toplevel
   reader = T5XReader(path)
   cfg, known = reader.config_from_shapes()
   return reader, cfg, {k: v for k, v in cfg.architecture().items() if k in known}
-
-
-def _init(model: Transformer, rng):
-  tokens = jnp.ones((1, 2), jnp.int32)
-  return model.init({'params': rng, 'dropout': rng}, tokens, tokens, tokens,
-                    enable_dropout=False)
 
 
 def detect_format(path: str) -> str:
@@ -146,6 +144,7 @@ def detect_format(path: str) -> str:
   if 'config.json' in names and any(n.endswith('.safetensors') or n.endswith('.safetensors.index.json')
                                     for n in names):
     return 'hf'
+  from sira_jax.t5.t5x_reader import T5XReader  # pylint: disable=import-outside-toplevel
   if T5XReader.is_t5x(path):
     return 't5x'
   if 'config.json' in names:
@@ -345,223 +344,6 @@ class HFReader:
     if cfg.tie_word_embeddings is False and 'lm_head.weight' not in self.files:
       raise CheckpointError(f'{self.path!r}: config is untied but lm_head.weight is missing')
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# T5X
-# ----------------------------------------------------------------------------------------------
-class T5XReader:
-  """Reads T5X example-network params from an orbax or legacy (msgpack + tensorstore) checkpoint."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._flat = None
-
-  @staticmethod
-  def is_t5x(path: str) -> bool:
-    names = set(os.listdir(path))
-    return bool(names & {'_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint',
-                         '_sharding'}) or any(n.startswith('ocdbt.process') for n in names)
-
-  def _load(self) -> dict[str, np.ndarray]:
-    if self._flat is None:
-      if os.path.isfile(os.path.join(self.path, 'checkpoint')) and not os.path.exists(
-          os.path.join(self.path, '_METADATA')):
-        tree = _read_legacy_t5x(self.path)
-      else:
-        tree = _read_orbax(self.path)
-      self._flat = _find_params(tree, self.path)
-    return self._flat
-
-  def config_from_shapes(self) -> tuple[T5Config, set[str]]:
-    """(config, the architecture fields the checkpoint determines)."""
-    return _infer_t5x_config(self._load(), self.path)
-
-  def read(self, cfg: T5Config, flat_shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    flat = self._load()
-    out = {}
-    for name, arr in flat.items():
-      if name not in flat_shapes:
-        raise CheckpointError(f'T5X checkpoint {self.path!r} has parameter {name!r} '
-                              f'{tuple(np.shape(arr))} that the model does not have')
-      _check_shape(name, flat_shapes[name].shape, np.shape(arr),
-                   f'T5X checkpoint {self.path!r}')
-      out[name] = np.asarray(arr)
-    base_missing = [k for k in flat_shapes if k not in out and k.endswith(
-        ('/kernel', '/scale', '/embedding', '/rel_embedding'))]
-    if base_missing:
-      raise CheckpointError(f'T5X checkpoint {self.path!r} lacks parameters '
-                            f'{base_missing[:6]} (shape {tuple(flat_shapes[base_missing[0]].shape)})')
-    return out
-
-
-def _read_orbax(path: str) -> Any:
-  import orbax.checkpoint as ocp
-  try:
-    return ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
-  except Exception as e:  # pragma: no cover - message passthrough
-    raise CheckpointError(f'could not read orbax checkpoint {path!r}: {e}') from e
-
-
-def _read_legacy_t5x(path: str) -> Any:
-  """T5X's pre-orbax format: msgpack `checkpoint` with tensorstore-spec leaves."""
-  import tensorstore as ts
-  from flax import serialization
-  fname = os.path.join(path, 'checkpoint')
-  with open(fname, 'rb') as f:
-    tree = serialization.msgpack_restore(f.read())
-
-  def visit(x):
-    if isinstance(x, dict) and 'driver' in x and ('kvstore' in x or 'path' in x):
-      spec = json.loads(json.dumps(x))
-      if 'kvstore' not in spec:  # oldest T5X specs: {'driver': 'zarr', 'path': name}
-        spec['kvstore'] = {'driver': 'file', 'path': spec.pop('path')}
-      kv = spec['kvstore']
-      if kv.get('driver') not in (None, 'file'):
-        raise CheckpointError(f'{fname!r}: array {kv.get("path")!r} lives on {kv.get("driver")!r} '
-                              f'storage; copy the checkpoint directory to a local disk first')
-      if kv.get('driver') == 'file' and not os.path.isabs(kv.get('path', '')):
-        kv['path'] = os.path.join(path, kv['path'])
-      try:
-        return ts.open(spec, open=True).result().read().result()
-      except Exception as e:
-        raise CheckpointError(f'{fname!r}: cannot read tensorstore array {kv.get("path")!r}: {e}')
-    if isinstance(x, dict):
-      return {k: visit(v) for k, v in x.items()}
-    return x
-  return visit(tree)
-
-
-_T5X_TOP = ('token_embedder', 'encoder', 'decoder')
-
-
-def _find_params(tree: Any, path: str) -> dict[str, np.ndarray]:
-  """Locates the T5X param tree (root, 'target', 'params', 'optimizer/target', 'state/params')."""
-  def looks_like_params(t):
-    return isinstance(t, Mapping) and 'encoder' in t and 'decoder' in t
-
-  stack = [tree]
-  while stack:
-    t = stack.pop(0)
-    if looks_like_params(t):
-      flat = traverse_util.flatten_dict(dict(t), sep='/')
-      return {k: np.asarray(v) for k, v in flat.items()}
-    if isinstance(t, Mapping):
-      for key in ('target', 'params', 'optimizer', 'state', 'model'):
-        if key in t:
-          stack.append(t[key])
-  raise CheckpointError(f'{path!r}: no T5X parameter tree (with encoder/decoder) found; top-level '
-                        f'keys: {list(tree)[:10] if isinstance(tree, Mapping) else type(tree)}')
-
-
-def _infer_t5x_config(flat: Mapping[str, np.ndarray], path: str) -> tuple[T5Config, set[str]]:
-  """Architecture from T5X param shapes and a config.json beside them if present.
-
-  Returns (config, known): `known` names the architecture fields the checkpoint determines (the
-  shapes give sizes, tying and buckets; activations, max distance, epsilon and logit scaling
-  only come from config.json)."""
-  need = ['token_embedder/embedding', 'encoder/relpos_bias/rel_embedding',
-          'encoder/layers_0/attention/query/kernel']
-  for n in need:
-    if n not in flat:
-      raise CheckpointError(f'T5X checkpoint {path!r} lacks {n!r}: unknown architecture')
-  vocab, d_model = flat['token_embedder/embedding'].shape
-  heads, buckets = flat['encoder/relpos_bias/rel_embedding'].shape
-  inner = flat['encoder/layers_0/attention/query/kernel'].shape[1]
-  n_enc = len({k.split('/')[1] for k in flat if k.startswith('encoder/layers_')})
-  n_dec = len({k.split('/')[1] for k in flat if k.startswith('decoder/layers_')})
-  mlp = {k.split('/')[-2] for k in flat if k.startswith('encoder/layers_0/mlp/')}
-  gated = 'wi_0' in mlp
-  d_ff = flat['encoder/layers_0/mlp/' + ('wi_0' if gated else 'wi') + '/kernel'].shape[1]
-  kw = {}
-  side = os.path.join(path, 'config.json')
-  if os.path.exists(side):
-    kw = {k: v for k, v in read_json(side).items() if k in T5Config.__dataclass_fields__}
-    if 'mlp_activations' in kw:
-      kw['mlp_activations'] = tuple(kw['mlp_activations'])
-  base = dict(vocab_size=int(vocab), d_model=int(d_model), d_ff=int(d_ff), num_heads=int(heads),
-              d_kv=int(inner // heads), num_encoder_layers=n_enc, num_decoder_layers=n_dec,
-              mlp_activations=('gelu', 'linear') if gated else ('relu',),
-              tie_word_embeddings='decoder/logits_dense/kernel' not in flat,
-              relative_attention_num_buckets=int(buckets))
-  base.update(kw)
-  known = {'vocab_size', 'd_model', 'd_ff', 'num_heads', 'd_kv', 'num_encoder_layers',
-           'num_decoder_layers', 'tie_word_embeddings', 'relative_attention_num_buckets'}
-  known |= set(kw) & set(ARCHITECTURE_FIELDS)
-  return T5Config(**base), known
-
-
-def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | None = None,
-                   step: int = 0) -> None:
-  """Writes `{'target': params, 'state': {'step': step}}` as an orbax checkpoint (T5X layout)."""
-  import orbax.checkpoint as ocp
-  tree = {'target': jax.tree.map(np.asarray, nn.unbox(dict(params))),
-          'state': {'step': np.asarray(step, np.int64)}}
-  ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
-  if config is not None:
-    cfg = {k: getattr(config, k) for k in ('vocab_size', 'd_model', 'd_ff', 'num_heads', 'd_kv',
-                                           'num_encoder_layers', 'num_decoder_layers',
-                                           'mlp_activations', 'tie_word_embeddings',
-                                           'relative_attention_num_buckets',
-                                           'relative_attention_max_distance',
-                                           'layer_norm_epsilon')}
-    cfg['scale_logits'] = config.logits_scaled
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-      json.dump(cfg, f, indent=1)
-
-
-def save_hf_safetensors(path: str, params: Mapping[str, Any], config: T5Config, *,
-                        max_shard_bytes: int | None = None) -> None:
-  """Writes base params as a Hugging Face T5 directory (config.json + safetensors).
-
-  Adapter params are not written (merge LoRA first with `adapters.merged_kernel` if wanted).
-  `max_shard_bytes` splits the weights into `model-0000i-of-0000n.safetensors` files with a
-  `model.safetensors.index.json`, like transformers' sharded checkpoints.
-  """
-  from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
-  flat = traverse_util.flatten_dict(nn.unbox(dict(params)), sep='/')
-  tensors = {}
-  for flax_name, (hf_name, transpose) in hf_name_map(config).items():
-    arr = np.asarray(flat[flax_name], np.float32)
-    tensors[hf_name] = np.ascontiguousarray(arr.T if transpose else arr)
-  gated = len(config.mlp_activations) > 1
-  act = {'gelu': 'gelu_new', 'gelu_new': 'gelu_new', 'gelu_tanh': 'gelu_new',
-         'gelu_exact': 'gelu', 'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}[
-             config.mlp_activations[0]]
-  hf_cfg = {
-      'architectures': ['T5ForConditionalGeneration'], 'model_type': 't5',
-      'vocab_size': config.vocab_size, 'd_model': config.d_model, 'd_ff': config.d_ff,
-      'd_kv': config.d_kv, 'num_heads': config.num_heads, 'num_layers': config.num_encoder_layers,
-      'num_decoder_layers': config.num_decoder_layers, 'dropout_rate': config.dropout_rate,
-      'feed_forward_proj': (f'gated-{act}' if gated else act), 'dense_act_fn': act,
-      'is_gated_act': gated, 'tie_word_embeddings': config.tie_word_embeddings,
-      'scale_decoder_outputs': config.logits_scaled,
-      'relative_attention_num_buckets': config.relative_attention_num_buckets,
-      'relative_attention_max_distance': config.relative_attention_max_distance,
-      'layer_norm_epsilon': config.layer_norm_epsilon, 'decoder_start_token_id': 0,
-      'eos_token_id': 1, 'pad_token_id': 0, 'is_encoder_decoder': True}
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(hf_cfg, f, indent=2)
-  if not max_shard_bytes:
-    save_file(tensors, os.path.join(path, 'model.safetensors'))
-    return
-  shards, cur, size = [], {}, 0
-  for name, arr in tensors.items():
-    if cur and size + arr.nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, size = {}, 0
-    cur[name] = arr
-    size += arr.nbytes
-  shards.append(cur)
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, os.path.join(path, fname))
-    weight_map.update({k: fname for k in shard})
-  with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
-    json.dump({'metadata': {'total_size': sum(a.nbytes for a in tensors.values())},
-               'weight_map': weight_map}, f, indent=2)
 
 
 def main(argv=None) -> None:

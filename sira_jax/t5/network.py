@@ -511,11 +511,3 @@ class Transformer(nn.Module):
                        decoder_segment_ids=decoder_segment_ids,
                        decoder_positions=decoder_positions, enable_dropout=enable_dropout,
                        decode=decode)
-
-
-def init_variables(model: Transformer, rng: Array, batch_size: int = 1, input_len: int = 4,
-                   target_len: int = 4) -> dict:
-  """model.init on dummy int32 inputs (all-ones tokens)."""
-  enc = jnp.ones((batch_size, input_len), jnp.int32)
-  dec = jnp.ones((batch_size, target_len), jnp.int32)
-  return model.init({'params': rng, 'dropout': rng}, enc, dec, dec, enable_dropout=False)

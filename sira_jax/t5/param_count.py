@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import numpy as np
 
+from sira_jax import model_init
 from sira_jax.adapters import trainable_mask
 from sira_jax.t5.config import T5Config
-from sira_jax.t5.network import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +63,7 @@ def _site_of(path: tuple[str, ...]) -> str | None:
 
 def count_parameters(config: T5Config) -> ParamCounts:
   """Counts for `config` (see module docstring)."""
-  model = Transformer(config)
-  tokens = jax.ShapeDtypeStruct((1, 2), np.int32)
-  variables = jax.eval_shape(
-      lambda r, t: model.init({'params': r, 'dropout': r}, t, t, t, enable_dropout=False),
-      jax.random.PRNGKey(0), tokens)
-  params = nn.unbox(variables['params'])
+  params = model_init.abstract_params(model_init.build_model(config))
   mask = trainable_mask(params)
   total = trainable = adapter_total = 0
   adapter_active = 0.0

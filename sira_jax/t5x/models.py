@@ -44,6 +44,7 @@ from t5x import models as t5x_models
 
 from sira_jax import losses
 from sira_jax.adapters import SCHEDULE_COLLECTION
+from sira_jax.adapters import is_adapter_param
 from sira_jax.adapters import with_training_progress
 from sira_jax.t5x import optimizers as sira_optimizers
 
@@ -117,7 +118,7 @@ class SiraEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     variables.pop('intermediates', None)  # what init sowed, not state
     params, params_axes = split_axes(variables.pop('params'))
     if (isinstance(self.optimizer_def, sira_optimizers.AdapterOnlyOptimizer) and not any(
-        sira_optimizers.is_adapter_param('/'.join(p))
+        is_adapter_param(p, trainable=True)
         for p in traverse_util.flatten_dict(params))):
       raise ValueError(
           'The adapter-only optimizer (gin/t5x/runs/finetune.gin) found no adapter params: this '

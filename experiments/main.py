@@ -1,9 +1,9 @@
 r"""The offline default job: LoRA, a parameter-matched LoRA and SiRA on the bundled benchmark.
 
-  python -m sira_jax.main                               # gin/main.gin; work dir ./runs/main
-  python -m sira_jax.main --gin.SEEDS='(0, 1, 2)' --gin.FINETUNE_STEPS=1000
+  python -m experiments.main                            # gin/main.gin; work dir ./runs/main
+  python -m experiments.main --gin.SEEDS='(0, 1, 2)' --gin.FINETUNE_STEPS=1000
 
-The short version of the sweeps in experiments/ (README, "Sweeps and the report"): the methods of
+The short version of the sweeps in this package (README, "Sweeps and the report"): the methods of
 `main_sweep.methods` (macros in gin/main.gin: SEEDS, FINETUNE_STEPS, LEARNING_RATE, EVAL_EXAMPLES,
 WORK_DIR) are fine-tuned on the benchmark mixture `offline_bench` from the benchmark's frozen base
 (the shipped copy in experiments/base/, else pretrained once and cached in WORK_DIR), one run per
@@ -16,12 +16,12 @@ ones; changed settings make new runs beside the old ones. Wall time: README, "Th
 from __future__ import annotations
 
 if __name__ == '__main__':
-  # Run the CLI from the importable module `sira_jax.main`, so gin registers its configurables once
-  # (not a second time as `__main__.*`).
+  # Run the CLI from the importable module `experiments.main`, so gin registers its configurables
+  # once (not a second time as `__main__.*`).
   from sira_jax import gin_utils as _gin_utils
   _gin_utils.exit_if_help(__doc__, ('main.gin',))
   _gin_utils.import_tensorflow_quietly()
-  from sira_jax import main as _module  # pylint: disable=import-self
+  from experiments import main as _module  # pylint: disable=import-self
   _module.cli()
 
 import os
@@ -31,6 +31,13 @@ from typing import Mapping, Sequence
 
 import gin
 from absl import flags
+
+# Imported before gin parses and locks the config: they register configurables (tasks, the
+# trainer's, optimizers', ...) that the runs' gin files bind.
+from experiments import report, runner, sweeps
+from sira_jax import gin_utils
+from sira_jax import train  # noqa: F401  pylint: disable=unused-import
+from sira_jax.run_dir import ConfigError
 
 
 @gin.configurable
@@ -62,7 +69,6 @@ def main_sweep(
   if unknown:
     raise ValueError(f'main_sweep.method_learning_rates names {unknown}, which are not methods; '
                      f'methods: {sorted(methods)}')
-  from experiments import sweeps  # pylint: disable=import-outside-toplevel
   runs = sweeps.floor_run() if floor else []
   for point, (gin_file, *bindings) in methods.items():
     method = os.path.splitext(os.path.basename(gin_file))[0]
@@ -81,7 +87,6 @@ def main_sweep(
 def run_main(*, work_dir: str = gin.REQUIRED, progress_bar: bool = True) -> dict:
   """Runs the main sweep in `work_dir`, writes its report, prints the table; returns the
   aggregated results (experiments.report.aggregate) with 'report' (path) and 'wall_time' (s)."""
-  from experiments import report, runner  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   work_dir = os.path.abspath(work_dir)
   sweep = main_sweep()
@@ -102,20 +107,17 @@ def run_main(*, work_dir: str = gin.REQUIRED, progress_bar: bool = True) -> dict
 
 def main(argv):
   del argv
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   gin_utils.quiet_logs()
   flags_ = flags.FLAGS
   try:
     gin_utils.parse_gin(flags_.gin_file or ['main.gin'], flags_.gin_bindings,
                         flags_.gin_search_paths)
     run_main()
-  except (train_lib.ConfigError, gin_utils.GinConfigError, ValueError) as e:
+  except (ConfigError, gin_utils.GinConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 def cli():
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
   gin_utils.define_gin_flags()
   gin_utils.run(main)

@@ -1,0 +1,60 @@
+"""Restoring a trained model for eval and infer: the run's config, its base and its newest intact
+checkpoint (`checkpoints.CheckpointManager.restore_intact`: the fallback training resumes with)."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from sira_jax import base_checkpoint
+from sira_jax import checkpoints as ckpt_lib
+from sira_jax import model_init
+from sira_jax import optim
+from sira_jax import run_dir
+from sira_jax.adapters import trainable_mask
+from sira_jax.t5.config import T5Config
+
+
+def load_trained(model_dir: str, step: int | None = None, model_config: T5Config | None = None):
+  """(model, variables, model_config, step) of a run in `model_dir` (latest intact checkpoint
+  by default; a damaged one is reported and skipped, an explicit `step` must be intact).
+
+  The model config comes from the run's run_config.json unless given; the frozen base is re-read
+  from the base path in the checkpoint's metadata unless the checkpoint holds it. Frozen params
+  that neither holds (SMoE-Dropout's fixed router; a random base) are re-created from the run's
+  own seed, as training created them. Optimizer state is not read.
+  """
+  model_dir = os.path.abspath(model_dir)
+  fingerprint = run_dir.read_run_config(model_dir)
+  if model_config is None:
+    model_config = model_init.config_from_dict(fingerprint['model_config'])
+  model = model_init.build_model(model_config)
+  seed = int(fingerprint.get('seed', 0))
+  built = {}  # what the target of the step being read was built from
+
+  def target(meta: dict) -> dict:
+    """The params to restore for a checkpoint with `meta`; the rest (variables, frozen) noted."""
+    variables = model_init.init_variables(model, model_config, seed)
+    if not meta.get('includes_base') and meta.get('base_path'):
+      variables = base_checkpoint.load_base_into(variables, model_config, meta['base_path'])
+    mask = None if meta.get('pretrain') else trainable_mask(variables['params'])
+    trainable, frozen = optim.partition_params(variables['params'], mask)
+    built.update(variables=variables, frozen=frozen)
+    tree = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=trainable)
+    if meta.get('includes_base') and frozen:
+      tree['frozen'] = frozen
+    return tree
+
+  mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'), create=False)
+  try:
+    if step is not None:
+      restored, _ = mngr.restore(target, step, partial=True)
+    elif not mngr.all_steps():
+      raise ckpt_lib.CheckpointError(f'no checkpoint in {mngr.directory}')
+    else:
+      restored, _, _ = mngr.restore_intact(target, partial=True, log=run_dir.say)
+  finally:
+    mngr.close()
+  params = optim.merge_params(restored['params'], restored.get('frozen', built['frozen']))
+  return model, dict(built['variables'], params=params), model_config, int(restored['step'])

@@ -1,0 +1,136 @@
+"""MODEL_DIR bookkeeping of a training run: the run's fingerprint (run_config.json), config.gin,
+the training summary, and refusing a directory that holds another run.
+
+  MODEL_DIR/run_config.json       what the run is (config, task, optimizer, ...): resume key
+  MODEL_DIR/config.gin            the operative gin config
+  MODEL_DIR/train_summary.json    last metrics and the logged history across resumes
+  MODEL_DIR/checkpoints/<step>/   train-state checkpoints (train.RunCheckpoints)
+  MODEL_DIR/damaged_checkpoints/  damaged steps set aside on resume
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Any, Mapping
+
+import gin
+import jax
+
+RUN_CONFIG = 'run_config.json'
+SUMMARY = 'train_summary.json'
+DAMAGED = 'damaged_checkpoints'
+
+
+class ConfigError(ValueError):
+  """A run configuration refused before anything is trained or written."""
+
+
+def say(msg: str):
+  """A line for the user (stderr, process 0 only): resume, fallbacks, nothing to do."""
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def dict_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = '') -> str:
+  """'key.sub: old -> new; ...' for every leaf where nested dicts `a` and `b` differ ('': none)."""
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      sub = dict_diff(va, vb, f'{prefix}{k}.')
+      if sub:
+        out.append(sub)
+    elif va != vb:
+      out.append(f'{prefix}{k}: {va!r} -> {vb!r}')
+  return '; '.join(out)
+
+
+def read_run_config(model_dir: str) -> dict:
+  """The fingerprint a training run recorded in MODEL_DIR/run_config.json."""
+  path = os.path.join(model_dir, RUN_CONFIG)
+  if not os.path.exists(path):
+    from sira_jax import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+    raise ckpt_lib.CheckpointError(f'{model_dir} holds no training run ({RUN_CONFIG} missing)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_model_dir_path(model_dir: str):
+  """MODEL_DIR must be a directory or creatable as one."""
+  p = model_dir
+  while not os.path.exists(p):
+    parent = os.path.dirname(p)
+    if parent == p:
+      break
+    p = parent
+  if not os.path.isdir(p):
+    what = 'MODEL_DIR' if p == model_dir else f'MODEL_DIR {model_dir}: its parent'
+    raise ConfigError(f'{what} {p} is a file, not a directory; choose a directory path for '
+                      'MODEL_DIR (it holds checkpoints, config and logs).')
+  if not os.access(p, os.W_OK):
+    raise ConfigError(f'MODEL_DIR {model_dir}: {p} is not writable')
+
+
+def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: bool) -> bool:
+  """Refuses a MODEL_DIR that holds a run with another config (unless overwrite, which clears it).
+
+  Returns True when the directory holds this same run (resume).
+  """
+  path = os.path.join(model_dir, RUN_CONFIG)
+  if not os.path.exists(path):
+    if os.path.isdir(os.path.join(model_dir, 'checkpoints')) and os.listdir(
+        os.path.join(model_dir, 'checkpoints')):
+      if not overwrite:
+        raise ConfigError(f'MODEL_DIR {model_dir} holds checkpoints but no {RUN_CONFIG}; refusing '
+                          'to mix runs. Use another MODEL_DIR or pass --overwrite.')
+      _clear_run(model_dir)
+    return False
+  with open(path) as f:
+    old = json.load(f)
+  if old == json.loads(json.dumps(fingerprint)):
+    return True
+  if not overwrite:
+    diff = dict_diff(old, json.loads(json.dumps(fingerprint)))
+    raise ConfigError(
+        f'MODEL_DIR {model_dir} holds a run with another config ({diff}); refusing to overwrite '
+        'it. Use another MODEL_DIR or pass --overwrite to replace that run.')
+  _clear_run(model_dir)
+  return False
+
+
+def _clear_run(model_dir: str):
+  for name in ('checkpoints', 'train', 'base', 'eval', 'infer', RUN_CONFIG, 'config.gin', SUMMARY):
+    p = os.path.join(model_dir, name)
+    if os.path.isdir(p):
+      shutil.rmtree(p)
+    elif os.path.exists(p):
+      os.remove(p)
+
+
+def write_run_files(model_dir: str, fingerprint: Mapping[str, Any]):
+  """run_config.json and config.gin: written once every input has been validated."""
+  os.makedirs(model_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, RUN_CONFIG), 'w') as f:
+      json.dump(fingerprint, f, indent=1, sort_keys=True)
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(gin.config_str())
+
+
+def write_summary(model_dir: str, history: list, last_metrics: Mapping[str, Any], step: int,
+                  start_step: int) -> tuple[dict, list]:
+  """Appends this session's logged `history` to MODEL_DIR/train_summary.json (history before
+  `start_step` kept across resumes); returns (last_metrics, full history)."""
+  path = os.path.join(model_dir, SUMMARY)
+  old = dict(last_metrics={}, history=[])
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  full = [h for h in old['history'] if h['step'] <= start_step] + list(history)
+  last = dict(last_metrics or old['last_metrics'])
+  if history and jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(dict(step=int(step), last_metrics=last, history=full), f, indent=1)
+  return last, full
