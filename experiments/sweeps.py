@@ -316,7 +316,7 @@ def _sweeps() -> dict[str, Sweep]:
     c6 += _sira(f'sira E{SIRA_E} k{k}', (f'TOP_K={k}',), axes={'top_k': k})
   for aux in (0.0, 0.1):
     c6 += _sira(f'sira aux {aux:g}', (f'LossConfig.aux_factor={aux}',), axes={'aux_factor': aux})
-  # Gate normalisation is not recoverable from the paper (REFERENCE.md): the default keeps the
+  # The paper does not state its gate normalisation (docs/design.md): the default keeps the
   # flaxformer convention (top-k softmax probabilities as they are); this point rescales them to 1.
   c6 += _sira('sira renormalised gates', ('adapter/AdapterConfig.renormalize_gates=True',),
               axes={'gates': 'renormalised'})

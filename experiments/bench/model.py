@@ -1,8 +1,9 @@
 """Model level: a T5-small-sized train step per adapter (tokens/s, compile time, memory) and
 cached greedy decoding, through the project's own trainer (`sira_jax.trainer.make_train_step`).
 
-Shapes (REFERENCE.md 6b): d_model 512, d_ff 2048 relu, 8 heads x 64, 6+6 layers, vocab 32128
-tied, batch 8 x 128 inputs / 64 targets, r=4, k=2, float32, AdamW on the adapter params only.
+Shapes (T5-small, the same as the earlier figures in experiments/results/BENCHMARKS.md): d_model
+512, d_ff 2048 relu, 8 heads x 64, 6+6 layers, vocab 32128 tied, batch 8 x 128 inputs / 64
+targets, r=4, k=2, float32, AdamW on the adapter params only.
 """
 from __future__ import annotations
 
