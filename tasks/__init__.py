@@ -40,6 +40,12 @@ from tasks.registry import registered_names
 from tasks.tfds_tasks import TfdsTask, register_tfds_task, register_tfds_tasks
 from tasks.xtreme_up import register_xtreme_up
 
+__all__ = [
+    'DataError', 'TfdsTask', 'apply_registration', 'check_data', 'family', 'family_and_language',
+    'get_task_or_mixture', 'metrics', 'offline_suite', 'register_all', 'registration', 'register_offline_suite', 'register_tfds_task', 'register_tfds_tasks',
+    'register_xtreme_up', 'registered_names', 'registry', 'tfds_tasks', 'vocab', 'xtreme_up',
+]
+
 
 @gin.configurable
 def register_all(xtreme_up_data_dir: str | None = None) -> list[str]:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 

@@ -358,7 +358,7 @@ def test_aux_loss_balanced_is_one_and_collapse_is_num_experts():
 
 
 def test_aux_loss_balanced_top2_is_one():
-  e, t = 4, 8
+  t = 8
   p = jnp.array([0.5, 0.5, 0.0, 0.0])
   probs = jnp.stack([jnp.roll(p, 2 * (i % 2)) for i in range(t)])[None]
   mask = jnp.ones((1, t), bool)

@@ -1,6 +1,5 @@
 """load_pretrained: HF (single/sharded safetensors), T5X (orbax, legacy msgpack+tensorstore), errors."""
 import json
-import os
 
 import flax.linen as nn
 import jax

@@ -7,7 +7,6 @@ import os
 import shutil
 
 import gin
-import numpy as np
 import pytest
 import seqio
 import tensorflow as tf

@@ -327,8 +327,7 @@ def test_bad_json_line_reports_location(tmp_path):
   write_release(str(tmp_path), families=('translation',), languages=['am'])
   with open(tmp_path / 'translation' / 'train' / 'en2am.jsonl', 'a') as f:
     f.write('{"input": "no target"}\n')
-  names = xtreme_up.register_xtreme_up(str(tmp_path), families=['translation'],
-                                       languages=['am'])
+  xtreme_up.register_xtreme_up(str(tmp_path), families=['translation'], languages=['am'])
   try:
     with pytest.raises(xtreme_up.XtremeUpDataError, match=r'en2am.jsonl:3'):
       _first('xtreme_up_translation_en_am', split='train')

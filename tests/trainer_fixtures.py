@@ -5,7 +5,6 @@ built in memory, so its exact contents and the metric's value on any predictions
 """
 from __future__ import annotations
 
-import functools
 import random
 
 import seqio

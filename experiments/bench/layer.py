@@ -10,7 +10,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.bench import common
 from sira_jax import cost_model

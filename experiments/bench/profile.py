@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 from unittest import mock
 
-import jax
 import jax.numpy as jnp
 
 from experiments.bench import common, model
