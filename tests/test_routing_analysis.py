@@ -84,3 +84,77 @@ def test_analysis_labels_train_and_eval_statistics(setup):
   # Dropped choices carry no gate: less mass in training than at evaluation.
   assert tr['summary']['gate_mass'] < ev['summary']['gate_mass']
   assert all(sum(u) == pytest.approx(1.0) for u in ev['usage'][task].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# The report's routing section: new and old result files
+# ------------------------------------------------------------------------------------------------
+TASKS = ['offline_date_en', 'offline_date_de', 'offline_unit_en', 'offline_unit_de']
+UNIFORM_SITE, DATE_SITE = 'encoder/layers_0/attention/query', 'decoder/layers_1/mlp/wo'
+
+
+def _usage():
+  """DATE_SITE sends date tasks to expert 0 and unit tasks to expert 1; UNIFORM_SITE routes every
+  task alike."""
+  return {t: {UNIFORM_SITE: [0.5, 0.5], DATE_SITE: [1.0, 0.0] if 'date' in t else [0.0, 1.0]}
+          for t in TASKS}
+
+
+def _site_values(v):
+  return {UNIFORM_SITE: v, DATE_SITE: v}
+
+
+NEW = dict(sites=[DATE_SITE, UNIFORM_SITE], tasks=TASKS, num_experts=2,
+           eval=dict(mode='eval', split='validation', capacity_factor=None, usage=_usage(),
+                     dropped_fraction=_site_values(0.0), gate_mass=_site_values(0.6),
+                     gate_entropy=_site_values(0.5), summary=dict(dropped_fraction=0.0,
+                                                                  gate_mass=0.6)),
+           train_batches=dict(mode='train', num_batches=8, batch_size=16, pack=True,
+                              capacity_factor=0.5, dropped_fraction=_site_values(0.26),
+                              gate_mass=_site_values(0.4), summary=dict(dropped_fraction=0.26,
+                                                                        gate_mass=0.4)))
+OLD = dict(sites=[DATE_SITE, UNIFORM_SITE], tasks=TASKS, num_experts=2, usage=_usage(),
+           gate_entropy=_site_values(0.5), router_confidence=_site_values(0.6),
+           dropped_fraction_train=_site_values(0.012))
+
+
+def test_old_result_files_keep_their_drops_apart_from_the_training_batch_ones():
+  from experiments import report as report_lib  # pylint: disable=import-outside-toplevel
+  view = report_lib.routing_view(OLD)
+  assert 'train_batches' not in view
+  assert view['old_train_mode_on_eval_batches']['dropped_fraction'] == OLD['dropped_fraction_train']
+  assert view['eval']['usage'] == OLD['usage'] and view['eval']['gate_mass'] == _site_values(0.6)
+  assert report_lib.routing_view(NEW) == NEW
+  assert report_lib.specialisation(OLD) == report_lib.specialisation(NEW)
+
+
+@pytest.mark.parametrize('routing', ['new', 'old'])
+def test_routing_section_figure_and_table(tmp_path, routing):
+  from experiments import report as report_lib  # pylint: disable=import-outside-toplevel
+  from experiments import sweeps as sweeps_lib  # pylint: disable=import-outside-toplevel
+  r = NEW if routing == 'new' else OLD
+  plots = {}
+  entry = {'routing': r, 'routing_seed': 0}
+  md = '\n'.join(report_lib.routing_section(sweeps_lib.get_sweep('c3'), 'sira E8 k2', entry,
+                                            str(tmp_path), str(tmp_path), plots))
+  (fig, data), = plots.items()
+  assert open(tmp_path / fig, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+  # The most specialised site first: date vs unit is the family.
+  assert data['heatmap_sites'] == [DATE_SITE, UNIFORM_SITE]
+  assert entry['specialisation']['family'][DATE_SITE] == pytest.approx(1.0)
+  assert report_lib.most_specialised_sites(r, entry['specialisation'], 1) == [DATE_SITE]
+  row = [line for line in md.splitlines() if line.startswith(f'| {DATE_SITE} |')][0]
+  if routing == 'new':
+    assert 'train-batch dropped' in md and report_lib.OLD_DROP_LABEL not in md
+    assert row.endswith('| 0.260 | 0.400 |') and 'dropped fraction 0.260' in md
+  else:
+    assert 'train-batch dropped' not in md and report_lib.OLD_DROP_LABEL in md
+    assert row.endswith('| 0.012 |')
+
+
+def test_training_cross_entropy_over_the_last_100_steps():
+  from experiments import report as report_lib  # pylint: disable=import-outside-toplevel
+  history = [dict(step=s, cross_entropy=float(s)) for s in (1, 450, 500, 510, 550, 600)]
+  res = {'train': {'steps': 600, 'history': history}}
+  assert report_lib.train_cross_entropy_tail(res) == pytest.approx(np.mean([510, 550, 600]))
+  assert report_lib.train_cross_entropy_tail({'train': {}}) is None
