@@ -310,10 +310,11 @@ def routing_view(routing: Mapping) -> dict[str, Any]:
   'train_batches'."""
   if 'eval' in routing:
     return dict(routing)
-  ev = dict(mode='eval', usage=routing['usage'])
+  ev = dict(mode='eval', usage=routing['usage'], summary={})
   for old, new in (('gate_entropy', 'gate_entropy'), ('router_confidence', 'gate_mass')):
     if old in routing:
       ev[new] = routing[old]
+      ev['summary'][new] = float(np.mean(list(routing[old].values())))
   out = {k: routing[k] for k in ('sites', 'tasks', 'num_experts') if k in routing}
   out['eval'] = ev
   if 'dropped_fraction_train' in routing:
@@ -472,7 +473,9 @@ def plot_routing(routing, spec, title, path, num_heatmaps: int = 4) -> list[str]
     hax.set_yticks(range(len(tasks)), tasks if i == 0 else [], fontsize=5)
     hax.set_xticks(range(mat.shape[1]), range(mat.shape[1]), fontsize=6)
     hax.set_xlabel('expert', fontsize=6)
-    hax.set_title(site, fontsize=6)
+    nmi = ', '.join(f'{k} {spec[k][site]:.3f}' for k in ('family', 'language')
+                    if site in spec.get(k, {}))
+    hax.set_title(site + (f'\nNMI: {nmi}' if nmi else ''), fontsize=6)
     fig.colorbar(im, ax=hax, fraction=0.05)
   fig.suptitle(f'{title}\nexpert load per task: the {len(shown)} most specialised sites',
                fontsize=9)
@@ -538,13 +541,16 @@ def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str
               f'its step\'s dropout rng, cf {tr["capacity_factor"]}): dropped fraction '
               f'{_fmt(tr["summary"].get("dropped_fraction"))}, gate mass '
               f'{_fmt(tr["summary"].get("gate_mass"))} (layer means, as training logs them).')
-  ev_split = ev.get('split', sweep.select_split)
-  md.append(f'Evaluation (eval mode: {ev_split} split, cf {ev.get("capacity_factor")}): '
-            f'dropped fraction {_fmt(ev.get("summary", {}).get("dropped_fraction"))}, gate mass '
-            f'{_fmt(ev.get("summary", {}).get("gate_mass"))}.')
+  summary = [f'{label} {_fmt(ev["summary"][k])}' for k, label in (
+      ('dropped_fraction', 'dropped fraction'), ('gate_mass', 'gate mass')) if k in ev['summary']]
+  md.append(f'Evaluation (eval mode: {ev.get("split", sweep.select_split)} split' +
+            (f', cf {ev["capacity_factor"]}' if 'capacity_factor' in ev else '') + '): ' +
+            ', '.join(summary) + '.')
   if old is not None:
-    md.append(f'This result file predates the training-batch analysis: its drops are the old '
-              f'measurement ({OLD_DROP_LABEL}), about 20x below what training drops.')
+    md.append('This result file predates the training-batch analysis: its drops are the old '
+              f'measurement ({OLD_DROP_LABEL}). Padded evaluation batches hold fewer real tokens '
+              'per routing group than the packed training batches, so they understate the drops '
+              'training had; rerun the run for the training-batch figures.')
   cols = [('NMI(expert; family)', lambda s_: spec['family'].get(s_)),
           ('NMI(expert; language)', lambda s_: spec['language'].get(s_)),
           ('eval gate entropy (nats)', lambda s_: ev.get('gate_entropy', {}).get(s_)),
