@@ -372,7 +372,9 @@ def sira_defaults_sweep() -> Sweep:
   Decided on training evidence only: per point, the training cross-entropy over the last 100
   steps (`TRAIN_CE_LAST_100`, from the run's train summary: the mean of its 10 logged steps there)
   and the validation sequence and token accuracy; the report split is validation, and no test
-  number is read (the runner still scores test, so result files stay interchangeable).
+  number is read (the runner still scores test, so result files stay interchangeable). Every
+  point gets the routing analysis (its training-batch drops and gate mass show what each knob
+  changed in training).
 
   Fairness rule: every method gets the same number of tuned configurations. A knob this study
   finds for SiRA becomes SiRA's default only if it is tuned for the baselines too (the router
@@ -387,7 +389,8 @@ def sira_defaults_sweep() -> Sweep:
   return Sweep(
       'sira_defaults', 'Which of SiRA\'s defaults causes its optimisation gap on one task (a '
       'diagnostic study decided on training loss and validation metrics, never test).',
-      tuple(runs), report_split='validation', training_evidence=(TRAIN_CE_LAST_100,))
+      tuple(runs), report_split='validation', training_evidence=(TRAIN_CE_LAST_100,),
+      routing_points=tuple(dict.fromkeys(r.point for r in runs)))
 
 
 SWEEPS: dict[str, Sweep] = _sweeps()

@@ -215,4 +215,5 @@ def test_sira_defaults_changes_one_knob_at_a_time_under_c2s_protocol():
   # Decided on training evidence: validation and the training loss, never test.
   assert sweep.select_split == sweep.report_split == 'validation'
   assert sweep.training_evidence == (sweeps_lib.TRAIN_CE_LAST_100,)
+  assert sweep.routing_points == tuple(sweep.points())
   assert 'Fairness rule' in sweeps_lib.sira_defaults_sweep.__doc__

@@ -29,7 +29,7 @@ def setup():
   return task, model, variables, stream
 
 
-def test_training_stream_is_the_trainers():
+def test_training_stream_of_a_runs_fingerprint():
   stream = evaluation.TrainingStream.of_run(dict(
       mixture_or_task_name='t', task_feature_lengths={'inputs': 4}, batch_size=8, seed=2,
       data_seed=5, pack=True))
