@@ -423,28 +423,39 @@ def plot_groups(agg, sweep, metric, idx, path) -> dict | None:
   return groups
 
 
+def load_imbalance(routing: Mapping) -> dict[str, float]:
+  """Per site: KL(evaluation load over all tasks || uniform) in nats (0 at balance, log E when
+  one expert takes everything)."""
+  routing = routing_view(routing)
+  usage, out = routing['eval']['usage'], {}
+  for site in routing['sites']:
+    load = np.mean([usage[t][site] for t in routing['tasks']], axis=0)
+    load = load / max(float(load.sum()), 1e-12)
+    out[site] = float(np.sum(np.where(load > 0, load * np.log(
+        np.maximum(load, 1e-30) * len(load)), 0.0)))
+  return out
+
+
+def _nmi_defined(spec: Mapping) -> bool:
+  return any(spec.get(k) for k in ('family', 'language'))
+
+
 def most_specialised_sites(routing: Mapping, spec: Mapping, n: int = 4) -> list[str]:
   """The `n` sites of the largest NMI(expert; family or language); where NMI is undefined (one
-  family and one language, e.g. one task), those whose evaluation load is furthest from uniform
-  (largest KL(load || uniform))."""
-  routing = routing_view(routing)
-  sites = list(routing['sites'])
-  score = {s: max([spec[k][s] for k in ('family', 'language') if s in spec.get(k, {})],
-                  default=None) for s in sites}
-  if all(v is None for v in score.values()):
-    usage = routing['eval']['usage']
-    for site in sites:
-      load = np.mean([usage[t][site] for t in routing['tasks']], axis=0)
-      load = load / max(float(load.sum()), 1e-12)
-      score[site] = float(np.sum(np.where(load > 0, load * np.log(
-          np.maximum(load, 1e-30) * len(load)), 0.0)))
-  return sorted(sites, key=lambda s_: -(score[s_] or 0.0))[:n]
+  family and one language, e.g. one task), the `n` of the most uneven load (`load_imbalance`)."""
+  sites = list(routing_view(routing)['sites'])
+  if _nmi_defined(spec):
+    score = {s_: max([spec[k].get(s_, 0.0) for k in ('family', 'language')]) for s_ in sites}
+  else:
+    score = load_imbalance(routing)
+  return sorted(sites, key=lambda s_: -score[s_])[:n]
 
 
 def plot_routing(routing, spec, title, path, num_heatmaps: int = 4) -> list[str]:
-  """NMI(expert; family) and NMI(expert; language) per adapted site as bars, and the expert load
-  per task (evaluation mode) of the `num_heatmaps` most specialised sites
-  (`most_specialised_sites`) as heatmaps. Returns those sites."""
+  """NMI(expert; family) and NMI(expert; language) per adapted site as bars (where NMI is
+  undefined, one task: the load imbalance per site), and the expert load per task (evaluation
+  mode) of the `num_heatmaps` most specialised sites (`most_specialised_sites`) as heatmaps.
+  Returns those sites."""
   plt = _plt()
   routing = routing_view(routing)
   sites = routing['sites']
@@ -456,15 +467,23 @@ def plot_routing(routing, spec, title, path, num_heatmaps: int = 4) -> list[str]
   grid = fig.add_gridspec(2, cols, height_ratios=(1.0, max(1.0, 0.06 * len(tasks) + 0.6)))
   ax = fig.add_subplot(grid[0, :])
   x = np.arange(len(sites))
-  for j, kind in enumerate(('family', 'language')):
-    vals = [spec.get(kind, {}).get(site, np.nan) for site in sites]
-    ax.bar(x + (j - 0.5) * 0.4, vals, 0.4, label=f'NMI(expert; {kind})')
-  ax.axhline(SPECIALISED_NMI, color='k', lw=0.8, ls='--', label=f'specialised ({SPECIALISED_NMI})')
+  if _nmi_defined(spec):
+    for j, kind in enumerate(('family', 'language')):
+      vals = [spec.get(kind, {}).get(site, np.nan) for site in sites]
+      ax.bar(x + (j - 0.5) * 0.4, vals, 0.4, label=f'NMI(expert; {kind})')
+    ax.axhline(SPECIALISED_NMI, color='k', lw=0.8, ls='--',
+               label=f'specialised ({SPECIALISED_NMI})')
+    ax.set_ylabel('NMI')
+    ax.set_title('specialisation per adapted site (evaluation mode)', fontsize=8)
+    heading = 'the {} most specialised sites'
+  else:
+    imbalance = load_imbalance(routing)
+    ax.bar(x, [imbalance[site] for site in sites], 0.6, label='KL(load || uniform)')
+    ax.set_ylabel('nats')
+    ax.set_title('load imbalance per adapted site (evaluation mode; NMI is undefined: the routed '
+                 'tasks have one family and one language)', fontsize=8)
+    heading = 'the {} sites of the most uneven load'
   ax.set_xticks(x, sites, rotation=90, fontsize=5)
-  ax.set_ylabel('NMI')
-  ax.set_title('specialisation per adapted site (evaluation mode)' +
-               ('' if any(spec.get(k) for k in ('family', 'language')) else
-                ': undefined, the routed tasks have one family and one language'), fontsize=8)
   ax.legend(fontsize=6)
   for i, site in enumerate(shown):
     hax = fig.add_subplot(grid[1, i])
@@ -477,8 +496,7 @@ def plot_routing(routing, spec, title, path, num_heatmaps: int = 4) -> list[str]
                     if site in spec.get(k, {}))
     hax.set_title(site + (f'\nNMI: {nmi}' if nmi else ''), fontsize=6)
     fig.colorbar(im, ax=hax, fraction=0.05)
-  fig.suptitle(f'{title}\nexpert load per task: the {len(shown)} most specialised sites',
-               fontsize=9)
+  fig.suptitle(f'{title}\nexpert load per task: ' + heading.format(len(shown)), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
