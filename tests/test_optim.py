@@ -104,3 +104,40 @@ def test_router_init_stddev_sets_the_router_init(stddev):
   else:
     assert np.std(kernel) == pytest.approx(stddev, rel=0.05)
     assert abs(np.mean(kernel)) < 0.1 * stddev
+
+
+def test_train_applies_and_records_the_router_multiplier(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from sira_jax import model_init  # pylint: disable=import-outside-toplevel
+  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from tests import trainer_fixtures as fx  # pylint: disable=import-outside-toplevel
+  task = fx.register_fixture_task()
+  cfg = fx.tiny_config('sira')
+
+  def one_step(multiplier):
+    run = str(tmp_path / f'run_{multiplier}')
+    r = train_lib.train(model_dir=run, mixture_or_task_name=task, task_feature_lengths=fx.LENGTHS,
+                        train_steps=1, batch_size=8, model_config=cfg, optimizer_name='sgd',
+                        learning_rate=0.5, router_lr_multiplier=multiplier, progress_bar=False,
+                        tensorboard=False, mesh_shape={'data': 1})
+    with open(os.path.join(run, 'run_config.json')) as f:
+      recorded = json.load(f)['optimizer']
+    return traverse_util.flatten_dict(optim.to_plain_dict(jax.device_get(r.state.params))), recorded
+
+  init = traverse_util.flatten_dict(optim.to_plain_dict(nn.unbox(
+      model_init.init_variables(model_init.build_model(cfg), cfg, 0)['params'])))
+  (one, rec_one), (tenth, rec_tenth) = one_step(1.0), one_step(0.1)
+  # Runs without the option keep their fingerprint; a set multiplier is part of it.
+  assert 'router_lr_multiplier' not in rec_one and rec_tenth['router_lr_multiplier'] == 0.1
+  routers_seen = 0
+  for k, p1 in one.items():
+    d1, d10 = np.asarray(p1) - np.asarray(init[k]), np.asarray(tenth[k]) - np.asarray(init[k])
+    if routers.is_router_param(k):
+      routers_seen += 1
+      assert np.abs(d1).max() > 0
+      np.testing.assert_allclose(d10, 0.1 * d1, rtol=1e-3, atol=1e-7)
+    else:
+      np.testing.assert_allclose(d10, d1, rtol=1e-5, atol=1e-7)
+  assert routers_seen == len(cfg.adapted_sites())
