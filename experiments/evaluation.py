@@ -8,13 +8,17 @@ order, so every method is scored on the same examples):
 `summary` holds the unweighted mean over tasks of each metric.
 
 The routing analysis of a model with routers reads what every adapted projection sows into
-'intermediates' (`sira_jax.routing.routing_statistics`): per site and per task the share of routed
-choices each expert receives, the gate entropy and router confidence (eval mode), and the fraction
-of choices dropped by capacity in training mode (capacity factor and expert dropout as trained) on
-mixed batches of the training batch size.
+'intermediates' (`sira_jax.routing.routing_statistics`), in two labelled sets:
+  - 'train_batches': training mode (dropout, expert dropout, the training capacity factor, each
+    batch with its step's dropout rng) on the first batches of the run's own training stream
+    (packed as trained): expert load, dropped fraction, gate mass (the kept top-k gates a token
+    receives), gate entropy, aux and router z losses per site. These are the drops training had.
+  - 'eval': evaluation mode (no dropout, the eval capacity factor) on each task's evaluation
+    batches: the same statistics, and the expert load per task (what specialisation reads).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -149,47 +153,139 @@ def _flat_stats(intermediates) -> dict[tuple[str, str], np.ndarray]:
   return out
 
 
-def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int], *, split: str,
-                     num_examples: int | None, batch_size: int, train_batch_size: int = 32,
-                     train_batches: int = 8, seed: int = 0) -> dict[str, Any]:
-  """Per adapted site: expert load per task, gate entropy, router confidence, dropped fraction.
+# Sown statistic -> its name in the routing analysis. `router_confidence` (routing.routing_statistics)
+# is the total combine weight a token receives: the sum of its kept top-k gates, its gate mass.
+SITE_STATS = {'dropped_fraction': 'dropped_fraction', 'router_confidence': 'gate_mass',
+              'gate_entropy': 'gate_entropy', 'aux_loss': 'aux_loss',
+              'router_z_loss': 'router_z_loss'}
 
-  Returns {'sites': [...], 'tasks': [...], 'usage': {task: {site: [E shares]}},
-  'gate_entropy': {site: nats}, 'router_confidence': {site: v}, 'dropped_fraction_train':
-  {site: fraction}, 'num_experts': E}.
+
+@dataclasses.dataclass(frozen=True)
+class TrainingStream:
+  """The training batches of a run and the randomness of its steps, as `sira_jax.train.train` made
+  them: batch i is batch i of `data.train_batches(mixture, lengths, batch_size, seed=data_seed,
+  pack=pack)`, and step i draws its dropout rng from fold_in(run_keys(seed)[1], i)."""
+  mixture: str
+  lengths: Mapping[str, int]
+  batch_size: int
+  seed: int
+  data_seed: int
+  pack: bool
+
+  @classmethod
+  def of_run(cls, fingerprint: Mapping[str, Any]) -> 'TrainingStream':
+    """The stream of the run whose run_config.json holds `fingerprint` (one process)."""
+    seed = int(fingerprint['seed'])
+    data_seed = fingerprint.get('data_seed')
+    return cls(mixture=fingerprint['mixture_or_task_name'],
+               lengths=dict(fingerprint['task_feature_lengths']),
+               batch_size=int(fingerprint['batch_size']), seed=seed,
+               data_seed=seed if data_seed is None else int(data_seed),
+               pack=bool(fingerprint.get('pack', False)))
+
+  def batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+    """Batches 0 .. num_batches-1 (a sweep's `data.shared_training_streams` replays them)."""
+    from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    it = data_lib.train_batches(self.mixture, self.lengths, self.batch_size, seed=self.data_seed,
+                                pack=self.pack)
+    return [next(it) for _ in range(num_batches)]
+
+  def step_rng(self, step: int) -> jax.Array:
+    from sira_jax import model_init  # pylint: disable=import-outside-toplevel
+    return jax.random.fold_in(model_init.run_keys(self.seed)[1], step)
+
+
+def _site_summary(per_call: Mapping[str, Mapping[str, list]], load: Mapping[str, np.ndarray]
+                  ) -> dict[str, Any]:
+  """{statistic: {site: mean over calls}, 'load': {site: [E shares]}, 'summary': {statistic:
+  mean over sites}} (the summary is what the trainer logs: the layer mean)."""
+  out: dict[str, Any] = {name: {site: float(np.mean(v)) for site, v in sorted(sites.items())}
+                         for name, sites in per_call.items()}
+  out['load'] = {site: (u / max(float(np.sum(u)), 1e-12)).tolist()
+                 for site, u in sorted(load.items())}
+  out['summary'] = {name: float(np.mean(list(v.values()))) for name, v in out.items()
+                    if name != 'load' and v}
+  return out
+
+
+def training_routing(model, variables, stream: TrainingStream, num_batches: int = 8
+                     ) -> dict[str, Any]:
+  """Training-mode routing statistics on the first `num_batches` batches the run trained on.
+
+  Training mode as the train step has it: dropout, expert dropout, router jitter and the training
+  capacity factor, with batch i's dropout rng the one step i drew (`TrainingStream.step_rng`),
+  on `variables` (the trained model; SMoE-Dropout at the end of its schedule). Returns
+  `_site_summary`'s dict plus 'per_batch_dropped_fraction' (the layer mean per batch: what step i
+  logs as dropped_fraction when run on `variables`) and the stream's settings.
   """
+  forward = functools.partial(_routing_forward, model)
+  per_call: dict[str, dict[str, list]] = {name: {} for name in SITE_STATS.values()}
+  load: dict[str, np.ndarray] = {}
+  per_batch = []
+  for i, batch in enumerate(stream.batches(num_batches)):
+    stats = _flat_stats(forward(variables, batch, stream.step_rng(i)))
+    for (site, stat), v in stats.items():
+      if stat == 'expert_usage':
+        load[site] = load.get(site, 0.0) + v
+      elif stat in SITE_STATS:
+        per_call[SITE_STATS[stat]].setdefault(site, []).append(float(v))
+    per_batch.append(float(np.mean([float(v) for (_, stat), v in stats.items()
+                                     if stat == 'dropped_fraction'])))
+  out = _site_summary(per_call, load)
+  adapter = model.config.adapter
+  out.update(mode='train', num_batches=num_batches, batch_size=stream.batch_size,
+             data_seed=stream.data_seed, seed=stream.seed, pack=stream.pack,
+             capacity_factor=adapter.capacity_factor, per_batch_dropped_fraction=per_batch)
+  return out
+
+
+def eval_routing(model, variables, mixture: str, lengths: Mapping[str, int], *, split: str,
+                 num_examples: int | None, batch_size: int) -> dict[str, Any]:
+  """Evaluation-mode routing statistics (no dropout, the eval capacity factor) on each task's
+  evaluation batches: `_site_summary`'s dict plus 'usage' {task: {site: [E shares]}} (the
+  expert load of each task's real tokens)."""
   import seqio  # pylint: disable=import-outside-toplevel
   forward = functools.partial(_routing_forward, model)
   batch_size = fitted_batch_size(batch_size, num_examples)
-  key = jax.random.PRNGKey(seed)
-  usage: dict[str, dict[str, np.ndarray]] = {}
-  entropy: dict[str, list] = {}
-  confidence: dict[str, list] = {}
-  names = subtask_names(mixture)
-  for name in names:
+  per_call: dict[str, dict[str, list]] = {name: {} for name in SITE_STATS.values()}
+  load: dict[str, np.ndarray] = {}
+  usage: dict[str, dict[str, list]] = {}
+  for name in subtask_names(mixture):
     task = seqio.get_mixture_or_task(name)
     acc: dict[str, np.ndarray] = {}
     for b, n in _model_batches(task, lengths, split, num_examples, batch_size):
       for (site, stat), v in _flat_stats(forward(variables, b)).items():
         if stat == 'expert_usage':
           acc[site] = acc.get(site, 0.0) + v * n
-        elif stat == 'gate_entropy':
-          entropy.setdefault(site, []).append(float(v))
-        elif stat == 'router_confidence':
-          confidence.setdefault(site, []).append(float(v))
-    usage[name] = {s: (u / max(float(np.sum(u)), 1e-12)).tolist() for s, u in acc.items()}
-  dropped: dict[str, list] = {}
-  mt = seqio.get_mixture_or_task(mixture)
-  batches = _model_batches(mt, lengths, split, None, train_batch_size, shuffle=True, seed=seed,
-                           max_batches=train_batches)
-  for i, (b, _) in enumerate(batches):
-    for (site, stat), v in _flat_stats(forward(variables, b, jax.random.fold_in(key, i))
-                                       ).items():
-      if stat == 'dropped_fraction':
-        dropped.setdefault(site, []).append(float(v))
-  sites = sorted(entropy)
-  return dict(sites=sites, tasks=names, usage=usage,
-              num_experts=len(next(iter(next(iter(usage.values())).values()))) if usage else 0,
-              gate_entropy={s: float(np.mean(v)) for s, v in entropy.items()},
-              router_confidence={s: float(np.mean(v)) for s, v in confidence.items()},
-              dropped_fraction_train={s: float(np.mean(v)) for s, v in dropped.items()})
+        elif stat in SITE_STATS:
+          per_call[SITE_STATS[stat]].setdefault(site, []).append(float(v))
+    usage[name] = {s: (u / max(float(np.sum(u)), 1e-12)).tolist() for s, u in sorted(acc.items())}
+    for s, u in acc.items():
+      load[s] = load.get(s, 0.0) + u
+  out = _site_summary(per_call, load)
+  out.update(mode='eval', split=split, num_examples=num_examples,
+             capacity_factor=model.config.adapter.eval_capacity_factor, usage=usage)
+  return out
+
+
+def routing_analysis(model, variables, mixture: str, lengths: Mapping[str, int], *, split: str,
+                     num_examples: int | None, batch_size: int,
+                     training: TrainingStream | None = None, train_batches: int = 8
+                     ) -> dict[str, Any]:
+  """Routing statistics per adapted site, each set labelled with the mode and data it was
+  measured in.
+
+  Returns {'sites': [...], 'tasks': [...], 'num_experts': E,
+    'eval': `eval_routing` (eval mode on `split`'s evaluation batches: 'usage' per task, 'load',
+      'dropped_fraction', 'gate_mass', 'gate_entropy', ... per site, 'summary'),
+    'train_batches': `training_routing` (training mode on the run's first `train_batches`
+      training batches, the same statistics; absent when `training` is None)}.
+  """
+  ev = eval_routing(model, variables, mixture, lengths, split=split, num_examples=num_examples,
+                    batch_size=batch_size)
+  sites = sorted(ev['gate_entropy'])
+  out = dict(sites=sites, tasks=list(ev['usage']), num_experts=model.config.adapter.num_experts,
+             eval=ev)
+  if training is not None:
+    out['train_batches'] = training_routing(model, variables, training, train_batches)
+  return out

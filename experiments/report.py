@@ -8,8 +8,12 @@ chose (best mean validation metric over the tuning seeds, `sweeps.choose_learnin
 runner chose it), and the test metrics at that rate are reported as mean +- standard deviation over
 seeds (n shown); the claim's comparisons are repeated on token accuracy and chrF. Plots (PNG, in <out_dir>/plots/): the metric against each numeric
 axis of the sweep (rank, experts, capacity factor, k, ...), per-family and per-language bars, and
-the routing analysis of the sweep's routing points (expert load per family and per language for
-each adapted site, gate entropy and dropped fraction per site). Every number comes from the
+the routing of the sweep's routing points (`plot_routing`: NMI(expert; family / language) per
+adapted site as bars, the expert load per task of the most specialised sites as heatmaps), with a
+table per site of the evaluation-mode statistics and the training-mode ones measured on the run's
+own training batches (`experiments.evaluation`; older result files' drops, measured in training
+mode on padded evaluation batches, are labelled as that old measurement). A diagnostic sweep
+(`Sweep.training_evidence`, e.g. sira_defaults) adds a table of its training evidence. Every number comes from the
 `result.json` files of the sweep's runs; `<out_dir>/<sweep>.json` holds the aggregated numbers the
 tables and plots show.
 
@@ -39,7 +43,8 @@ from experiments import sweeps as sweeps_lib
 
 METRICS = ('sequence_accuracy', 'chrf', 'cer', 'token_accuracy')
 LABELS = {'sequence_accuracy': 'sequence accuracy', 'chrf': 'chrF', 'cer': 'CER',
-          'token_accuracy': 'token accuracy (teacher-forced)'}
+          'token_accuracy': 'token accuracy (teacher-forced)',
+          sweeps_lib.TRAIN_CE_LAST_100: 'training cross-entropy, last 100 steps (nats/token)'}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,6 +133,8 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
         train_time_s=float(np.mean([res['wall_time_s']['train'] for _, res in items])),
         per_seed={m: [s['summary'].get(m) for s in rep] for m in METRICS
                   if any(m in s['summary'] for s in rep)})
+    for evidence in sweep.training_evidence:
+      entry['per_seed'][evidence] = [TRAINING_EVIDENCE[evidence](res) for _, res in items]
     entry['mean'] = {m: _mean_std(v)[0] for m, v in entry['per_seed'].items()}
     entry['std'] = {m: _mean_std(v)[1] for m, v in entry['per_seed'].items()}
     tasks = sorted(rep[0]['tasks'])
@@ -140,6 +147,20 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
     points[point] = entry
   return dict(points=points, missing=missing, unreadable=files.errors, unreadable_runs=skipped,
               finished=len(sweep.runs) - len(missing) - len(skipped), total=len(sweep.runs))
+
+
+def train_cross_entropy_tail(res: Mapping, steps: int = 100) -> float | None:
+  """The training cross-entropy over a run's last `steps` steps: the mean of the logged steps of
+  its train summary among them (`res['train']['history']`); None without a logged one."""
+  train = res.get('train') or {}
+  last = train.get('steps')
+  vals = [h['cross_entropy'] for h in train.get('history') or ()
+          if last is not None and h['step'] > last - steps and 'cross_entropy' in h]
+  return float(np.mean(vals)) if vals else None
+
+
+# Evidence a diagnostic sweep reports per run (`Sweep.training_evidence`): name -> (result -> value).
+TRAINING_EVIDENCE = {sweeps_lib.TRAIN_CE_LAST_100: train_cross_entropy_tail}
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
@@ -255,6 +276,9 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
             'not reproduced' if top <= UNSPECIALISED_NMI else 'inconclusive')
     return f'{word}: largest NMI(expert; family or language) over sites {top:.3f}' + partial
   measured = [c for c in comps if 'diff' in c]
+  if sweep.training_evidence and not comps:
+    return ('diagnostic, no claim of the paper: read the training evidence table' if agg['points']
+            else 'not measured') + partial
   if not comps or not measured:
     return 'not measured' + partial
   if any(c['outcome'] == 'fewer than 2 seeds' for c in measured) or len(measured) < len(comps):
@@ -273,12 +297,39 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
   return f'inconclusive: no significant difference to {", ".join(ns)}' + partial
 
 
+# The dropped fraction result files before the training-batch analysis hold: training mode on
+# shuffled, padded evaluation batches. Shown under this label, apart from the training-batch one.
+OLD_DROP_LABEL = 'dropped (train mode on padded eval batches: old measurement)'
+
+
+def routing_view(routing: Mapping) -> dict[str, Any]:
+  """A result's routing analysis in the current layout (`experiments.evaluation.routing_analysis`:
+  'sites', 'tasks', 'num_experts', 'eval', 'train_batches'). An older file (eval statistics and
+  'usage' at the top, 'router_confidence' for the gate mass, 'dropped_fraction_train') maps to
+  'eval', and its drops to 'old_train_mode_on_eval_batches' (`OLD_DROP_LABEL`), never to
+  'train_batches'."""
+  if 'eval' in routing:
+    return dict(routing)
+  ev = dict(mode='eval', usage=routing['usage'], summary={})
+  for old, new in (('gate_entropy', 'gate_entropy'), ('router_confidence', 'gate_mass')):
+    if old in routing:
+      ev[new] = routing[old]
+      ev['summary'][new] = float(np.mean(list(routing[old].values())))
+  out = {k: routing[k] for k in ('sites', 'tasks', 'num_experts') if k in routing}
+  out['eval'] = ev
+  if 'dropped_fraction_train' in routing:
+    out['old_train_mode_on_eval_batches'] = dict(dropped_fraction=routing['dropped_fraction_train'])
+  return out
+
+
 def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
   """Normalised mutual information between routed expert and task family / language, per site.
 
   I(G; X) / H(X) for a uniform choice of task within the group, X the expert a routed choice goes
   to (shares from `usage`); 0 when every group routes alike, 1 when the expert identifies the group.
   """
+  routing = routing_view(routing)
+  usage = routing['eval']['usage']
   out: dict[str, dict[str, float]] = {'family': {}, 'language': {}}
   tasks = routing['tasks']
   for kind, idx in (('family', 0), ('language', 1)):
@@ -288,7 +339,7 @@ def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
     if len(groups) < 2:
       continue
     for site in routing['sites']:
-      rows = np.array([np.mean([routing['usage'][t][site] for t in g], axis=0)
+      rows = np.array([np.mean([usage[t][site] for t in g], axis=0)
                        for g in groups.values()])  # [groups, E]
       px = rows.mean(0)
       h = lambda p: -float(np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)))  # noqa
@@ -372,49 +423,84 @@ def plot_groups(agg, sweep, metric, idx, path) -> dict | None:
   return groups
 
 
-def plot_routing(routing, title, path) -> None:
-  """Per site: expert load per family and per language (heatmaps), gate entropy, dropped."""
+def load_imbalance(routing: Mapping) -> dict[str, float]:
+  """Per site: KL(evaluation load over all tasks || uniform) in nats (0 at balance, log E when
+  one expert takes everything)."""
+  routing = routing_view(routing)
+  usage, out = routing['eval']['usage'], {}
+  for site in routing['sites']:
+    load = np.mean([usage[t][site] for t in routing['tasks']], axis=0)
+    load = load / max(float(load.sum()), 1e-12)
+    out[site] = float(np.sum(np.where(load > 0, load * np.log(
+        np.maximum(load, 1e-30) * len(load)), 0.0)))
+  return out
+
+
+def _nmi_defined(spec: Mapping) -> bool:
+  return any(spec.get(k) for k in ('family', 'language'))
+
+
+def most_specialised_sites(routing: Mapping, spec: Mapping, n: int = 4) -> list[str]:
+  """The `n` sites of the largest NMI(expert; family or language); where NMI is undefined (one
+  family and one language, e.g. one task), the `n` of the most uneven load (`load_imbalance`)."""
+  sites = list(routing_view(routing)['sites'])
+  if _nmi_defined(spec):
+    score = {s_: max([spec[k].get(s_, 0.0) for k in ('family', 'language')]) for s_ in sites}
+  else:
+    score = load_imbalance(routing)
+  return sorted(sites, key=lambda s_: -score[s_])[:n]
+
+
+def plot_routing(routing, spec, title, path, num_heatmaps: int = 4) -> list[str]:
+  """NMI(expert; family) and NMI(expert; language) per adapted site as bars (where NMI is
+  undefined, one task: the load imbalance per site), and the expert load per task (evaluation
+  mode) of the `num_heatmaps` most specialised sites (`most_specialised_sites`) as heatmaps.
+  Returns those sites."""
   plt = _plt()
+  routing = routing_view(routing)
   sites = routing['sites']
-  fams: dict[str, list] = {}
-  langs: dict[str, list] = {}
-  for t in routing['tasks']:
-    f, l = tasks_lib.family_and_language(t)
-    fams.setdefault(f, []).append(t)
-    langs.setdefault(l, []).append(t)
-  cols = min(len(sites), 4)
-  rows = math.ceil(len(sites) / cols)
-  fig, axes = plt.subplots(2 * rows + 1, cols, figsize=(3.2 * cols, 2.6 * (2 * rows + 1)),
-                           squeeze=False)
-  for kind, groups, off in (('family', fams, 0), ('language', langs, rows)):
-    names = sorted(groups)
-    for i, site in enumerate(sites):
-      ax = axes[off + i // cols][i % cols]
-      mat = np.array([np.mean([routing['usage'][t][site] for t in groups[g]], 0) for g in names])
-      im = ax.imshow(mat, aspect='auto', cmap='viridis', vmin=0, vmax=max(mat.max(), 1e-6))
-      ax.set_yticks(range(len(names)), names, fontsize=6)
-      ax.set_xticks(range(mat.shape[1]), range(mat.shape[1]), fontsize=6)
-      ax.set_title(f'{site}\n{kind} x expert', fontsize=6)
-      fig.colorbar(im, ax=ax, fraction=0.04)
-    for j in range(len(sites), rows * cols):
-      axes[off + j // cols][j % cols].axis('off')
-  for j, (key, label) in enumerate((('gate_entropy', 'gate entropy (nats)'),
-                                    ('dropped_fraction_train', 'dropped fraction (train mode)'),
-                                    ('router_confidence', 'router confidence'))):
-    if j >= cols:
-      break
-    ax = axes[-1][j]
-    vals = [routing[key].get(s, np.nan) for s in sites]
-    ax.bar(range(len(sites)), vals)
-    ax.set_xticks(range(len(sites)), [s.replace('/', '\n', 1) for s in sites], fontsize=4,
-                  rotation=90)
-    ax.set_title(label, fontsize=7)
-  for j in range(3, cols):
-    axes[-1][j].axis('off')
-  fig.suptitle(title, fontsize=9)
+  shown = most_specialised_sites(routing, spec, num_heatmaps)
+  tasks = sorted(routing['tasks'], key=tasks_lib.family_and_language)
+  usage = routing['eval']['usage']
+  cols = max(len(shown), 1)
+  fig = plt.figure(figsize=(max(9.0, 3.2 * cols), 4.0 + 0.16 * len(tasks) + 1.5))
+  grid = fig.add_gridspec(2, cols, height_ratios=(1.0, max(1.0, 0.06 * len(tasks) + 0.6)))
+  ax = fig.add_subplot(grid[0, :])
+  x = np.arange(len(sites))
+  if _nmi_defined(spec):
+    for j, kind in enumerate(('family', 'language')):
+      vals = [spec.get(kind, {}).get(site, np.nan) for site in sites]
+      ax.bar(x + (j - 0.5) * 0.4, vals, 0.4, label=f'NMI(expert; {kind})')
+    ax.axhline(SPECIALISED_NMI, color='k', lw=0.8, ls='--',
+               label=f'specialised ({SPECIALISED_NMI})')
+    ax.set_ylabel('NMI')
+    ax.set_title('specialisation per adapted site (evaluation mode)', fontsize=8)
+    heading = 'the {} most specialised sites'
+  else:
+    imbalance = load_imbalance(routing)
+    ax.bar(x, [imbalance[site] for site in sites], 0.6, label='KL(load || uniform)')
+    ax.set_ylabel('nats')
+    ax.set_title('load imbalance per adapted site (evaluation mode; NMI is undefined: the routed '
+                 'tasks have one family and one language)', fontsize=8)
+    heading = 'the {} sites of the most uneven load'
+  ax.set_xticks(x, sites, rotation=90, fontsize=5)
+  ax.legend(fontsize=6)
+  for i, site in enumerate(shown):
+    hax = fig.add_subplot(grid[1, i])
+    mat = np.array([usage[t][site] for t in tasks])
+    im = hax.imshow(mat, aspect='auto', cmap='viridis', vmin=0, vmax=max(float(mat.max()), 1e-6))
+    hax.set_yticks(range(len(tasks)), tasks if i == 0 else [], fontsize=5)
+    hax.set_xticks(range(mat.shape[1]), range(mat.shape[1]), fontsize=6)
+    hax.set_xlabel('expert', fontsize=6)
+    nmi = ', '.join(f'{k} {spec[k][site]:.3f}' for k in ('family', 'language')
+                    if site in spec.get(k, {}))
+    hax.set_title(site + (f'\nNMI: {nmi}' if nmi else ''), fontsize=6)
+    fig.colorbar(im, ax=hax, fraction=0.05)
+  fig.suptitle(f'{title}\nexpert load per task: ' + heading.format(len(shown)), fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
+  return shown
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,6 +533,90 @@ def points_table(agg: Mapping, sweep: sweeps_lib.Sweep) -> str:
   return '\n'.join(lines)
 
 
+def _fmt(v, digits=3) -> str:
+  return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.{digits}f}'
+
+
+def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str, out_dir: str,
+                    plots: dict) -> list[str]:
+  """Markdown of one point's routing analysis: its figure (`plot_routing`), per site the NMI, the
+  evaluation-mode statistics and the training-batch ones, each column saying where it was
+  measured. Sets e['specialisation'] and plots[<figure>]."""
+  r = routing_view(e['routing'])
+  ev, tr = r['eval'], r.get('train_batches')
+  old = r.get('old_train_mode_on_eval_batches')
+  path = os.path.join(plots_dir, f'{sweep.name}_routing_{_slug(point)}.png')
+  spec = specialisation(r)
+  shown = plot_routing(r, spec, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing',
+                       path)
+  e['specialisation'] = spec
+  rel = os.path.relpath(path, out_dir)
+  plots[rel] = dict(usage=ev['usage'], specialisation=spec, heatmap_sites=shown)
+  md = ['', f'Routing of {point} (seed {e["routing_seed"]}): ![routing]({rel})', '']
+  if tr is not None:
+    md.append(f'Training batches (train mode: the run\'s first {tr["num_batches"]} training '
+              f'batches of {tr["batch_size"]} rows{", packed" if tr.get("pack") else ""}, each with '
+              f'its step\'s dropout rng, cf {tr["capacity_factor"]}): dropped fraction '
+              f'{_fmt(tr["summary"].get("dropped_fraction"))}, gate mass '
+              f'{_fmt(tr["summary"].get("gate_mass"))} (layer means, as training logs them).')
+  summary = [f'{label} {_fmt(ev["summary"][k])}' for k, label in (
+      ('dropped_fraction', 'dropped fraction'), ('gate_mass', 'gate mass')) if k in ev['summary']]
+  md.append(f'Evaluation (eval mode: {ev.get("split", sweep.select_split)} split' +
+            (f', cf {ev["capacity_factor"]}' if 'capacity_factor' in ev else '') + '): ' +
+            ', '.join(summary) + '.')
+  if old is not None:
+    md.append('This result file predates the training-batch analysis: its drops are the old '
+              f'measurement ({OLD_DROP_LABEL}). Padded evaluation batches hold fewer real tokens '
+              'per routing group than the packed training batches, so they understate the drops '
+              'training had; rerun the run for the training-batch figures.')
+  cols = [('NMI(expert; family)', lambda s_: spec['family'].get(s_)),
+          ('NMI(expert; language)', lambda s_: spec['language'].get(s_)),
+          ('eval gate entropy (nats)', lambda s_: ev.get('gate_entropy', {}).get(s_)),
+          ('eval gate mass', lambda s_: ev.get('gate_mass', {}).get(s_))]
+  if tr is not None:
+    cols += [('train-batch dropped', lambda s_: tr['dropped_fraction'].get(s_)),
+             ('train-batch gate mass', lambda s_: tr['gate_mass'].get(s_))]
+  if old is not None:
+    cols.append((OLD_DROP_LABEL, lambda s_: old['dropped_fraction'].get(s_)))
+  md += ['', '| site | ' + ' | '.join(c for c, _ in cols) + ' |', '|---|' + '---|' * len(cols)]
+  md += [f'| {s_} | ' + ' | '.join(_fmt(f(s_)) for _, f in cols) + ' |' for s_ in r['sites']]
+  md.append(f'(log E = {math.log(max(r.get("num_experts", 1), 1)):.3f} nats is the entropy of a '
+            'uniform router; gate mass: the kept top-k gates a token receives.' +
+            ('' if spec['family'] and spec['language'] else
+             ' -: NMI is undefined where the routed tasks have a single family or language.') + ')')
+  return md
+
+
+def training_evidence_section(sweep: sweeps_lib.Sweep, agg: dict) -> list[str]:
+  """A diagnostic sweep's evidence (`Sweep.training_evidence`, then the select split's sequence
+  and token accuracy) per point, and each point against the sweep's first (the unchanged method):
+  the difference and its Welch 95% interval. Sets agg['training_evidence_comparisons']."""
+  pts = agg['points']
+  metrics = [m for m in (*sweep.training_evidence, 'sequence_accuracy', 'token_accuracy')
+             if any(m in e['mean'] for e in pts.values())]
+  label = lambda m: (LABELS.get(m, m) if m in sweep.training_evidence  # noqa: E731
+                     else f'{sweep.select_split} {LABELS.get(m, m)}')
+  head = ['point', 'seeds', 'LR (chosen on validation)'] + [label(m) for m in metrics]
+  md = ['', 'Training evidence (what this sweep is decided on; no test number is read):', '',
+        '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for p, e in pts.items():
+    md.append('| ' + ' | '.join([p, str(len(e['seeds'])), f'{e["learning_rate"]:g}'] +
+                                [_cell(e, m) for m in metrics]) + ' |')
+  base = sweep.points()[0]
+  comps = []
+  for p in pts:
+    if p == base or base not in pts:
+      continue
+    for m in metrics:
+      if all(v is not None for q in (p, base) for v in pts[q]['per_seed'].get(m, [None])):
+        comps.append(dict(compare(agg, p, base, m), metric=m))
+  agg['training_evidence_comparisons'] = comps
+  if comps:
+    md += ['', f'Against {base} (a lower training cross-entropy is better):']
+    md += [f'- {format_comparison(c, c["metric"])}' for c in comps]
+  return md + ['']
+
+
 def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tuple[str, dict]:
   agg = aggregate(sweep, results_dir)
   plots_dir = os.path.join(out_dir, 'plots')
@@ -462,6 +632,8 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
     md += ['', '**Verdict at this scale: not measured** (no results yet).', ''] + unreadable
     return '\n'.join(md) + '\n', agg
   md += ['', points_table(agg, sweep), ''] + unreadable
+  if sweep.training_evidence:
+    md += training_evidence_section(sweep, agg)
   comps = [compare(agg, a, b, sweep.metric) for a, b in claim_comparisons(sweep, agg)]
   agg['comparisons'] = comps
   if comps:
@@ -501,26 +673,7 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
   for point, e in agg['points'].items():
     if 'routing' not in e:
       continue
-    r = e['routing']
-    path = os.path.join(plots_dir, f'{sweep.name}_routing_{_slug(point)}.png')
-    plot_routing(r, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing', path)
-    spec = specialisation(r)
-    e['specialisation'] = spec
-    agg['plots'][rel(path)] = dict(usage=r['usage'], specialisation=spec)
-    md += ['', f'Routing of {point} (seed {e["routing_seed"]}, {sweep.select_split} split): '
-           f'![routing]({rel(path)})', '',
-           '| site | gate entropy (nats) | dropped (train mode) | NMI(expert; family) | '
-           'NMI(expert; language) |', '|---|---|---|---|---|']
-    nmi = lambda kind, site: (f'{spec[kind][site]:.3f}' if site in spec[kind]  # noqa: E731
-                              else 'n/a')
-    for s in r['sites']:
-      md.append(f'| {s} | {r["gate_entropy"].get(s, float("nan")):.3f} | '
-                f'{r["dropped_fraction_train"].get(s, float("nan")):.3f} | '
-                f'{nmi("family", s)} | {nmi("language", s)} |')
-    md.append(f'(log E = {math.log(max(r["num_experts"], 1)):.3f} nats is the entropy of a '
-              'uniform router.' + ('' if spec['family'] and spec['language'] else
-                                   ' n/a: the routed tasks have a single family or language, '
-                                   'so NMI with it is undefined.') + ')')
+    md += routing_section(sweep, point, e, plots_dir, out_dir, agg['plots'])
   agg['verdict'] = claim_verdict(sweep, agg, comps)
   md.insert(3, f'**Verdict at this scale: {agg["verdict"]}.**')
   if agg['missing']:

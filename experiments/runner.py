@@ -325,9 +325,12 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
         batch_size=sweep.eval_batch_size, output_dir=os.path.join(model_dir, 'eval'))
   routing = None
   if cfg.adapter.kind in ROUTED_KINDS and run.point in sweep.routing_points:
+    # Training-mode statistics on the run's own training batches, eval-mode ones on the
+    # evaluation batches (experiments.evaluation's module docstring).
     routing = evaluation.routing_analysis(
         model, variables, mixture, lengths, split=sweep.select_split,
-        num_examples=sweep.eval_num_examples, batch_size=sweep.eval_batch_size)
+        num_examples=sweep.eval_num_examples, batch_size=sweep.eval_batch_size,
+        training=evaluation.TrainingStream.of_run(fingerprint))
   counts = trained_counts(param_count.count_parameters(cfg).as_dict(), config_str)
   result = dict(
       run=run.as_dict(), sweep=sweep.name, mixture=mixture, task_feature_lengths=lengths,

@@ -3,6 +3,10 @@
 Fine-tuning differentiates only the trainable subtree (adapter and router params chosen by
 `sira_jax.adapters.trainable_mask`); the frozen base never enters gradients or optimizer state.
 Pretraining trains every parameter (`partition_params(params, mask=None)`).
+
+The trained routers' updates can be scaled apart from the rest (`make_optimizer`'s
+`router_lr_multiplier`: an `optax.multi_transform` over the labels of `param_labels`), so a router
+learns at `multiplier * learning_rate` while the LoRA experts keep the adapter rate.
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from sira_jax import routers
+
 PyTree = Any
+ROUTER_LABEL, DEFAULT_LABEL = 'router', 'default'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +118,7 @@ def make_optimizer(
     decay_rate: float = 0.8,
     min_dim_size_to_factor: int = 128,
     multiply_by_parameter_scale: bool = False,
+    router_lr_multiplier: float = 1.0,
 ) -> optax.GradientTransformation:
   """The optimizer for the trainable subtree.
 
@@ -118,6 +126,10 @@ def make_optimizer(
     'adamw' or 'sgd'. `learning_rate` is a float or a schedule; None uses `make_schedule()`.
     Adafactor factors second moments by shape only, so new logical axes (expert, rank) need no
     factor rules here (unlike T5X's Adafactor, which keys factoring on logical axis names).
+  router_lr_multiplier: the trained routers' (`routers.is_router_param`) updates are scaled by it
+    after the optimizer (`with_router_lr_multiplier`): their learning rate is multiplier x the
+    rate (weight decay included, as optax applies decay inside the learning rate). 1.0 leaves the
+    optimizer, and so its state's structure, as it is.
   """
   if learning_rate is None:
     learning_rate = make_schedule()
@@ -138,7 +150,29 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; expected adafactor, adamw or sgd")
   if clip_grad_norm:
     opt = optax.chain(optax.clip_by_global_norm(clip_grad_norm), opt)
-  return opt
+  return with_router_lr_multiplier(opt, router_lr_multiplier)
+
+
+def param_labels(params: PyTree) -> PyTree:
+  """`ROUTER_LABEL` for every trained router param (`routers.is_router_param`), `DEFAULT_LABEL`
+  for every other leaf: a pytree like `params` (plain or FrozenDict nesting)."""
+  flat = traverse_util.flatten_dict(to_plain_dict(params))
+  return traverse_util.unflatten_dict(
+      {k: ROUTER_LABEL if routers.is_router_param(k) else DEFAULT_LABEL for k in flat})
+
+
+def with_router_lr_multiplier(opt: optax.GradientTransformation, multiplier: float
+                              ) -> optax.GradientTransformation:
+  """`opt`, then the router params' updates scaled by `multiplier` (every other update kept):
+  the routers train at `multiplier` x the learning rate. multiplier 1.0 returns `opt` itself."""
+  multiplier = float(multiplier)
+  if multiplier <= 0:
+    raise ValueError(f'router_lr_multiplier must be > 0, got {multiplier}: use 1.0 for the '
+                     'adapter learning rate, e.g. 0.1 for a 10x slower router')
+  if multiplier == 1.0:
+    return opt
+  return optax.chain(opt, optax.multi_transform(
+      {ROUTER_LABEL: optax.scale(multiplier), DEFAULT_LABEL: optax.identity()}, param_labels))
 
 
 def current_learning_rate(learning_rate, step) -> float:

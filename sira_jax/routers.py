@@ -45,6 +45,16 @@ from sira_jax import routing
 Array = jax.Array
 
 SCHEDULE_COLLECTION = 'schedule'
+# The trained router's param name: the one place that knows it (`is_router_param`; the optimizers'
+# router learning-rate multiplier finds router params through it).
+ROUTER_PARAM = 'router_kernel'
+
+
+def is_router_param(path) -> bool:
+  """True for a trained router's weights (`ROUTER_PARAM`). path: a sequence of names (e.g. a
+  `flax.traverse_util.flatten_dict` key) or a '/'-joined string (a T5X traversal's path)."""
+  names = path.strip('/').split('/') if isinstance(path, str) else [str(n) for n in path]
+  return ROUTER_PARAM in names
 
 
 class Router(nn.Module):
@@ -163,7 +173,7 @@ class _TrainedRouter(TokenRouter):
   """A trained float32 `router_kernel` (normal init, `router_init_stddev`) with expert dropout."""
 
   def router_kernel(self, d_in: int) -> Array:
-    return self.param('router_kernel', nn.with_logical_partitioning(
+    return self.param(ROUTER_PARAM, nn.with_logical_partitioning(
         nn.initializers.normal(self.config.router_init_stddev), (self.input_axis, 'unmodeled')),
                       (d_in, self.config.num_experts), jnp.float32)
 

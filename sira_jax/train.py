@@ -163,6 +163,7 @@ def train(
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
     clip_grad_norm: float | None = None,
+    router_lr_multiplier: float = 1.0,
     loss_config: trainer_lib.LossConfig = trainer_lib.LossConfig(),
     seed: int = 0,
     data_seed: int | None = None,
@@ -186,6 +187,8 @@ def train(
   params are trained (`trainable_mask`) on top of INITIAL_CHECKPOINT_PATH's frozen base, whose
   architecture the model takes (`resolve_model_config`; configured_fields: the T5Config fields
   set in gin, which must agree with it; None: all of model_config's).
+  router_lr_multiplier: the trained routers learn at this multiple of the learning rate
+  (`optim.with_router_lr_multiplier`; 1.0, the default, is the adapter rate).
 
   Every input is checked (task, sizes, MODEL_DIR, the checkpoint's architecture and shapes, the
   checkpoint to resume) before anything is written to MODEL_DIR or compiled. A damaged latest
@@ -208,6 +211,8 @@ def train(
   optimizer = dict(name=optimizer_name, learning_rate=learning_rate, schedule=schedule,
                    warmup_steps=warmup_steps, weight_decay=weight_decay,
                    clip_grad_norm=clip_grad_norm)
+  if router_lr_multiplier != 1.0:  # Recorded only when set: runs without it keep their fingerprint.
+    optimizer['router_lr_multiplier'] = float(router_lr_multiplier)
   fingerprint = dict(
       model_config=model_init.config_to_dict(model_config), mixture_or_task_name=mixture_or_task_name,
       task_feature_lengths=dict(task_feature_lengths), batch_size=batch_size, pretrain=pretrain,
@@ -219,7 +224,8 @@ def train(
   # 2. The initial state, or the newest intact checkpoint's.
   lr = optim.make_schedule(schedule, learning_rate, warmup_steps, train_steps)
   tx = optim.make_optimizer(optimizer_name, lr, weight_decay=weight_decay,
-                            clip_grad_norm=clip_grad_norm)
+                            clip_grad_norm=clip_grad_norm,
+                            router_lr_multiplier=router_lr_multiplier)
   state, state_sh = initial_state(model, model_config, seed, base, tx, placement, pretrain)
   ckpts = RunCheckpoints(model_dir, base_source=base_source,
                          includes_base=full_checkpoints or pretrain, pretrain=pretrain,

@@ -69,6 +69,10 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
     assert set(r['metrics']) == {'validation', 'test'}
     assert r['train']['steps'] == 2 and r['wall_time_s']['total'] > 0
     assert r['routing']['num_experts'] == 2
+    # Training-mode statistics on the run's training batches, eval-mode ones apart.
+    assert r['routing']['train_batches']['mode'] == 'train'
+    assert r['routing']['train_batches']['num_batches'] == 8
+    assert set(r['routing']['eval']['dropped_fraction']) == set(r['routing']['sites'])
     assert 'offline_currency_en' in r['metrics']['test']['tasks']
 
   path = report_lib.write_report([sweep], results_dir=results, out_dir=out)
@@ -94,7 +98,8 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   assert curve == [[2, pytest.approx(point['mean']['sequence_accuracy']),
                     pytest.approx(point['std']['sequence_accuracy'])]]
   usage = agg['plots']['plots/smoke_routing_sira_E2.png']['usage']
-  assert usage == res[0]['routing']['usage']
+  assert usage == res[0]['routing']['eval']['usage']
+  assert 'train-batch dropped' in text and 'old measurement' not in text
 
 
 def test_choose_learning_rate():
@@ -188,3 +193,27 @@ def test_full_finetuning_counts_every_parameter_as_trained():
   assert runner.trained_counts(counts, '') == counts
   res = {'params': counts, 'gin_config': 'train.pretrain = True\n'}
   assert report_lib._params(res)['trainable'] == 100  # pylint: disable=protected-access
+
+
+def test_sira_defaults_changes_one_knob_at_a_time_under_c2s_protocol():
+  sweep = sweeps_lib.get_sweep('sira_defaults')
+  c2 = sweeps_lib.get_sweep('c2')
+  base, *variants = sweep.points()
+  assert base == sweeps_lib.SIRA and len(variants) == len(sweeps_lib.SIRA_DEFAULTS_VARIANTS) == 6
+  c2_sira = next(r for r in c2.runs if r.point == sweeps_lib.SIRA)
+  base_runs = [r for r in sweep.runs if r.point == base]
+  # SiRA as it is in c2, on c2's task, logging every 10 steps for the last-100-steps loss.
+  assert set(base_runs[0].bindings) == set(c2_sira.bindings) | {'train.log_every=10'}
+  for point, bindings, _ in sweeps_lib.SIRA_DEFAULTS_VARIANTS:
+    runs = [r for r in sweep.runs if r.point == point]
+    assert runs[0].bindings == (*base_runs[0].bindings, *bindings)
+    assert runs[0].gin_files == c2_sira.gin_files
+    # Tuned like SiRA: the same grid on the tuning seeds, the other seeds at its own rate.
+    assert [(r.seed, r.learning_rate, r.lr_from) for r in runs] == [
+        (b.seed, b.learning_rate, b.lr_from and point) for b in base_runs]
+  assert len(sweep.runs) == 7 * (len(sweeps_lib.LR_GRID) + len(sweeps_lib.SEEDS) - 1) == 42
+  # Decided on training evidence: validation and the training loss, never test.
+  assert sweep.select_split == sweep.report_split == 'validation'
+  assert sweep.training_evidence == (sweeps_lib.TRAIN_CE_LAST_100,)
+  assert sweep.routing_points == tuple(sweep.points())
+  assert 'Fairness rule' in sweeps_lib.sira_defaults_sweep.__doc__

@@ -292,3 +292,29 @@ def test_partitioned_train_step_trains_adapters_only(partitioner):
   changed = {'/'.join(str(k.key) for k in p) for (p, x), y in zip(flat_b, flat_a)
              if not np.array_equal(x, y)}
   assert changed and all(is_adapter_param(c, trainable=True) for c in changed), changed
+
+
+def test_router_lr_multiplier_scales_the_router_updates_only():
+  rng = np.random.RandomState(0)
+  params = {'encoder': {'layers_0': {'attention': {'query': {
+      'kernel': jnp.asarray(rng.randn(16, 16), jnp.float32),
+      'lora_a': jnp.asarray(rng.randn(4, 2, 16), jnp.float32),
+      'router_kernel': jnp.asarray(rng.randn(16, 4), jnp.float32)}}}}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape), jnp.float32), params)
+
+  def deltas(multiplier):
+    opt_def = optimizers.adapter_only(
+        adafactor.Adafactor(factored=False, multiply_by_parameter_scale=False),
+        router_lr_multiplier=multiplier)
+    new = opt_def.create(params).apply_gradient(grads, learning_rate=1e-2).target
+    return jax.tree.map(lambda a, b: np.asarray(a - b),
+                        new, params)['encoder']['layers_0']['attention']['query']
+
+  one, tenth = deltas(1.0), deltas(0.1)
+  assert not one['kernel'].any() and not tenth['kernel'].any()   # the base stays frozen
+  np.testing.assert_array_equal(tenth['lora_a'], one['lora_a'])
+  assert one['router_kernel'].any()
+  np.testing.assert_allclose(tenth['router_kernel'], 0.1 * one['router_kernel'], rtol=1e-4,
+                             atol=1e-7)
+  with pytest.raises(ValueError, match='router_lr_multiplier must be > 0'):
+    optimizers.adapter_only(adafactor.Adafactor(), router_lr_multiplier=-1.0)
