@@ -13,6 +13,11 @@ MODEL_DIR holds run_config.json (the run's fingerprint), config.gin, checkpoints
 TensorBoard events in train/ (`run_dir`). Re-running the same command resumes from the latest
 checkpoint; a MODEL_DIR holding a run with another config is refused unless --overwrite.
 
+Exit codes: 0 done, or stopped by SIGTERM after saving the step reached; 2 a user error (one line
+`error: ...` on stderr, nothing written); 3 training diverged (a non-finite loss or state; the
+message names the newest checkpoint, every checkpoint being finite); 130 Ctrl-C/SIGINT (the step
+reached is saved first; a second Ctrl-C during that save is ignored).
+
 This module is the training CLI and loop orchestration; the stages it calls live in their own
 modules: model_init (model, keys, initial variables), base_checkpoint (the frozen base),
 run_dir (MODEL_DIR bookkeeping), placement (mesh and shardings), trainer (step and loop).
@@ -188,7 +193,8 @@ def train(
     on_step: Any = None,
     configured_fields: Collection[str] | None = None,
 ) -> TrainResult:
-  """Trains and checkpoints; returns when `train_steps` are done or on SIGTERM (after saving).
+  """Trains and checkpoints; returns when `train_steps` are done, or on SIGTERM or SIGINT
+  (Ctrl-C) after finishing the step and saving it (`stopped_by` 'sigterm' / 'sigint').
 
   pretrain=True trains every parameter (build the model with kind 'none', freeze_base=False) and
   exports the final params as a base checkpoint in MODEL_DIR/base. Otherwise only adapter/router
@@ -196,8 +202,12 @@ def train(
   architecture the model takes (`resolve_model_config`; configured_fields: the T5Config fields
   set in gin, which must agree with it; None: all of model_config's).
 
-  Every input is checked (task, sizes, MODEL_DIR, the checkpoint's architecture and shapes, the
-  checkpoint to resume) before anything is written to MODEL_DIR or compiled. A damaged latest
+  Every input is checked (the hyperparameters first: finite, of the right sign; task and its data
+  files, sizes, MODEL_DIR, the checkpoint's architecture and shapes, the checkpoint to resume)
+  before anything is written to MODEL_DIR or compiled. Only a finite state is ever saved: a step
+  whose loss, gradient norm or new state is not finite raises NonFiniteLossError naming the newest
+  checkpoint on disk (or saying there is none). train_summary.json is rewritten at every log
+  window, so an interrupted run keeps its history and a resumed one continues it. A damaged latest
   checkpoint is reported and the newest intact one resumed (fallback_to_intact_checkpoint=False:
   stop with an error instead).
   """
@@ -430,9 +440,9 @@ def main(argv):
                             search_paths=FLAGS.gin_search_paths)
   except trainer_lib.NonFiniteLossError as e:
     gin_utils.exit_with_error(e, 3)
-  except KeyboardInterrupt:  # before the loop took over SIGINT: nothing of the run was trained
-    print('interrupted before training started; no checkpoint was written', file=sys.stderr,
-          flush=True)
+  except KeyboardInterrupt:  # outside the loop (setup, compile, the final export): no step lost
+    print('interrupted outside the training loop; the checkpoints written so far are kept (run '
+          'the same command to resume)', file=sys.stderr, flush=True)
     sys.exit(130)
   except gin_utils.USER_ERRORS as e:
     gin_utils.exit_with_error(e, 2)
