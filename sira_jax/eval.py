@@ -4,10 +4,13 @@ r"""Evaluate a trained run on a task or mixture with seqio's Evaluator and the t
     --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix
 
 Writes `<MODEL_DIR>/eval/metrics_<task or mixture>_<step>_<split>.json` ({task: {metric: value}},
-plus the summary: each metric's mean over tasks and per task family) and TensorBoard scalars
+plus the summary: each metric's mean over tasks and per task family; a later evaluation of the same
+step and split writes `..._<split>-2.json`, `-3`, ...: no metrics file is overwritten) and TensorBoard scalars
 `eval/<task>/<metric>` into `<MODEL_DIR>/eval/`. Shows a progress bar over the examples, prints a
 summary line, and warns when predictions are empty or examples were truncated to the lengths.
-The tasks are registered as the training run registered them (its run_config.json).
+The tasks are registered as the training run registered them (its run_config.json), and the model
+is the run's: a model or adapter setting given here (gin file or binding) that disagrees with the
+run is refused, as is a checkpoint holding NaN or inf. A user error prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ if __name__ == '__main__':
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import gin
 import numpy as np
@@ -115,7 +118,7 @@ def cached_evaluator(mixture_or_task_name: str, split: str, lengths: Mapping[str
       async_compute_metrics=False))
 
 
-@gin.configurable(denylist=['predict'])
+@gin.configurable(denylist=['predict', 'configured_fields'])
 def evaluate(
     *,
     model_dir: str = gin.REQUIRED,
@@ -130,14 +133,19 @@ def evaluate(
     tensorboard: bool = True,
     progress_bar: bool = True,
     predict: Any = None,
+    configured_fields: Collection[str] = (),
 ) -> dict[str, dict[str, float]]:
   """Decodes `split` of every subtask, computes the tasks' metrics; returns {task: {metric: v}}.
 
-  predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
+  Every evaluation writes its own metrics file (`metrics_path`: an earlier one is never
+  overwritten). predict: optional `batch -> tokens [B, L]` used instead of the run's model (step
+  0). configured_fields: T5Config fields set in gin, which must agree with the run.
   """
+  output_dir = output_dir or os.path.join(os.path.abspath(model_dir), 'eval')
+  predict_lib.check_output_dir(output_dir, 'the eval output directory')
   run = predict_lib.load_predictor(model_dir, mixture_or_task_name, task_feature_lengths,
                                    checkpoint_step=checkpoint_step, decode_method=decode_method,
-                                   predict=predict)
+                                   predict=predict, configured_fields=configured_fields)
   lengths, step = run.lengths, run.step
   before = truncation.snapshot()
   evaluator = cached_evaluator(mixture_or_task_name, split, lengths, num_examples)
@@ -155,10 +163,8 @@ def evaluate(
   results = {}
   for task, metrics in all_metrics.items():
     results[task] = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
-  output_dir = output_dir or os.path.join(os.path.abspath(model_dir), 'eval')
   os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, f'metrics_{mixture_or_task_name}_{step}_{split}.json'),
-            'w') as f:
+  with open(metrics_path(output_dir, mixture_or_task_name, step, split), 'x') as f:
     json.dump({'step': step, 'split': split, 'metrics': results, 'summary': summarize(results)},
               f, indent=1, sort_keys=True)
   if tensorboard:
@@ -171,6 +177,14 @@ def evaluate(
   return results
 
 
+def metrics_path(output_dir: str, mixture_or_task_name: str, step: int, split: str) -> str:
+  """Where an evaluation writes its metrics: `metrics_<task or mixture>_<step>_<split>.json`, or
+  for a later evaluation of the same step and split `..._<split>-2.json`, `-3`, ... (the first
+  free name): every evaluation keeps its own file."""
+  return predict_lib.unique_path(
+      os.path.join(output_dir, f'metrics_{mixture_or_task_name}_{step}_{split}.json'))
+
+
 def _report(results):
   print(json.dumps(results, indent=1, sort_keys=True))
   print(summary_line(summarize(results)), file=sys.stderr)
@@ -179,7 +193,9 @@ def _report(results):
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  gin_utils.run_gin_command(evaluate, _report)
+  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  gin_utils.run_gin_command(
+      lambda: evaluate(configured_fields=gin_utils.bound_parameters(T5Config)), _report)
 
 
 

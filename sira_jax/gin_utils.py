@@ -202,19 +202,39 @@ def parse_gin_from_flags(finalize: bool = True):
   data.register_after_gin()
 
 
+# What a CLI reports as a user error (one line, exit 2): configuration, data and checkpoint
+# errors are ValueErrors (ConfigError, CheckpointError, tasks.DataError, GinConfigError), an
+# unknown task a KeyError, a path that cannot be written an OSError.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def exit_with_error(e: BaseException, code: int = 2):
+  """Prints `error: <message>` as one line on stderr and exits with `code` (no traceback)."""
+  msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+  if isinstance(e, OSError) and e.filename and e.strerror:
+    msg = f'{e.filename}: {e.strerror}'
+  # gin appends "In call to configurable 'train' (<function ...>)" to an error raised inside one.
+  text = re.sub(r"\s+In call to configurable .*$", '', str(msg), flags=re.S)
+  line = ' '.join(text.split())
+  print(f'error: {line}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
 def run_gin_command(command, report) -> None:
   """Body of a gin-configured CLI (eval, infer): quiet logs, register the task modules, parse the
-  gin flags, `report(command())`. A configuration error (ValueError, KeyError) prints
-  `error: ...` and exits 2 before any work is written."""
+  gin flags, `report(command())`. A user error (`USER_ERRORS`) prints one line `error: ...` and
+  exits 2; Ctrl-C exits 130 with one line."""
   from sira_jax import data  # pylint: disable=import-outside-toplevel
   quiet_logs()
   data.import_task_modules()
   try:
     parse_gin_from_flags()
     result = command()
-  except (ValueError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except USER_ERRORS as e:
+    exit_with_error(e, 2)
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr, flush=True)
+    sys.exit(130)
   report(result)
 
 

@@ -4,7 +4,10 @@ r"""Write predictions of a trained run for a task/mixture split as JSONL.
     --gin.MIXTURE_OR_TASK_NAME=offline_suite_mix --gin.SPLIT=test
 
 One line per example: {"task", "index", "inputs", "targets", "prediction"} (decoded text), written to
-`<output_dir or MODEL_DIR/infer>/<task>_<split>_<step>.jsonl`.
+`<output_dir or MODEL_DIR/infer>/<task>_<split>_<step>.jsonl` (`-2`, `-3`, ... before `.jsonl`
+when that name is taken: no earlier output is overwritten). The model is the run's: a model or
+adapter setting given here that disagrees with it is refused, as is a checkpoint holding NaN or
+inf. A user error prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ if __name__ == '__main__':
 import json
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import gin
 import numpy as np
@@ -46,7 +49,7 @@ def _task_vocab(task: seqio.Task) -> seqio.Vocabulary:
   return task.output_features['targets'].vocabulary
 
 
-@gin.configurable(denylist=['predict'])
+@gin.configurable(denylist=['predict', 'configured_fields'])
 def infer(
     *,
     model_dir: str = gin.REQUIRED,
@@ -60,26 +63,31 @@ def infer(
     decode_method: str = 'greedy',
     progress_bar: bool = True,
     predict: Any = None,
+    configured_fields: Collection[str] = (),
 ) -> list[str]:
   """Writes one JSONL file per task of the mixture; returns their paths.
 
   Shows a progress bar over examples (its total grows as each task is read), prints a summary,
   and warns when predictions are empty or examples were truncated to `task_feature_lengths`.
-  predict: optional `batch -> tokens [B, L]` used instead of the run's model (step 0).
+  The output directory is checked before the model is loaded; an existing file of the same name
+  is kept (the new one is `<task>_<split>_<step>-2.jsonl`, ...). predict: optional
+  `batch -> tokens [B, L]` used instead of the run's model (step 0). configured_fields: T5Config
+  fields set in gin, which must agree with the run.
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  output_dir = output_dir or os.path.join(model_dir, 'infer')
+  predict_lib.check_output_dir(output_dir, 'the infer output directory')
   run = predict_lib.load_predictor(model_dir, mixture_or_task_name, task_feature_lengths,
                                    checkpoint_step=checkpoint_step, decode_method=decode_method,
-                                   predict=predict)
+                                   predict=predict, configured_fields=configured_fields)
   lengths, step = run.lengths, run.step
-  output_dir = output_dir or os.path.join(model_dir, 'infer')
   os.makedirs(output_dir, exist_ok=True)
   subtasks = [t for t in seqio.get_subtasks(run.mixture) if split in t.splits]
   before = truncation.snapshot()
   paths, empty = [], {}
   with tqdm(total=0, desc=f'infer {split}', unit='ex', disable=not progress_bar) as bar:
     for task in subtasks:
-      path = os.path.join(output_dir, f'{task.name}_{split}_{step}.jsonl')
+      path = predict_lib.unique_path(os.path.join(output_dir, f'{task.name}_{split}_{step}.jsonl'))
       empty[task.name] = _write_predictions(task, split, lengths, num_examples, batch_size,
                                             run.predict, path, bar)
       paths.append(path)
@@ -132,7 +140,9 @@ def _text(ex, key, vocab):
 def main(argv):
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  gin_utils.run_gin_command(infer, lambda paths: print('\n'.join(paths)))
+  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  gin_utils.run_gin_command(lambda: infer(configured_fields=gin_utils.bound_parameters(T5Config)),
+                            lambda paths: print('\n'.join(paths)))
 
 
 

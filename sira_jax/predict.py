@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import numpy as np
 import seqio
 from absl import logging
 
+import tasks
 from sira_jax import data as data_lib
 from sira_jax import restore
 from sira_jax import run_dir
@@ -35,12 +36,18 @@ class RunPredictor:
 
 def load_predictor(model_dir: str, mixture_or_task_name: str,
                    task_feature_lengths: Mapping[str, int], *, checkpoint_step: int | None = None,
-                   decode_method: str = 'greedy', predict: Callable | None = None) -> RunPredictor:
+                   decode_method: str = 'greedy', predict: Callable | None = None,
+                   configured_fields: Collection[str] = ()) -> RunPredictor:
   """Registers the run's tasks as training registered them (its run_config.json), looks up the
-  mixture (a clear error for unknown names) and restores the run's model at `checkpoint_step`
-  (latest intact by default). predict: `batch -> tokens [B, L]` to use instead (step 0)."""
+  mixture (a clear error for unknown names), reads every data file it reads (`tasks.check_data`)
+  and restores the run's model at `checkpoint_step` (latest intact by default; a non-finite one is
+  refused). configured_fields: the T5Config fields the user set in gin; each must agree with the
+  run (`check_model_settings`). predict: `batch -> tokens [B, L]` to use instead (step 0)."""
   data_lib.register_run_tasks(os.path.join(model_dir, run_dir.RUN_CONFIG))
   mixture = data_lib.get_mixture_or_task(mixture_or_task_name)
+  tasks.check_data(mixture_or_task_name)
+  if predict is None:
+    check_model_settings(model_dir, configured_fields)
   lengths = dict(task_feature_lengths)
   step = 0
   if predict is None:
@@ -48,6 +55,43 @@ def load_predictor(model_dir: str, mixture_or_task_name: str,
     predict = make_predict_fn(model, variables, max_decode_length=lengths['targets'],
                               method=decode_method)
   return RunPredictor(mixture=mixture, lengths=lengths, predict=predict, step=step)
+
+
+def check_model_settings(model_dir: str, configured_fields: Collection[str]):
+  """Refuses model settings given to eval or infer (gin files or bindings of T5Config: a model or
+  adapter gin file, a macro such as NUM_EXPERTS) that disagree with the trained run: eval and
+  infer take the model from the run, so such a setting would be silently ignored. ConfigError
+  names each field with the run's and the given value."""
+  if not configured_fields:
+    return
+  from sira_jax import model_init  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  run = run_dir.read_run_config(model_dir)['model_config']
+  given = model_init.config_to_dict(T5Config())  # gin's bindings applied
+  fields = sorted(configured_fields)
+  diff = run_dir.dict_diff({f: run.get(f) for f in fields}, {f: given.get(f) for f in fields})
+  if diff:
+    raise run_dir.ConfigError(
+        f'the model settings given disagree with the run in {model_dir} (run -> given): {diff}. '
+        'Eval and infer take the model from the run: drop these settings (no model or adapter '
+        'gin file is needed), or train a run with them.')
+
+
+def check_output_dir(path: str, what: str):
+  """An output directory must be a directory or creatable as one (checked before any model is
+  loaded); `what` names it in the error."""
+  run_dir.check_dir_path(os.path.abspath(path), what)
+
+
+def unique_path(path: str) -> str:
+  """`path`, or when a file of that name exists `<stem>-2<ext>`, `<stem>-3<ext>`, ...: the first
+  name not taken, so no earlier result is overwritten."""
+  stem, ext = os.path.splitext(path)
+  n = 1
+  while os.path.exists(path):
+    n += 1
+    path = f'{stem}-{n}{ext}'
+  return path
 
 
 def warn_truncated(before: Mapping[str, Any], lengths: Mapping[str, int], where: str

@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sira_jax import base_checkpoint
 from sira_jax import checkpoints as ckpt_lib
@@ -23,7 +24,8 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   The model config comes from the run's run_config.json unless given; the frozen base is re-read
   from the base path in the checkpoint's metadata unless the checkpoint holds it. Frozen params
   that neither holds (SMoE-Dropout's fixed router; a random base) are re-created from the run's
-  own seed, as training created them. Optimizer state is not read.
+  own seed, as training created them. Optimizer state is not read. A checkpoint holding NaN or
+  infinite parameters (a diverged run) is refused (CheckpointError).
   """
   model_dir = os.path.abspath(model_dir)
   fingerprint = run_dir.read_run_config(model_dir)
@@ -56,5 +58,18 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
       restored, _, _ = mngr.restore_intact(target, partial=True, log=run_dir.say)
   finally:
     mngr.close()
+  step = int(restored['step'])
+  check_finite(restored['params'], f'checkpoint step {step} in {mngr.directory}')
   params = optim.merge_params(restored['params'], restored.get('frozen', built['frozen']))
-  return model, dict(built['variables'], params=params), model_config, int(restored['step'])
+  return model, dict(built['variables'], params=params), model_config, step
+
+
+def check_finite(params, where: str):
+  """Raises CheckpointError when any leaf of `params` holds NaN or an infinity."""
+  leaves = jax.tree_util.tree_leaves(params)
+  bad = sum(1 for x in leaves if not np.isfinite(np.asarray(jax.device_get(x))).all())
+  if bad:
+    raise ckpt_lib.CheckpointError(
+        f'{where} holds non-finite parameters (NaN or inf in {bad} of {len(leaves)} arrays): the '
+        'run diverged. Evaluate an earlier step (checkpoint_step) or retrain with a lower learning '
+        'rate.')

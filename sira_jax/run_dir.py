@@ -3,7 +3,8 @@ the training summary, and refusing a directory that holds another run.
 
   MODEL_DIR/run_config.json       what the run is (config, task, optimizer, ...): resume key
   MODEL_DIR/config.gin            the operative gin config
-  MODEL_DIR/train_summary.json    last metrics and the logged history across resumes
+  MODEL_DIR/train_summary.json    last metrics and the logged history across resumes (written
+                                  at every log window)
   MODEL_DIR/checkpoints/<step>/   train-state checkpoints (train.RunCheckpoints)
   MODEL_DIR/damaged_checkpoints/  damaged steps set aside on resume
 """
@@ -59,18 +60,23 @@ def read_run_config(model_dir: str) -> dict:
 
 def check_model_dir_path(model_dir: str):
   """MODEL_DIR must be a directory or creatable as one."""
-  p = model_dir
+  check_dir_path(model_dir, 'MODEL_DIR', 'it holds checkpoints, config and logs')
+
+
+def check_dir_path(path: str, what: str, holds: str = 'it is written to'):
+  """`path` must be a writable directory or creatable as one; ConfigError naming `what` if not."""
+  p = path
   while not os.path.exists(p):
     parent = os.path.dirname(p)
     if parent == p:
       break
     p = parent
   if not os.path.isdir(p):
-    what = 'MODEL_DIR' if p == model_dir else f'MODEL_DIR {model_dir}: its parent'
-    raise ConfigError(f'{what} {p} is a file, not a directory; choose a directory path for '
-                      'MODEL_DIR (it holds checkpoints, config and logs).')
+    where = what if p == path else f'{what} {path}: its parent'
+    raise ConfigError(f'{where} {p} is a file, not a directory; choose a directory path for '
+                      f'{what} ({holds}).')
   if not os.access(p, os.W_OK):
-    raise ConfigError(f'MODEL_DIR {model_dir}: {p} is not writable')
+    raise ConfigError(f'{what} {path}: {p} is not writable')
 
 
 def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: bool) -> bool:
@@ -121,8 +127,12 @@ def write_run_files(model_dir: str, fingerprint: Mapping[str, Any]):
 
 def write_summary(model_dir: str, history: list, last_metrics: Mapping[str, Any], step: int,
                   start_step: int) -> tuple[dict, list]:
-  """Appends this session's logged `history` to MODEL_DIR/train_summary.json (history before
-  `start_step` kept across resumes); returns (last_metrics, full history)."""
+  """Appends this session's logged `history` to MODEL_DIR/train_summary.json (history up to
+  `start_step`, the step resumed from, kept across resumes); returns (last_metrics, full history).
+
+  Called at every logged window and at the end (each call rewrites the same session's part), so
+  an interrupted run keeps the history it logged and its resume continues it.
+  """
   path = os.path.join(model_dir, SUMMARY)
   old = dict(last_metrics={}, history=[])
   if os.path.exists(path):
@@ -131,6 +141,14 @@ def write_summary(model_dir: str, history: list, last_metrics: Mapping[str, Any]
   full = [h for h in old['history'] if h['step'] <= start_step] + list(history)
   last = dict(last_metrics or old['last_metrics'])
   if history and jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(dict(step=int(step), last_metrics=last, history=full), f, indent=1)
+    write_json_atomically(path, dict(step=int(step), last_metrics=last, history=full))
   return last, full
+
+
+def write_json_atomically(path: str, obj: Any):
+  """Writes `obj` as JSON to `path` through a temporary file and a rename: a reader (or a run
+  interrupted while writing) sees the old file or the new one, never half of one."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)

@@ -13,6 +13,11 @@ MODEL_DIR holds run_config.json (the run's fingerprint), config.gin, checkpoints
 TensorBoard events in train/ (`run_dir`). Re-running the same command resumes from the latest
 checkpoint; a MODEL_DIR holding a run with another config is refused unless --overwrite.
 
+Exit codes: 0 done, or stopped by SIGTERM after saving the step reached; 2 a user error (one line
+`error: ...` on stderr, nothing written); 3 training diverged (a non-finite loss or state; the
+message names the newest checkpoint, every checkpoint being finite); 130 Ctrl-C/SIGINT (the step
+reached is saved first; a second Ctrl-C during that save is ignored).
+
 This module is the training CLI and loop orchestration; the stages it calls live in their own
 modules: model_init (model, keys, initial variables), base_checkpoint (the frozen base),
 run_dir (MODEL_DIR bookkeeping), placement (mesh and shardings), trainer (step and loop).
@@ -30,6 +35,8 @@ if __name__ == '__main__':
   _module.cli()
 
 import dataclasses
+import math
+import numbers
 import os
 import sys
 import time
@@ -39,6 +46,7 @@ import gin
 import jax
 from absl import flags, logging
 
+import tasks
 from sira_jax import base_checkpoint
 from sira_jax import checkpoints as ckpt_lib
 from sira_jax import data as data_lib
@@ -63,8 +71,9 @@ _STEP_CACHE = lru.Bounded(4)
 def compiled_train_step(model, tx, optimizer: Mapping[str, Any], loss_config, placement,
                         state_sh, cache_key: tuple):
   """The jitted train step, reused across runs of one process with the same (model config,
-  optimizer, loss, mesh and devices) `cache_key` (at most 4 kept)."""
-  key = (cache_key, tuple(sorted(optimizer.items())), loss_config, placement.key)
+  optimizer and its gin bindings, loss, mesh and devices) `cache_key` (at most 4 kept)."""
+  bound = repr(sorted(gin.get_bindings(optim.make_optimizer).items()))  # e.g. b1, decay_rate
+  key = (cache_key, tuple(sorted(optimizer.items())), bound, loss_config, placement.key)
   if key not in _STEP_CACHE:
     _STEP_CACHE.put(key, jax.jit(trainer_lib.make_train_step(model, tx, loss_config),
                                  out_shardings=(state_sh, partitioning.replicated(placement.mesh))))
@@ -118,12 +127,17 @@ class RunCheckpoints:
       dest = self._mngr.set_aside(step, os.path.join(self.model_dir, run_dir.DAMAGED))
       say(f'moved the damaged checkpoint step {step} to {dest}')
 
+  def latest_step(self) -> int | None:
+    """The newest checkpoint step on disk (None: none)."""
+    return self._mngr.latest_step() if self._mngr is not None else None
+
   def save(self, s: trainer_lib.TrainState, force: bool) -> bool:
     return self._mngr.save(int(s.step), self.tree(s), self.meta, force=force)
 
   def close(self):
     if self._mngr is not None:
       self._mngr.close()
+      self._mngr = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +194,8 @@ def train(
     on_step: Any = None,
     configured_fields: Collection[str] | None = None,
 ) -> TrainResult:
-  """Trains and checkpoints; returns when `train_steps` are done or on SIGTERM (after saving).
+  """Trains and checkpoints; returns when `train_steps` are done, or on SIGTERM or SIGINT
+  (Ctrl-C) after finishing the step and saving it (`stopped_by` 'sigterm' / 'sigint').
 
   pretrain=True trains every parameter (build the model with kind 'none', freeze_base=False) and
   exports the final params as a base checkpoint in MODEL_DIR/base. Otherwise only adapter/router
@@ -190,15 +205,25 @@ def train(
   router_lr_multiplier: the trained routers learn at this multiple of the learning rate
   (`optim.with_router_lr_multiplier`; 1.0, the default, is the adapter rate).
 
-  Every input is checked (task, sizes, MODEL_DIR, the checkpoint's architecture and shapes, the
-  checkpoint to resume) before anything is written to MODEL_DIR or compiled. A damaged latest
+  Every input is checked (the hyperparameters first: finite, of the right sign; task and its data
+  files, sizes, MODEL_DIR, the checkpoint's architecture and shapes, the checkpoint to resume)
+  before anything is written to MODEL_DIR or compiled. Only a finite state is ever saved: a step
+  whose loss, gradient norm or new state is not finite raises NonFiniteLossError naming the newest
+  checkpoint on disk (or saying there is none). train_summary.json is rewritten at every log
+  window, so an interrupted run keeps its history and a resumed one continues it. A damaged latest
   checkpoint is reported and the newest intact one resumed (fallback_to_intact_checkpoint=False:
   stop with an error instead).
   """
   t_start = time.time()
+  # 1. Inputs, checked before anything is written or compiled: the numbers first.
+  check_hyperparameters(train_steps=train_steps, batch_size=batch_size,
+                        learning_rate=learning_rate, warmup_steps=warmup_steps,
+                        weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
+                        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                        log_every=log_every, seed=seed, data_seed=data_seed,
+                        loss_config=loss_config)
   partitioning.enable_compilation_cache()
   model_dir = os.path.abspath(model_dir)
-  # 1. Inputs, checked before anything is written or compiled.
   model_config = _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size,
                                model_config, pretrain, initial_checkpoint_path, configured_fields)
   placement = Placement(mesh_shape)
@@ -234,6 +259,12 @@ def train(
   if resume:
     state = ckpts.restore(state, fallback=fallback_to_intact_checkpoint)
   start_step = int(state.step)
+  if start_step and not bool(jax.device_get(trainer_lib.all_finite((state.params,
+                                                                    state.opt_state)))):
+    raise ckpt_lib.CheckpointError(
+        f'the checkpoint to resume, step {start_step} in {ckpts.directory}, holds non-finite '
+        'values (written before checkpoints were checked): remove that step directory, or pass '
+        '--overwrite to start the run again')
 
   # 3. MODEL_DIR is ours from here on.
   run_dir.write_run_files(model_dir, fingerprint)
@@ -258,12 +289,25 @@ def train(
   step_fn = compiled_train_step(
       model, tx, optimizer, loss_config, placement, state_sh,
       cache_key=(model_config, None if schedule == 'constant' else train_steps))
-  with partitioning.activate(placement.mesh):  # mesh + logical axis rules while the step traces
-    loop = trainer_lib.train_loop(
-        state, step_fn, batches, total_steps=train_steps, put_batch=placement.put_batch,
-        save_fn=save_fn, writer=_metric_writer(model_dir, tensorboard), log_every=log_every,
-        learning_rate=lr, progress_bar=progress_bar, desc='pretrain' if pretrain else 'train')
-  ckpts.close()
+  def on_log(history, last, step):  # the summary follows training: an interruption keeps it
+    run_dir.write_summary(model_dir, history, last, step, start_step)
+
+  try:
+    with partitioning.activate(placement.mesh):  # mesh + logical axis rules while tracing
+      loop = trainer_lib.train_loop(
+          state, step_fn, batches, total_steps=train_steps, put_batch=placement.put_batch,
+          save_fn=save_fn, writer=_metric_writer(model_dir, tensorboard), log_every=log_every,
+          learning_rate=lr, progress_bar=progress_bar, desc='pretrain' if pretrain else 'train',
+          on_log=on_log)
+  except trainer_lib.NonFiniteLossError as e:
+    kept = ckpts.latest_step()
+    raise trainer_lib.NonFiniteLossError(
+        f'{e}. ' + (f'The newest checkpoint, step {kept} in {ckpts.directory}, is finite and kept'
+                    if kept is not None else
+                    f'No checkpoint was written (checkpoint_every={checkpoint_every})')
+        + '; lower the learning rate or check the data.', e.step) from None
+  finally:
+    ckpts.close()
 
   # 4. Record: the summary (history across resumes) and, after pretraining, the base checkpoint.
   last_metrics, history = run_dir.write_summary(model_dir, loop.history, loop.last_metrics,
@@ -298,8 +342,7 @@ def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, mode
   to train (the checkpoint's architecture, `freeze_base=False` when pretraining)."""
   run_dir.check_model_dir_path(model_dir)
   task = data_lib.get_mixture_or_task(mixture_or_task_name)
-  if train_steps < 1 or batch_size < 1:
-    raise ConfigError(f'TRAIN_STEPS and BATCH_SIZE must be >= 1 (got {train_steps}, {batch_size})')
+  tasks.check_data(mixture_or_task_name)  # every data file read and decoded (tasks.DataError)
   if pretrain:
     if model_config.adapted_sites():
       raise ConfigError('pretraining trains a plain T5: use adapter kind "none" (no adapters/gin)')
@@ -314,6 +357,40 @@ def _check_inputs(model_dir, mixture_or_task_name, train_steps, batch_size, mode
                                                         configured_fields)
   check_vocabulary(task, model_config)
   return model_config
+
+
+def _number(name: str, value, *, integer: bool, low: float, low_ok: bool):
+  """Refuses `value` unless it is a finite real (an int when `integer`) above `low` (or equal to
+  it when `low_ok`)."""
+  kind = 'an integer' if integer else 'a finite number'
+  ok = (isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real))
+  ok = ok and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (value >= low if low_ok else value > low)
+  if not ok:
+    raise ConfigError(f'{name} must be {kind} {">=" if low_ok else ">"} {low:g} (got {value!r})')
+
+
+def check_hyperparameters(*, train_steps, batch_size, learning_rate, warmup_steps, weight_decay,
+                          clip_grad_norm, checkpoint_every, keep_checkpoints, log_every, seed,
+                          data_seed, loss_config: trainer_lib.LossConfig):
+  """Refuses (ConfigError naming the setting and its value) a hyperparameter that is not a finite
+  number of the right kind and sign: NaN, infinite, a string such as 'nan', a count below 1."""
+  for name, v in (('TRAIN_STEPS (train.train_steps)', train_steps),
+                  ('BATCH_SIZE (train.batch_size)', batch_size),
+                  ('train.checkpoint_every', checkpoint_every),
+                  ('train.keep_checkpoints', keep_checkpoints), ('train.log_every', log_every)):
+    _number(name, v, integer=True, low=1, low_ok=True)
+  _number('train.warmup_steps', warmup_steps, integer=True, low=0, low_ok=True)
+  _number('SEED (train.seed)', seed, integer=True, low=0, low_ok=True)
+  if data_seed is not None:
+    _number('train.data_seed', data_seed, integer=True, low=0, low_ok=True)
+  _number('LEARNING_RATE (train.learning_rate)', learning_rate, integer=False, low=0, low_ok=False)
+  _number('train.weight_decay', weight_decay, integer=False, low=0, low_ok=True)
+  if clip_grad_norm is not None:
+    _number('train.clip_grad_norm', clip_grad_norm, integer=False, low=0, low_ok=False)
+  for f in dataclasses.fields(loss_config):
+    _number(f'LossConfig.{f.name}', getattr(loss_config, f.name), integer=False, low=0,
+            low_ok=True)
 
 
 def check_vocabulary(task, cfg: T5Config):
@@ -357,6 +434,9 @@ def train_from_gin(gin_files, gin_bindings=(), *, overwrite: bool = False,
 
 
 def main(argv):
+  """The CLI. Exit codes: 0 done (or stopped by SIGTERM after saving: the scheduler asked);
+  2 a user error (one line on stderr, nothing written); 3 training diverged (non-finite);
+  130 interrupted by Ctrl-C/SIGINT (after saving the step reached, when training had begun)."""
   del argv
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
   gin_utils.quiet_logs()
@@ -365,11 +445,17 @@ def main(argv):
     result = train_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, overwrite=FLAGS.overwrite,
                             search_paths=FLAGS.gin_search_paths)
   except trainer_lib.NonFiniteLossError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
-  except (ConfigError, ckpt_lib.CheckpointError, gin_utils.GinConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    gin_utils.exit_with_error(e, 3)
+  except KeyboardInterrupt:  # outside the loop (setup, compile, the final export): no step lost
+    print('interrupted outside the training loop; the checkpoints written so far are kept (run '
+          'the same command to resume)', file=sys.stderr, flush=True)
+    sys.exit(130)
+  except gin_utils.USER_ERRORS as e:
+    gin_utils.exit_with_error(e, 2)
+  if result.stopped_by == 'sigint':
+    print(f'interrupted: saved step {result.step} in {result.model_dir}/checkpoints; run the same '
+          'command to resume', file=sys.stderr, flush=True)
+    sys.exit(130)
   step_ms = result.median_step_time
   print(f'{result.stopped_by}: step {result.step} in {result.wall_time:.1f}s; '
         f'loss {result.last_metrics.get("loss", float("nan")):.4f}; '

@@ -90,9 +90,23 @@ def training_loss(model, variables, batch, rng, loss_cfg: LossConfig, rng_b=None
   return losses.batch_loss(logits, batch, intermediates, loss_cfg, extra=extra)
 
 
+STATE_FINITE = 'state_finite'  # the step's metric: 1.0 when the new params and opt state are finite
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """float32 [] 1.0 when every inexact leaf of `tree` is finite (one reduction on device)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.ones((), jnp.float32)
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all().astype(jnp.float32)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfig
                     ) -> Callable[[TrainState, Mapping, Any], tuple[TrainState, dict]]:
   """Returns the (un-jitted) step `(state, batch, total_steps) -> (state, metrics)`.
+  metrics[STATE_FINITE] is 1.0 when the new params and optimizer state are all finite
+  (`train_loop` never saves a state that is not).
 
   total_steps (a scalar, traced) gives the training progress step/total_steps that SMoE-Dropout's
   schedule reads.
@@ -112,6 +126,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: LossConfi
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
+    metrics[STATE_FINITE] = all_finite((params, opt_state))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -133,35 +148,47 @@ def make_eval_step(model, loss_cfg: LossConfig):
 # The loop
 # ----------------------------------------------------------------------------------------------
 class NonFiniteLossError(RuntimeError):
-  pass
+  """Training diverged: a non-finite loss, gradient norm or updated state. `step` is the step whose
+  result was refused (never saved)."""
+
+  def __init__(self, msg: str, step: int):
+    super().__init__(msg)
+    self.step = step
 
 
-class _SigtermFlag:
-  """Sets `.raised` on SIGTERM while active (main thread only); restores the old handler."""
+STOP_SIGNALS = {signal.SIGTERM: 'sigterm', signal.SIGINT: 'sigint'}
+
+
+class _StopFlag:
+  """While active (main thread only), SIGTERM and SIGINT (Ctrl-C) set `.raised` to 'sigterm' or
+  'sigint' instead of killing or raising KeyboardInterrupt: the loop finishes its step, saves and
+  stops. A second signal during that save changes nothing (the save completes). Restores the old
+  handlers on exit."""
 
   def __init__(self):
-    self.raised = False
-    self._old = None
+    self.raised: str | None = None
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in STOP_SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.raised = True
+    self.raised = self.raised or STOP_SIGNALS[signum]
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 @dataclasses.dataclass
 class LoopResult:
   state: TrainState
-  stopped_by: str  # 'done' | 'sigterm'
+  stopped_by: str  # 'done' | 'sigterm' | 'sigint'
   last_metrics: dict
   history: list
 
@@ -190,12 +217,16 @@ def train_loop(
     learning_rate=None,
     progress_bar: bool = True,
     desc: str = 'train',
+    on_log: Callable[[list, dict, int], Any] | None = None,
 ) -> LoopResult:
   """Runs `train_step` from `state.step` up to `total_steps`.
 
   save_fn(state, force) is called after every finite step (it decides whether the step is a
-  checkpoint step) and with force=True on SIGTERM and at the end. A non-finite loss or gradient norm
-  raises NonFiniteLossError before that step's state is saved, so the last good checkpoint stays.
+  checkpoint step) and with force=True on SIGTERM or SIGINT (after finishing the step) and at the
+  end. A non-finite loss, gradient norm or new state (the step's STATE_FINITE metric) raises
+  NonFiniteLossError before that state is saved: every saved state is finite.
+  on_log(history, last_metrics, step) is called after each logged window (the session's history
+  so far), so a record of it survives an interruption.
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   start = int(state.step)
@@ -206,11 +237,11 @@ def train_loop(
              dynamic_ncols=True, mininterval=1.0)
   window_tokens, window_time, window_steps = 0.0, 0.0, 0
   stopped_by = 'done'
-  with _SigtermFlag() as sigterm:
+  with _StopFlag() as stop:
     step = start
     while step < total_steps:
-      if sigterm.raised:
-        stopped_by = 'sigterm'
+      if stop.raised:
+        stopped_by = stop.raised
         break
       t0 = time.perf_counter()
       batch = next(batches)
@@ -220,12 +251,15 @@ def train_loop(
       metrics = jax.device_get(metrics)
       dt = time.perf_counter() - t0
       loss = float(metrics['loss'])
-      if not (np.isfinite(loss) and np.isfinite(float(metrics['grad_norm']))):
+      state_finite = bool(metrics.pop(STATE_FINITE, 1.0))
+      if not (np.isfinite(loss) and np.isfinite(float(metrics['grad_norm'])) and state_finite):
         bar.close()
+        what = 'parameters or optimizer state after the update' if np.isfinite(loss) and np.isfinite(
+            float(metrics['grad_norm'])) else 'loss'
         raise NonFiniteLossError(
-            f'non-finite loss at step {step + 1} (loss={loss}, cross_entropy='
+            f'non-finite {what} at step {step + 1} (loss={loss}, cross_entropy='
             f'{float(metrics["cross_entropy"])}, grad_norm={float(metrics["grad_norm"])}); '
-            'stopping. The last good checkpoint is kept; lower the learning rate or check the data.')
+            'stopping without saving it', step + 1)
       state = new_state
       step += 1
       scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
@@ -243,6 +277,8 @@ def train_loop(
         if learning_rate is not None:
           scalars['learning_rate'] = optim.current_learning_rate(learning_rate, step - 1)
         history.append(dict(scalars, step=step))
+        if on_log is not None:
+          on_log(history, last, step)
         if writer is not None:
           writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         window_tokens, window_time, window_steps = 0.0, 0.0, 0

@@ -109,13 +109,29 @@ def test_restore_recreates_frozen_non_base_params_from_the_runs_seed(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   # SGD with an absurd learning rate: step 1 is finite, its update blows the params up.
-  with pytest.raises(trainer_lib.NonFiniteLossError, match='non-finite loss at step'):
+  with pytest.raises(trainer_lib.NonFiniteLossError,
+                     match=r'non-finite .* at step \d.*The newest checkpoint, step (\d+) in '
+                           r'.*checkpoints, is finite and kept') as e:
     _train(tmp_path / 'n', optimizer_name='sgd', learning_rate=1e30, checkpoint_every=1)
   mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'n' / 'checkpoints'))
   step = mngr.latest_step()
-  assert step is not None and step >= 1
+  assert step is not None and step >= 1 and f'step {step} in' in str(e.value)
   _, variables, _, _ = restore.load_trained(str(tmp_path / 'n'))
   assert all(np.all(np.isfinite(x)) for x in _leaves(variables['params']))
+
+
+def test_non_finite_state_is_never_saved(tmp_path, clean_gin):
+  # Adam with a NaN moment decay: the loss of step 1 is finite, the params it leaves are NaN.
+  # Nothing non-finite is saved; the error says there is no checkpoint.
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.bind_parameter('make_optimizer.b1', float('nan'))
+  with pytest.raises(trainer_lib.NonFiniteLossError,
+                     match=r'non-finite parameters or optimizer state after the update at step 1'
+                           r'.*No checkpoint was written \(checkpoint_every=1\)'):
+    _train(tmp_path / 'n', checkpoint_every=1)
+  assert not os.listdir(tmp_path / 'n' / 'checkpoints')
+  # The summary has the logged step... none: the refused step is not logged.
+  assert not (tmp_path / 'n' / 'train_summary.json').exists()
 
 
 _SAVER = textwrap.dedent('''
