@@ -113,7 +113,8 @@ class Sweep:
   eval_splits: decoded and scored splits; `select_split` picks the learning rate, `report_split`
   is reported. eval_num_examples: per task (None: all; default EVAL_EXAMPLES). plots: (x axis,
   series axis) pairs over `Run.axes`. routing_point: the point whose checkpoint gets the routing
-  analysis.
+  analysis. extra_bindings: the bindings `with_overrides` appended to every run and the base (a
+  command line's `--binding`s; each must be used by the base's or some run's gin config).
   """
   name: str
   claim: str
@@ -128,6 +129,7 @@ class Sweep:
   metric: str = 'sequence_accuracy'
   plots: tuple[tuple[str, str], ...] = ()
   routing_points: tuple[str, ...] = ()
+  extra_bindings: tuple[str, ...] = ()
 
   def __post_init__(self):
     names = [r.name for r in self.runs]
@@ -343,6 +345,7 @@ def with_overrides(sweep: Sweep, bindings: Sequence[str] = (),
   runs = tuple(dataclasses.replace(r, bindings=(*r.bindings, *bindings)) for r in sweep.runs)
   return dataclasses.replace(
       sweep, runs=runs, base_bindings=(*sweep.base_bindings, *bindings),
+      extra_bindings=(*sweep.extra_bindings, *bindings),
       eval_num_examples=sweep.eval_num_examples if eval_num_examples is None else eval_num_examples)
 
 
