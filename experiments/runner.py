@@ -469,11 +469,14 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | Non
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SweepOutcome:
+  """Run names: done now, skipped (finished before), failed, waiting for their tuning runs
+  (pending), and left unfinished for a later call by `limit` (later)."""
   done: list
   skipped: list
   failed: list
   results_dir: str
   pending: list = dataclasses.field(default_factory=list)
+  later: list = dataclasses.field(default_factory=list)
 
 
 def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR,
@@ -500,14 +503,14 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
       raise UsageError(f'--run={unknown[0]}: sweep {sweep.name!r} has no run named '
                        f'{unknown[0]!r}; --list_runs shows its {len(runs)} runs')
     runs = [r for r, n in zip(runs, names) if n & set(only)]
-  todo = [r for r in runs if resolved_result(results_dir, r, sweep)[1] is None]
-  if limit is not None:
-    todo = todo[:limit]
-  bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'sweep {sweep.name}',
+  unfinished = [r for r in runs if resolved_result(results_dir, r, sweep)[1] is None]
+  todo = unfinished if limit is None else unfinished[:limit]
+  bar = tqdm(total=len(runs), initial=len(runs) - len(unfinished), desc=f'sweep {sweep.name}',
              unit='run', disable=not progress_bar, dynamic_ncols=True)
   log = log or (lambda m: bar.write(f'[{time.strftime("%H:%M:%S")}] {m}'))
-  outcome = SweepOutcome(done=[], skipped=[r.name for r in runs if r not in todo], failed=[],
-                         results_dir=results_dir)
+  outcome = SweepOutcome(done=[], skipped=[r.name for r in runs if r not in unfinished],
+                         failed=[], results_dir=results_dir,
+                         later=[r.name for r in unfinished[len(todo):]])
   if not todo:
     bar.close()
     return outcome
@@ -660,7 +663,8 @@ def _command(sweep: sweeps_lib.Sweep, FLAGS) -> None:  # pylint: disable=invalid
                   use_shipped_base=not FLAGS.no_shipped_base, keep_going=FLAGS.keep_going,
                   limit=FLAGS.limit)
   print(f'sweep {sweep.name}: {len(out.done)} run(s) done now, {len(out.skipped)} already '
-        f'finished, {len(out.failed)} failed, {len(out.pending)} waiting for tuning runs; '
+        f'finished, {len(out.failed)} failed, {len(out.pending)} waiting for tuning runs, '
+        f'{len(out.later)} left by --limit; '
         f'report: python -m experiments.report --sweep={sweep.name}')
 
 

@@ -139,3 +139,13 @@ def test_a_run_starts_from_the_checkpoint_a_binding_names(tmp_path):
   # (gin's config_str breaks a long line after ' = ')
   assert re.search(rf"^INITIAL_CHECKPOINT_PATH = [\\\s]*'{re.escape(mine)}'$", res['gin_config'],
                    re.M), res['gin_config']
+
+
+def test_limit_leaves_the_other_unfinished_runs_for_later(tmp_path):
+  # --limit=0: nothing runs (no base either); no run counts as finished before, all are left.
+  sweep = _tiny_sweep()
+  out = runner.run_sweep(sweep, results_dir=str(tmp_path / 'results'),
+                         work_dir=str(tmp_path / 'work'), progress_bar=False, limit=0,
+                         log=lambda m: None)
+  assert out.done == out.skipped == [] and out.later == [r.name for r in sweep.runs]
+  assert not os.path.exists(tmp_path / 'work')
