@@ -127,8 +127,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
                                check_unused=[b for b in bindings if b not in extra_bindings])
 
 
-# Macros the runner sets for each run from the run itself (its directory, seed, learning rate).
-PER_RUN_MACROS = ('MODEL_DIR', 'SEED', 'LEARNING_RATE')
+# Macros the runner sets for each run from the run itself -> where their value comes from.
+PER_RUN_MACROS = {'MODEL_DIR': '<work_dir>/runs/<run key>', 'SEED': "the run's seed",
+                  'LEARNING_RATE': "the run's learning rate"}
 
 
 def bound_macro(bindings: Sequence[str], name: str) -> str | None:
@@ -152,7 +153,7 @@ def check_extra_bindings(sweep: sweeps_lib.Sweep) -> None:
     b = bound_macro(extra, name)
     if b is not None:
       raise UsageError(f'--binding={b}: the runner sets {name} for every run from the run itself '
-                       f"({name}={_PER_RUN_SOURCE[name]}), so a binding cannot set it")
+                       f"({name}={PER_RUN_MACROS[name]}), so a binding cannot set it")
   configs = [(tuple(sweep.base_gin), (*sweep.base_bindings, "MODEL_DIR='-'"))]
   for r in sweep.runs:
     config = (tuple(r.gin_files), tuple(run_bindings(r, '-', '-')))
@@ -176,10 +177,6 @@ def check_extra_bindings(sweep: sweeps_lib.Sweep) -> None:
     if name is not None and name not in used:
       raise UsageError(f'--binding={b}: {gin_utils.unused_macro_reason(name, used)} '
                        f'(neither the base nor any run of sweep {sweep.name!r} uses it)')
-
-
-_PER_RUN_SOURCE = {'MODEL_DIR': '<work_dir>/runs/<run key>', 'SEED': "the run's seed",
-                   'LEARNING_RATE': "the run's learning rate"}
 
 
 BASE_TRAIN_ARGS = ('mixture_or_task_name', 'task_feature_lengths', 'train_steps', 'batch_size',
@@ -311,7 +308,7 @@ def run_bindings(run: sweeps_lib.Run, model_dir: str, base_dir: str | None) -> l
     b = bound_macro(run.bindings, name)
     if b is not None:
       raise ValueError(f'run {run.name!r} binds {b!r}, but the runner sets {name} '
-                       f'({_PER_RUN_SOURCE[name]})')
+                       f'({PER_RUN_MACROS[name]})')
   defaults = [] if base_dir is None else [f"INITIAL_CHECKPOINT_PATH='{base_dir}'"]
   per_run = [f"MODEL_DIR='{model_dir}'", f'SEED={run.seed}']
   if run.learning_rate is not None:
