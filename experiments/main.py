@@ -110,8 +110,8 @@ def main(argv):
   gin_utils.quiet_logs()
   flags_ = flags.FLAGS
   try:
-    gin_utils.parse_gin(flags_.gin_file or ['main.gin'], flags_.gin_bindings,
-                        flags_.gin_search_paths)
+    gin_utils.parse_and_register(flags_.gin_file or ['main.gin'], flags_.gin_bindings,
+                                 flags_.gin_search_paths)
     run_main()
   except (ConfigError, gin_utils.GinConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -80,12 +80,10 @@ class _ResultFiles:
       if path not in self._checked and os.path.exists(path):
         self._checked.add(path)
         try:
-          with open(path, encoding='utf-8') as f:
-            json.load(f)
-        except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
-          self.errors[path] = f'{type(e).__name__}: {e}'
-          print(f'warning: skipping unreadable result file {path}: {self.errors[path]}',
-                file=sys.stderr)
+          runner.read_result(path)
+        except runner.UnreadableResultError as e:
+          self.errors[path] = e.error
+          print(f'warning: skipping unreadable result file {path}: {e.error}', file=sys.stderr)
       if path in self.errors:
         bad.append(path)
     return bad
@@ -704,26 +702,42 @@ def write_report(sweep_names: Sequence[str] | None = None, *,
   return path
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--sweep', action='append', help='sweeps to report (default: all)')
-  p.add_argument('--results_dir', default=runner.DEFAULT_RESULTS_DIR)
-  p.add_argument('--out_dir', default=None, help='default: --results_dir')
-  p.add_argument('--binding', action='append', default=[],
-                 help='the extra bindings the sweep was run with (experiments.runner --binding)')
-  p.add_argument('--eval_examples', type=int, default=None,
-                 help='the --eval_examples the sweep was run with')
-  args = p.parse_args(argv)
+def define_flags() -> None:
+  """The report's flags (absl), defined when its CLI starts."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if 'out_dir' in flags.FLAGS:
+    return
+  flags.DEFINE_multi_string('sweep', [], 'sweeps to report (default: all); repeatable')
+  flags.DEFINE_string('results_dir', runner.DEFAULT_RESULTS_DIR, 'the result files (runner)')
+  flags.DEFINE_string('out_dir', None, 'where REPORT.md and plots/ go (default: --results_dir)')
+  flags.DEFINE_multi_string(
+      'binding', [], 'the extra bindings the sweep was run with (experiments.runner --binding)')
+  flags.DEFINE_integer('eval_examples', None, 'the --eval_examples the sweep was run with',
+                       lower_bound=1)
+
+
+def main(argv):
+  """Writes the report; a user error (unknown sweep or flag, a bad value) is one line on stderr
+  and exit status 2 (`runner.usage_error`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    runner.usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
   try:
-    chosen = [sweeps_lib.with_overrides(sweeps_lib.get_sweep(n), args.binding, args.eval_examples)
-              for n in (args.sweep or sweeps_lib.SWEEPS)]
-    path = write_report(chosen, results_dir=args.results_dir, out_dir=args.out_dir)
-  except ValueError as e:
-    p.error(str(e))
-  print(path)
+    chosen = runner.chosen_sweeps(FLAGS.sweep or list(sweeps_lib.SWEEPS), FLAGS.binding,
+                                  FLAGS.eval_examples)
+  except runner.UsageError as e:
+    runner.usage_error(str(e))
+  print(write_report(chosen, results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir))
   return 0
 
 
+def cli():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  define_flags()
+  app.run(main, flags_parser=runner.parse_flags)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  from experiments import report as _module  # one copy, not a second as __main__
+  _module.cli()

@@ -11,6 +11,17 @@ a run whose result file exists is skipped, an interrupted run resumes from its l
 `<work_dir>/runs/<run key>/`. The frozen base is pretrained once per base config into
 `<work_dir>/base_<config hash>/` (or taken from the shipped copy in experiments/base/ when its
 recorded config hash matches) and reused by every run.
+
+Gin bindings of a run, in order (gin's last binding wins): the runner's default
+INITIAL_CHECKPOINT_PATH (the sweep's base), the run's bindings (the sweep's, then each
+`--binding`), then what the runner sets per run: MODEL_DIR, SEED and LEARNING_RATE (the run's
+directory, seed and rate). So `--binding=INITIAL_CHECKPOINT_PATH="'/path/to/ckpt'"` fine-tunes
+(and the floor run evaluates) that checkpoint and no base is pretrained, while a `--binding` of
+MODEL_DIR, SEED or LEARNING_RATE is refused: those are the runs' own. Every `--binding` must be
+used by the base's or some run's gin config (a typo is refused, with the closest macros).
+
+A user error (an unknown sweep, run or flag, a refused `--binding`, an unreadable result file)
+prints one line, `error: ...` naming the flag as typed, on stderr and exits with status 2.
 """
 from __future__ import annotations
 
@@ -19,9 +30,11 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +51,19 @@ RESULT = 'result.json'
 
 class RunInterrupted(RuntimeError):
   """Training stopped before its last step (SIGTERM); re-running resumes it."""
+
+
+class UsageError(ValueError):
+  """A command-line mistake; the message names the flag as the user typed it."""
+
+
+class UnreadableResultError(ValueError):
+  """A result file that does not parse (not JSON, not UTF-8); names the file and the error."""
+
+  def __init__(self, path: str, error: Exception):
+    self.path, self.error = path, f'{type(error).__name__}: {error}'
+    super().__init__(f'unreadable result file {path}: {self.error} (delete it and run the sweep '
+                     'again to redo that run)')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,12 +90,18 @@ def hardware() -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-  """Atomic write (a half-written result file never looks finished)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=json_default)
-  os.replace(tmp, path)
+  """Writes `obj` to a temporary file beside `path`, then renames it to `path` (atomic): an
+  interrupted write leaves no `path` (nor the temporary file), never a half-written one."""
+  directory = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(obj, f, indent=1, sort_keys=True, default=json_default)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
 
 
 def json_default(x):
@@ -83,16 +115,68 @@ def json_default(x):
 # ------------------------------------------------------------------------------------------------
 # Gin
 # ------------------------------------------------------------------------------------------------
-def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Clears gin and parses `gin_files` then `bindings` (the project's search paths)."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              extra_bindings: Sequence[str] = ()) -> None:
+  """Clears gin, parses `gin_files` then `bindings` (the project's search paths) and registers the
+  tasks (`gin_utils.parse_and_register`). The `extra_bindings` among `bindings` (a sweep's
+  `--binding`s, which `check_extra_bindings` checked against all of its configs) may set a macro
+  this one config does not use."""
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
   from sira_jax import train as _  # noqa: F401  pylint: disable=import-outside-toplevel
-  gin.clear_config()
-  data_lib.import_task_modules()
-  gin_utils.parse_gin(list(gin_files), list(bindings), ('.', gin_utils.PROJECT_GIN_DIR))
-  data_lib.register_after_gin()
+  gin_utils.parse_and_register(list(gin_files), list(bindings), ('.', gin_utils.PROJECT_GIN_DIR),
+                               check_unused=[b for b in bindings if b not in extra_bindings])
+
+
+# Macros the runner sets for each run from the run itself -> where their value comes from.
+PER_RUN_MACROS = {'MODEL_DIR': '<work_dir>/runs/<run key>', 'SEED': "the run's seed",
+                  'LEARNING_RATE': "the run's learning rate"}
+
+
+def bound_macro(bindings: Sequence[str], name: str) -> str | None:
+  """The last of `bindings` that sets macro `name` (`NAME = value`), else None."""
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  found = [b for b in bindings if gin_utils.binding_macro(b) == name]
+  return found[-1] if found else None
+
+
+def check_extra_bindings(sweep: sweeps_lib.Sweep) -> None:
+  """Refuses a `--binding` (`sweep.extra_bindings`) that sets a per-run macro, that gin refuses,
+  or whose macro neither the base's nor any run's gin config uses; raises UsageError naming it.
+  Parses gin only (no task registration, nothing trained)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import train as _  # noqa: F401  pylint: disable=import-outside-toplevel
+  extra = list(sweep.extra_bindings)
+  if not extra:
+    return
+  for name in PER_RUN_MACROS:
+    b = bound_macro(extra, name)
+    if b is not None:
+      raise UsageError(f'--binding={b}: the runner sets {name} for every run from the run itself '
+                       f"({name}={PER_RUN_MACROS[name]}), so a binding cannot set it")
+  configs = [(tuple(sweep.base_gin), (*sweep.base_bindings, "MODEL_DIR='-'"))]
+  for r in sweep.runs:
+    config = (tuple(r.gin_files), tuple(run_bindings(r, '-', '-')))
+    if config not in configs:
+      configs.append(config)
+  used: set[str] = set()
+  try:
+    for files, bindings in configs:
+      gin.clear_config()
+      gin_utils.parse_gin(files, bindings, ('.', gin_utils.PROJECT_GIN_DIR), finalize=False,
+                          check_unused=[b for b in bindings if b not in extra])
+      used |= gin_utils.referenced_macros()
+  except gin_utils.GinConfigError as e:
+    if e.binding in extra:
+      raise UsageError(f'--binding={e.binding}: {e.reason}') from None
+    raise
+  finally:
+    gin.clear_config()
+  for b in extra:
+    name = gin_utils.binding_macro(b)
+    if name is not None and name not in used:
+      raise UsageError(f'--binding={b}: {gin_utils.unused_macro_reason(name, used)} '
+                       f'(neither the base nor any run of sweep {sweep.name!r} uses it)')
 
 
 BASE_TRAIN_ARGS = ('mixture_or_task_name', 'task_feature_lengths', 'train_steps', 'batch_size',
@@ -120,7 +204,7 @@ def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
   import gin  # pylint: disable=import-outside-toplevel
   from sira_jax.losses import LossConfig  # pylint: disable=import-outside-toplevel
   from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
-  parse_gin(sweep.base_gin, (*sweep.base_bindings, "MODEL_DIR='-'"))
+  parse_gin(sweep.base_gin, (*sweep.base_bindings, "MODEL_DIR='-'"), sweep.extra_bindings)
   loss = LossConfig()
   key = dict(model=T5Config().architecture(),
              loss=dict(z_loss=loss.z_loss, label_smoothing=loss.label_smoothing),
@@ -185,7 +269,7 @@ def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = T
     log(f'base: reusing the cached pretrained base {run_dir}')
     with open(prov_path) as f:
       return base_dir, json.load(f)
-  parse_gin(sweep.base_gin, (*sweep.base_bindings, f"MODEL_DIR='{run_dir}'"))
+  parse_gin(sweep.base_gin, (*sweep.base_bindings, f"MODEL_DIR='{run_dir}'"), sweep.extra_bindings)
   log(f'base: pretraining {sweep.base_gin} -> {run_dir}')
   r = _train(progress_bar=True)
   if r.stopped_by != 'done':
@@ -215,22 +299,38 @@ def ship_base(base_dir: str, prov: Mapping[str, Any], name: str,
 # ------------------------------------------------------------------------------------------------
 # One run
 # ------------------------------------------------------------------------------------------------
-def run_bindings(run: sweeps_lib.Run, model_dir: str, base_dir: str) -> list[str]:
-  """The run's gin bindings plus what the runner sets (model dir, seed, learning rate, base)."""
-  extra = [f"MODEL_DIR='{model_dir}'", f'SEED={run.seed}',
-           f"INITIAL_CHECKPOINT_PATH='{base_dir}'"]
+def run_bindings(run: sweeps_lib.Run, model_dir: str, base_dir: str | None) -> list[str]:
+  """The run's gin bindings between what the runner sets (module docstring): first the default
+  INITIAL_CHECKPOINT_PATH=`base_dir` (None: none, a binding of the run names the checkpoint), so
+  the run's own binding of it wins; last MODEL_DIR, SEED and LEARNING_RATE of the run. A run
+  binding one of those raises ValueError naming both."""
+  for name in PER_RUN_MACROS:
+    b = bound_macro(run.bindings, name)
+    if b is not None:
+      raise ValueError(f'run {run.name!r} binds {b!r}, but the runner sets {name} '
+                       f'({PER_RUN_MACROS[name]})')
+  defaults = [] if base_dir is None else [f"INITIAL_CHECKPOINT_PATH='{base_dir}'"]
+  per_run = [f"MODEL_DIR='{model_dir}'", f'SEED={run.seed}']
   if run.learning_rate is not None:
-    extra.append(f'LEARNING_RATE={run.learning_rate!r}')
-  return [*run.bindings, *extra]
+    per_run.append(f'LEARNING_RATE={run.learning_rate!r}')
+  return [*defaults, *run.bindings, *per_run]
+
+
+def user_initial_checkpoint(sweep: sweeps_lib.Sweep) -> str | None:
+  """The `--binding` of INITIAL_CHECKPOINT_PATH (the runs start from that checkpoint, not from
+  the sweep's base, which is then never pretrained), else None."""
+  return bound_macro(sweep.extra_bindings, 'INITIAL_CHECKPOINT_PATH')
 
 
 def launch_command(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep) -> str:
-  """A shell command running this one run (and writing its result file) from the repo root."""
-  return (f'python -m experiments.runner --sweep={sweep.name} '
-          f"--run='{run.name}'")
+  """A shell command running this one run (and writing its result file) from the repo root, with
+  the sweep's `--binding`s (they are part of the run's key)."""
+  return ' '.join(['python -m experiments.runner', f'--sweep={sweep.name}',
+                   shlex.quote(f'--run={run.name}'),
+                   *(shlex.quote(f'--binding={b}') for b in sweep.extra_bindings)])
 
 
-def trainer_command(run: sweeps_lib.Run, model_dir: str, base_dir: str) -> str:
+def trainer_command(run: sweeps_lib.Run, model_dir: str, base_dir: str | None) -> str:
   """The project trainer's own command for this run (training only; no result file)."""
   files = ' '.join(f'--gin_file={f}' for f in run.gin_files)
   binds = ' '.join(f'--gin.{b}' if '=' in b else b for b in run_bindings(run, model_dir, base_dir))
@@ -242,14 +342,24 @@ def result_path(results_dir: str, run: sweeps_lib.Run) -> str:
 
 
 def load_result(results_dir: str, run: sweeps_lib.Run) -> dict | None:
-  """The run's result dict, or None while it is unfinished (or its learning rate unresolved)."""
+  """The run's result dict, or None while it is unfinished (or its learning rate unresolved).
+  Raises UnreadableResultError (naming the file) for a file that does not parse."""
   if not run.resolved:
     return None
   path = result_path(results_dir, run)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return read_result(path)
+
+
+def read_result(path: str) -> dict:
+  """The result file at `path`; UnreadableResultError (one line: the file, the parse error) when
+  it is not UTF-8 JSON."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise UnreadableResultError(path, e) from None
 
 
 def full_finetuning(gin_config: str) -> bool:
@@ -287,11 +397,14 @@ def resolved_result(results_dir: str, run: sweeps_lib.Run, sweep: sweeps_lib.Swe
   return (run, None) if r is None else (r, load_result(results_dir, r))
 
 
-def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base_prov: Mapping,
+def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | None,
+            base_prov: Mapping,
             work_dir: str, results_dir: str, progress_bar: bool = False,
             log: Callable[[str], None] = print) -> dict:
   """Trains (kind 'finetune') or just loads (kind 'floor') one run, evaluates it, writes its
-  result file; returns the result dict."""
+  result file; returns the result dict. base_dir: the sweep's base (None: a `--binding` names
+  INITIAL_CHECKPOINT_PATH); the run starts from the INITIAL_CHECKPOINT_PATH its config resolves
+  to, recorded in the result's `base`."""
   from experiments import evaluation  # pylint: disable=import-outside-toplevel
   from sira_jax import restore  # pylint: disable=import-outside-toplevel
   from sira_jax import run_dir  # pylint: disable=import-outside-toplevel
@@ -299,12 +412,13 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
   from sira_jax.t5 import param_count  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   model_dir = os.path.join(os.path.abspath(work_dir), 'runs', run.key)
-  parse_gin(run.gin_files, run_bindings(run, model_dir, base_dir))
+  parse_gin(run.gin_files, run_bindings(run, model_dir, base_dir), sweep.extra_bindings)
   import gin  # pylint: disable=import-outside-toplevel
   config_str = gin.config_str()
+  start = _train_arg('initial_checkpoint_path') or base_dir
   train_info: dict = {}
   if run.kind == 'floor':
-    model, variables, cfg = evaluation.load_base(base_dir)
+    model, variables, cfg = evaluation.load_base(start)
     mixture = _train_arg('mixture_or_task_name')
     lengths = dict(_train_arg('task_feature_lengths'))
   else:
@@ -334,9 +448,10 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
   counts = trained_counts(param_count.count_parameters(cfg).as_dict(), config_str)
   result = dict(
       run=run.as_dict(), sweep=sweep.name, mixture=mixture, task_feature_lengths=lengths,
-      gin_config=config_str, base=dict(dir=os.path.relpath(base_dir, REPO) if base_dir.startswith(
-          REPO) else base_dir, config_hash=base_prov.get('config_hash'),
-          steps=base_prov.get('steps')),
+      gin_config=config_str, base=dict(
+          dir=os.path.relpath(start, REPO) if start.startswith(REPO) else start,
+          **(dict(config_hash=base_prov.get('config_hash'), steps=base_prov.get('steps'))
+             if start == base_dir else {})),
       git_revision=git_revision(), hardware=hardware(), params=counts, train=train_info,
       metrics=metrics, routing=routing,
       wall_time_s=dict(total=time.time() - t0, eval=time.time() - t_eval,
@@ -354,11 +469,14 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str, base
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SweepOutcome:
+  """Run names: done now, skipped (finished before), failed, waiting for their tuning runs
+  (pending), and left unfinished for a later call by `limit` (later)."""
   done: list
   skipped: list
   failed: list
   results_dir: str
   pending: list = dataclasses.field(default_factory=list)
+  later: list = dataclasses.field(default_factory=list)
 
 
 def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR,
@@ -380,23 +498,27 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
     # A tuned run answers to its sweep name ('...-lrtuned-s1') and, once resolved, to its rate's.
     # (A Run holds dicts, so it is not hashable: names go by position.)
     names = [{r.name, resolved_result(results_dir, r, sweep)[0].name} for r in runs]
-    unknown = sorted(set(only) - set().union(*names))
+    unknown = [n for n in only if n not in set().union(*names)]
     if unknown:
-      raise ValueError(f'sweep {sweep.name!r} has no run named {unknown}; '
-                       f'`--list_runs` shows its {len(runs)} runs')
+      raise UsageError(f'--run={unknown[0]}: sweep {sweep.name!r} has no run named '
+                       f'{unknown[0]!r}; --list_runs shows its {len(runs)} runs')
     runs = [r for r, n in zip(runs, names) if n & set(only)]
-  todo = [r for r in runs if resolved_result(results_dir, r, sweep)[1] is None]
-  if limit is not None:
-    todo = todo[:limit]
-  bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'sweep {sweep.name}',
+  unfinished = [r for r in runs if resolved_result(results_dir, r, sweep)[1] is None]
+  todo = unfinished if limit is None else unfinished[:limit]
+  bar = tqdm(total=len(runs), initial=len(runs) - len(unfinished), desc=f'sweep {sweep.name}',
              unit='run', disable=not progress_bar, dynamic_ncols=True)
   log = log or (lambda m: bar.write(f'[{time.strftime("%H:%M:%S")}] {m}'))
-  outcome = SweepOutcome(done=[], skipped=[r.name for r in runs if r not in todo], failed=[],
-                         results_dir=results_dir)
+  outcome = SweepOutcome(done=[], skipped=[r.name for r in runs if r not in unfinished],
+                         failed=[], results_dir=results_dir,
+                         later=[r.name for r in unfinished[len(todo):]])
   if not todo:
     bar.close()
     return outcome
-  base_dir, prov = ensure_base(sweep, work_dir, use_shipped=use_shipped_base, log=log)
+  check_extra_bindings(sweep)
+  if user_initial_checkpoint(sweep):
+    base_dir, prov = None, {}
+  else:
+    base_dir, prov = ensure_base(sweep, work_dir, use_shipped=use_shipped_base, log=log)
   # Runs of one seed read the same training batches: one pipeline each, replayed.
   from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   with data_lib.shared_training_streams():
@@ -433,84 +555,150 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-def main(argv=None):
-  import argparse  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--sweep', action='append', help=f'sweep name(s): {", ".join(sweeps_lib.SWEEPS)}')
-  p.add_argument('--run', action='append', help='only this run (name as --list_runs prints)')
-  p.add_argument('--results_dir', default=DEFAULT_RESULTS_DIR)
-  p.add_argument('--work_dir', default=DEFAULT_WORK_DIR,
-                 help='checkpoints and the cached base (not committed)')
-  p.add_argument('--list', action='store_true', help='list sweeps and how many runs are finished')
-  p.add_argument('--list_runs', action='store_true', help='list the runs of --sweep')
-  p.add_argument('--print_commands', choices=('runner', 'trainer'), nargs='?', const='runner',
-                 help="print one launch command per unfinished run instead of running: 'runner' "
-                      "(writes the result file) or 'trainer' (sira_jax.train, training only)")
-  p.add_argument('--no_shipped_base', action='store_true',
-                 help='pretrain the base even when a matching shipped copy exists')
-  p.add_argument('--build_base', action='store_true',
-                 help='pretrain (or find) the base of --sweep and copy it into experiments/base/')
-  p.add_argument('--keep_going', action='store_true', help='log a failing run and continue')
-  p.add_argument('--limit', type=int, default=None,
-                 help='run at most this many unfinished runs now (resume later)')
-  p.add_argument('--binding', action='append', default=[],
-                 help="extra gin binding for every run and the base, e.g. --binding=TRAIN_STEPS=2 "
-                      "(the runs get other keys: results never mix with the unmodified sweep's)")
-  p.add_argument('--eval_examples', type=int, default=None,
-                 help='evaluate at most this many examples per task (default: the sweep\'s)')
-  args = p.parse_args(argv)
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  gin_utils.quiet_logs()
-  if args.list:
-    for name, sw in sweeps_lib.SWEEPS.items():
-      done = sum(resolved_result(args.results_dir, r, sw)[1] is not None for r in sw.runs)
-      print(f'{name}: {done}/{len(sw.runs)} runs finished  - {sw.claim}')
-    return 0
-  if not args.sweep:
-    p.error('--sweep is required (or --list)')
+def define_flags() -> None:
+  """The runner's flags (absl), defined when its CLI starts (experiments.report, which imports this
+  module, defines its own)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if 'list_runs' in flags.FLAGS:
+    return
+  flags.DEFINE_multi_string('sweep', [], f'sweep name(s): {", ".join(sweeps_lib.SWEEPS)}')
+  flags.DEFINE_multi_string('run', [], 'only this run (name as --list_runs prints); repeatable')
+  flags.DEFINE_string('results_dir', DEFAULT_RESULTS_DIR, 'where result files are written')
+  flags.DEFINE_string('work_dir', DEFAULT_WORK_DIR,
+                      'checkpoints and the cached base (not committed)')
+  flags.DEFINE_bool('list', False, 'list sweeps and how many runs are finished')
+  flags.DEFINE_bool('list_runs', False, 'list the runs of --sweep')
+  flags.DEFINE_enum('print_commands', None, ('runner', 'trainer'),
+                    "print one launch command per unfinished run instead of running: 'runner' "
+                    "(writes the result file; what a bare --print_commands means) or 'trainer' "
+                    '(sira_jax.train, training only)')
+  flags.DEFINE_bool('no_shipped_base', False,
+                    'pretrain the base even when a matching shipped copy exists')
+  flags.DEFINE_bool('build_base', False,
+                    'pretrain (or find) the base of --sweep and copy it into experiments/base/')
+  flags.DEFINE_bool('keep_going', False, 'log a failing run and continue')
+  flags.DEFINE_integer('limit', None, 'run at most this many unfinished runs now (resume later)',
+                       lower_bound=0)
+  flags.DEFINE_multi_string(
+      'binding', [], 'extra gin binding for every run and the base, e.g. --binding=TRAIN_STEPS=2 '
+      "(the runs get other keys: results never mix with the unmodified sweep's); it wins over the "
+      "runner's default INITIAL_CHECKPOINT_PATH; MODEL_DIR, SEED and LEARNING_RATE are the runs' "
+      'own')
+  flags.DEFINE_integer('eval_examples', None,
+                       "evaluate at most this many examples per task (default: the sweep's)",
+                       lower_bound=1)
+
+
+def usage_error(message: str) -> None:
+  """A command-line mistake: `error: <message>` (one line) on stderr, exit status 2."""
+  print(f'error: {message.splitlines()[0] if message.strip() else message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: Sequence[str], bare: Mapping[str, str] | None = None) -> list[str]:
+  """absl `flags_parser` for app.run: a flag error is a `usage_error` (not absl's usage dump).
+  bare: {flag: value} a flag given without a value means (`--print_commands` -> 'runner')."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  bare = bare or {}
+  argv = [f'{a}={bare[a[2:]]}' if a.startswith('--') and a[2:] in bare else a for a in argv]
   try:
-    chosen = [sweeps_lib.with_overrides(sweeps_lib.get_sweep(s), args.binding, args.eval_examples)
-              for s in args.sweep]
-  except ValueError as e:
-    p.error(str(e))
-  for sweep in chosen:
-    if args.list_runs:
-      for r in sweep.runs:
-        r, res = resolved_result(args.results_dir, r, sweep)
-        state = 'done' if res is not None else 'todo'
-        print(f'{state}  {r.key if r.resolved else "-" * 12}  {r.name}')
-      continue
-    if args.build_base:
-      base_dir, prov = ensure_base(sweep, args.work_dir, use_shipped=False)
-      print(ship_base(base_dir, prov, f'base_{prov["config_hash"]}'))
-      continue
-    if args.print_commands:
-      key, _ = base_config_hash(sweep)
-      shipped = shipped_base(key)
-      base = shipped or os.path.join(os.path.abspath(args.work_dir), f'base_{key}', 'base')
-      if args.print_commands == 'trainer':
-        print(f'# frozen base: {base}' + (' (shipped)' if shipped else
-                                         ' (the runner pretrains it on its first run of this sweep)'))
-      for r in sweep.runs:
-        r, res = resolved_result(args.results_dir, r, sweep)
-        if res is not None:
-          continue
-        if args.print_commands == 'runner':
-          print(launch_command(r, sweep))
-        elif not r.resolved:
-          print(f'# {r.name}: learning rate chosen by the tuning runs of {r.lr_from!r} once they '
-                'are finished')
-        elif r.kind == 'finetune':
-          print(trainer_command(r, os.path.join(args.work_dir, 'runs', r.key), base))
-      continue
-    out = run_sweep(sweep, results_dir=args.results_dir, work_dir=args.work_dir, only=args.run,
-                    use_shipped_base=not args.no_shipped_base, keep_going=args.keep_going,
-                    limit=args.limit)
-    print(f'sweep {sweep.name}: {len(out.done)} run(s) done now, {len(out.skipped)} already '
-          f'finished, {len(out.failed)} failed, {len(out.pending)} waiting for tuning runs; '
-          f'report: python -m experiments.report --sweep={sweep.name}')
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    usage_error(str(e))
+
+
+def chosen_sweeps(names: Sequence[str], bindings: Sequence[str],
+                  eval_examples: int | None) -> list[sweeps_lib.Sweep]:
+  """The sweeps `--sweep` names, with the `--binding`s and `--eval_examples`; UsageError for an
+  unknown name."""
+  chosen = []
+  for name in names:
+    if name not in sweeps_lib.SWEEPS:
+      raise UsageError(f'--sweep={name}: no such sweep; known: {", ".join(sweeps_lib.SWEEPS)}')
+    chosen.append(sweeps_lib.with_overrides(sweeps_lib.SWEEPS[name], bindings, eval_examples))
+  return chosen
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
+  gin_utils.quiet_logs()
+  try:
+    if FLAGS.list:
+      for name, sw in sweeps_lib.SWEEPS.items():
+        done = sum(resolved_result(FLAGS.results_dir, r, sw)[1] is not None for r in sw.runs)
+        print(f'{name}: {done}/{len(sw.runs)} runs finished  - {sw.claim}')
+      return 0
+    if not FLAGS.sweep:
+      raise UsageError('--sweep is required (or --list); sweeps: '
+                       + ', '.join(sweeps_lib.SWEEPS))
+    for sweep in chosen_sweeps(FLAGS.sweep, FLAGS.binding, FLAGS.eval_examples):
+      _command(sweep, FLAGS)
+  except (UsageError, UnreadableResultError) as e:
+    usage_error(str(e))
   return 0
 
 
+def _command(sweep: sweeps_lib.Sweep, FLAGS) -> None:  # pylint: disable=invalid-name
+  """What the flags ask of one sweep: list its runs, build its base, print commands, or run it."""
+  if FLAGS.list_runs:
+    for r in sweep.runs:
+      r, res = resolved_result(FLAGS.results_dir, r, sweep)
+      state = 'done' if res is not None else 'todo'
+      print(f'{state}  {r.key if r.resolved else "-" * 12}  {r.name}')
+    return
+  if FLAGS.build_base or FLAGS.print_commands:
+    check_extra_bindings(sweep)  # (run_sweep checks them itself)
+  if FLAGS.build_base:
+    base_dir, prov = ensure_base(sweep, FLAGS.work_dir, use_shipped=False)
+    print(ship_base(base_dir, prov, f'base_{prov["config_hash"]}'))
+    return
+  if FLAGS.print_commands:
+    _print_commands(sweep, FLAGS.print_commands, FLAGS.results_dir, FLAGS.work_dir)
+    return
+  out = run_sweep(sweep, results_dir=FLAGS.results_dir, work_dir=FLAGS.work_dir, only=FLAGS.run,
+                  use_shipped_base=not FLAGS.no_shipped_base, keep_going=FLAGS.keep_going,
+                  limit=FLAGS.limit)
+  print(f'sweep {sweep.name}: {len(out.done)} run(s) done now, {len(out.skipped)} already '
+        f'finished, {len(out.failed)} failed, {len(out.pending)} waiting for tuning runs, '
+        f'{len(out.later)} left by --limit; '
+        f'report: python -m experiments.report --sweep={sweep.name}')
+
+
+def _print_commands(sweep: sweeps_lib.Sweep, kind: str, results_dir: str, work_dir: str) -> None:
+  """One launch command per unfinished run: the runner's ('runner') or the trainer's."""
+  base = None
+  if kind == 'trainer':
+    if user_initial_checkpoint(sweep):
+      print(f'# initial checkpoint: {user_initial_checkpoint(sweep)} (--binding)')
+    else:
+      key, _ = base_config_hash(sweep)
+      shipped = shipped_base(key)
+      base = shipped or os.path.join(os.path.abspath(work_dir), f'base_{key}', 'base')
+      print(f'# frozen base: {base}' + (' (shipped)' if shipped else
+                                       ' (the runner pretrains it on its first run of this sweep)'))
+  for r in sweep.runs:
+    r, res = resolved_result(results_dir, r, sweep)
+    if res is not None:
+      continue
+    if kind == 'runner':
+      print(launch_command(r, sweep))
+    elif not r.resolved:
+      print(f'# {r.name}: learning rate chosen by the tuning runs of {r.lr_from!r} once they '
+            'are finished')
+    elif r.kind == 'finetune':
+      print(trainer_command(r, os.path.join(work_dir, 'runs', r.key), base))
+
+
+def cli():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  define_flags()
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, {'print_commands': 'runner'}))
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  from experiments import runner as _module  # one copy, not a second as __main__
+  _module.cli()

@@ -114,7 +114,9 @@ class Sweep:
   is reported. eval_num_examples: per task (None: all; default EVAL_EXAMPLES). plots: (x axis,
   series axis) pairs over `Run.axes`. routing_point: the point whose checkpoint gets the routing
   analysis. training_evidence: the evidence per point a diagnostic sweep reports (and decides on)
-  besides `report_split`'s metrics, e.g. TRAIN_CE_LAST_100 (`experiments.report`).
+  besides `report_split`'s metrics, e.g. TRAIN_CE_LAST_100 (`experiments.report`). extra_bindings:
+  the bindings `with_overrides` appended to every run and the base (a command line's `--binding`s;
+  each must be used by the base's or some run's gin config).
   """
   name: str
   claim: str
@@ -130,6 +132,7 @@ class Sweep:
   plots: tuple[tuple[str, str], ...] = ()
   routing_points: tuple[str, ...] = ()
   training_evidence: tuple[str, ...] = ()
+  extra_bindings: tuple[str, ...] = ()
 
   def __post_init__(self):
     names = [r.name for r in self.runs]
@@ -406,6 +409,7 @@ def with_overrides(sweep: Sweep, bindings: Sequence[str] = (),
   runs = tuple(dataclasses.replace(r, bindings=(*r.bindings, *bindings)) for r in sweep.runs)
   return dataclasses.replace(
       sweep, runs=runs, base_bindings=(*sweep.base_bindings, *bindings),
+      extra_bindings=(*sweep.extra_bindings, *bindings),
       eval_num_examples=sweep.eval_num_examples if eval_num_examples is None else eval_num_examples)
 
 

@@ -45,18 +45,20 @@ def _abstract(tree: PyTree) -> PyTree:
 class CheckpointManager:
   """Thin wrapper over `orbax.checkpoint.CheckpointManager` for train states.
 
-  save_every: save when step % save_every == 0 (plus explicit `force=True` saves at the end or on
-  SIGTERM). keep: how many recent checkpoints to keep. Saves are synchronous, so a returned `save`
-  means the checkpoint is on disk. create=False opens an existing directory read-only (nothing
-  is created).
+  save_every: save when step % save_every == 0 (orbax's FixedIntervalPolicy; `should_save`),
+  plus explicit `force=True` saves at the end or on SIGTERM. keep: how many recent checkpoints.
+  Saves are synchronous, so a returned `save` means the checkpoint is on disk. create=False opens
+  an existing directory read-only (nothing is created).
   """
 
   def __init__(self, directory: str, *, save_every: int = 100, keep: int = 3,
                create: bool = True):
     self.directory = os.path.abspath(os.path.join(directory))
-    self.save_every = max(1, int(save_every))
+    # A save decision policy, not `save_interval_steps`: that one also saves a fresh run's first
+    # step (orbax's InitialSavePolicy), which no configured interval asks for.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=False)
+        max_to_keep=keep, create=create, enable_async_checkpointing=False,
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(save_every))))
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
@@ -66,21 +68,20 @@ class CheckpointManager:
     return list(self._mngr.all_steps())
 
   def should_save(self, step: int) -> bool:
-    return step % self.save_every == 0
+    """Whether `save(step)` without force saves: a multiple of save_every after the latest step."""
+    return self._mngr.should_save(step)
 
   def save(self, step: int, state: PyTree, meta: Mapping[str, Any], *, force: bool = False) -> bool:
     """Saves `state` (a pytree of arrays) and JSON `meta` at `step`; returns whether it saved."""
-    if not force and not self.should_save(step):
-      return False
     if step in self._mngr.all_steps():
       return False
     meta = dict(meta, step=int(step), format_version=FORMAT_VERSION)
-    self._mngr.save(
+    saved = self._mngr.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True)
+        force=force)
     self._mngr.wait_until_finished()
-    return True
+    return saved
 
   def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step

@@ -25,15 +25,11 @@ import tasks
 from tasks import truncation
 
 
-def import_task_modules() -> list[str]:
-  """The registered task and mixture names (`import tasks` registered the bundled suite; XTREME-UP
-  registers on `register_after_gin` or on first use of an xtreme_up name)."""
-  return tasks.registered_names()
-
-
-def register_after_gin():
-  """Re-registers tasks with the gin-configured vocabulary / data dirs (`tasks.register_all`)."""
-  tasks.register_all()
+def register_tasks() -> list[str]:
+  """(Re-)registers the tasks with the gin-configured vocabulary and data directories
+  (`tasks.register_all`; `gin_utils.parse_and_register` calls it after parsing); returns the
+  registered names."""
+  return tasks.register_all()
 
 
 def task_registration() -> dict:
@@ -94,7 +90,7 @@ def train_batches(
   key = (mt.name, id(mt), tuple(sorted(lengths.items())), batch_size, seed, split, pack,
          shard_index, num_shards)
   streams, max_bytes = _STREAMS
-  stream = streams.get(key) or streams.put(key, _SharedStream(build, lengths, max_bytes))
+  stream = streams.get(key, lambda: _SharedStream(build, lengths, max_bytes))
   return stream.iterate(start_step)
 
 
@@ -117,7 +113,7 @@ def _pipeline(mt, lengths: dict[str, int], batch_size: int, *, seed: int, split:
 
 
 # (streams, byte budget per stream) inside `shared_training_streams`, else None.
-_STREAMS: tuple[lru.Bounded, int] | None = None
+_STREAMS: tuple[lru.LRU, int] | None = None
 
 
 @contextlib.contextmanager
@@ -131,7 +127,7 @@ def shared_training_streams(max_streams: int = 4, max_bytes_per_stream: int = 64
   fresh pipeline, so what a run sees does not depend on the runs before it."""
   global _STREAMS
   saved = _STREAMS
-  _STREAMS = lru.Bounded(max_streams), max_bytes_per_stream
+  _STREAMS = lru.LRU(max_streams), max_bytes_per_stream
   try:
     yield
   finally:
@@ -209,7 +205,7 @@ def eval_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict[str, np.
     yield b
 
 
-_EVAL_BATCHES = lru.Bounded(256)  # (id(owner), key) -> (owner, batches)
+_EVAL_BATCHES = lru.LRU(256)  # (id(owner), key) -> (owner, batches)
 
 
 def cached_eval_batches(owner: Any, key: Hashable, build: Callable[[], list]) -> list:
@@ -220,12 +216,7 @@ def cached_eval_batches(owner: Any, key: Hashable, build: Callable[[], list]) ->
   caches); the entry keeps it alive, so its id stays unique, and re-registering a task under the
   same name builds new batches. Callers must not modify the batches.
   """
-  k = (id(owner), key)
-  if k in _EVAL_BATCHES:
-    _EVAL_BATCHES.move_to_end(k)
-  else:
-    _EVAL_BATCHES.put(k, (owner, build()))
-  return _EVAL_BATCHES[k][1]
+  return _EVAL_BATCHES.get((id(owner), key), lambda: (owner, build()))[1]
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ if __name__ == '__main__':
   from sira_jax import eval as _module  # pylint: disable=import-self
   _module.cli()
 
+import functools
 import json
 import os
 import sys
@@ -35,7 +36,6 @@ import seqio
 
 import tasks
 from sira_jax import data as data_lib
-from sira_jax import lru
 from sira_jax import predict as predict_lib
 from tasks import truncation
 
@@ -90,9 +90,6 @@ def _empty_predictions(all_output) -> dict[str, tuple[int, int]]:
   return out
 
 
-_EVALUATORS = lru.Bounded(4)  # key -> seqio.Evaluator
-
-
 def cached_evaluator(mixture_or_task_name: str, split: str, lengths: Mapping[str, int],
                      num_examples: int | None) -> seqio.Evaluator:
   """A seqio.Evaluator for these examples, built once per process and reused (as T5X reuses one
@@ -106,16 +103,19 @@ def cached_evaluator(mixture_or_task_name: str, split: str, lengths: Mapping[str
   """
   mixture = data_lib.get_mixture_or_task(mixture_or_task_name)
   registered = tuple(id(t) for t in [mixture, *seqio.get_subtasks(mixture)])
-  key = (mixture_or_task_name, registered, split, tuple(sorted(dict(lengths).items())),
-         num_examples)
-  if key in _EVALUATORS:
-    _EVALUATORS.move_to_end(key)
-    return _EVALUATORS[key]
-  return _EVALUATORS.put(key, seqio.Evaluator(
+  return _evaluator(mixture_or_task_name, registered, split, tuple(sorted(dict(lengths).items())),
+                    num_examples)
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluator(mixture_or_task_name: str, registered: tuple[int, ...], split: str,
+               lengths: tuple[tuple[str, int], ...], num_examples: int | None) -> seqio.Evaluator:
+  del registered  # in the key only: the ids of the registered objects the Evaluator keeps alive
+  return seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name,
       feature_converter=data_lib.feature_converter(False), eval_split=split, use_cached=False,
       seed=0, sequence_length=dict(lengths), num_examples=num_examples, use_memory_cache=True,
-      async_compute_metrics=False))
+      async_compute_metrics=False)
 
 
 @gin.configurable(denylist=['predict', 'configured_fields'])

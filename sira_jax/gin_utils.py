@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ast
 import difflib
+import io
 import logging
 import os
 import re
 import sys
 import textwrap
+import tokenize
 from typing import Sequence
 
 import gin
@@ -81,71 +83,84 @@ def _harden_gin_file_readers():
   """
   from gin import config as gin_config  # pylint: disable=import-outside-toplevel
   from gin import resource_reader  # pylint: disable=import-outside-toplevel
-  for i, (reader, check) in enumerate(list(gin_config._FILE_READERS)):  # pylint: disable=protected-access
+  # Private access: gin's public `register_file_reader` only appends readers; none replaces one.
+  readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, check) in enumerate(list(readers)):
     if check is resource_reader.system_path_file_exists:
       def safe(path, _check=check):
         try:
           return _check(path)
         except Exception:  # pylint: disable=broad-except
           return False
-      gin_config._FILE_READERS[i] = (reader, safe)  # pylint: disable=protected-access
+      readers[i] = (reader, safe)
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ('.', PROJECT_GIN_DIR), *,
-              finalize: bool = True) -> None:
-  """Parses files then bindings; errors (a typo, an unknown name) name the culprit and the files."""
+              finalize: bool = True, check_unused: Sequence[str] | None = None) -> None:
+  """Parses files then bindings; errors (a typo, an unknown name) name the culprit and the files.
+
+  A binding gin refuses raises GinConfigError with `.binding` set to it. check_unused: the
+  bindings whose macro the configuration must use (`check_macros_used`; default: all).
+  """
   _harden_gin_file_readers()
   for p in search_paths:
     if p and os.path.isdir(p):
       gin.add_config_file_search_path(os.path.abspath(p))
-  files = []
-  for f in gin_files:
-    files.append(_resolve(f, search_paths))
+  files = [_resolve(f, search_paths) for f in gin_files]
+  where = f'\n  files: {files}\n  bindings: {list(gin_bindings)}'
   logging.disable(logging.ERROR)  # gin logs every search-path miss of an `include` as an error
   try:
-    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=finalize)
+    gin.parse_config_files_and_bindings(files, [], finalize_config=False)
   except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:
-    raise GinConfigError(
-        f'gin configuration error: {e}\n  files: {files}\n  bindings: {list(gin_bindings)}') from e
+    raise GinConfigError(f'gin configuration error: {e}{where}') from e
   finally:
     logging.disable(logging.NOTSET)
-  check_macros_used(gin_bindings)
+  for b in gin_bindings:  # one at a time, so an error names its binding
+    try:
+      gin.parse_config(b)
+    except (ValueError, SyntaxError, KeyError, TypeError) as e:
+      raise GinConfigError(f'gin configuration error: {e}{where}', binding=b,
+                           reason=f'gin refuses it: {e}') from e
+  if finalize:
+    try:
+      gin.finalize()  # a %gin.REQUIRED macro nothing set is refused here
+    except ValueError as e:
+      raise GinConfigError(f'gin configuration error: {e}{where}') from e
+  check_macros_used(gin_bindings if check_unused is None else check_unused)
 
 
-def _binding_macro(binding: str) -> str | None:
+def parse_and_register(gin_files: Sequence[str], gin_bindings: Sequence[str],
+                       search_paths: Sequence[str] = ('.', PROJECT_GIN_DIR), *,
+                       finalize: bool = True, check_unused: Sequence[str] | None = None) -> None:
+  """What every gin-configured program does first (train, eval, infer, the experiments): clears
+  gin, parses `gin_files` then `gin_bindings` (`parse_gin`), and registers the tasks with the
+  configured vocabulary and data directories (`data.register_tasks`)."""
+  from sira_jax import data  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  parse_gin(gin_files, gin_bindings, search_paths, finalize=finalize, check_unused=check_unused)
+  data.register_tasks()
+
+
+def binding_macro(binding: str) -> str | None:
   """The macro a binding `NAME = value` defines (None for `configurable.param = value`)."""
   m = re.match(r'^\s*([A-Za-z_][\w]*)\s*=', binding)
   return m.group(1) if m else None
 
 
-def _config() -> dict:
-  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
-  return gin_config._CONFIG  # pylint: disable=protected-access
-
-
-def macro_names() -> tuple[set[str], set[str]]:
-  """(macros defined, macros referenced by some binding) in the parsed gin configuration."""
-  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
-  defined, used = set(), set()
-
-  def visit(v):
-    if isinstance(v, gin_config.ConfigurableReference):
-      if v.selector == 'gin.macro':
-        used.add('/'.join(v.scopes))
-    elif isinstance(v, (list, tuple, set)):
-      for x in v:
-        visit(x)
-    elif isinstance(v, dict):
-      for x in v.values():
-        visit(x)
-
-  for (scope, selector), params in _config().items():
-    if selector == 'gin.macro':
-      defined.add(scope)
-    for v in params.values():
-      visit(v)
-  return defined, used
+def referenced_macros() -> set[str]:
+  """Macros some binding of the parsed gin configuration references (`%NAME`, `%scope/NAME`),
+  read from `gin.config_str()`'s tokens (so a '%' inside a string literal is no reference)."""
+  tokens = list(tokenize.generate_tokens(io.StringIO(gin.config_str()).readline))
+  used = set()
+  for i, t in enumerate(tokens):
+    if t.type == tokenize.OP and t.string == '%':
+      name, j = '', i + 1
+      while j < len(tokens) and (tokens[j].type == tokenize.NAME or tokens[j].string in ('/', '.')):
+        name += tokens[j].string
+        j += 1
+      used.add(name)
+  return used
 
 
 def check_macros_used(gin_bindings: Sequence[str]) -> None:
@@ -154,16 +169,21 @@ def check_macros_used(gin_bindings: Sequence[str]) -> None:
   A typo such as `--gin.NUM_EXPERT=8` for NUM_EXPERTS would otherwise define a new, unused macro
   and the run would silently keep the configured value. The error lists the closest macros.
   """
-  _, used = macro_names()
+  used = referenced_macros()
   for b in gin_bindings:
-    name = _binding_macro(b)
-    if name is None or name in used:
-      continue
-    close = difflib.get_close_matches(name, sorted(used), n=5, cutoff=0.6)
-    hint = (f'did you mean {", ".join(close)}?' if close else
-            f'macros this configuration uses: {", ".join(sorted(used)) or "(none)"}')
-    raise GinConfigError(f'--gin.{name}: no binding in the gin files uses the macro {name!r}, so '
-                         f'setting it changes nothing; {hint}')
+    name = binding_macro(b)
+    if name is not None and name not in used:
+      reason = unused_macro_reason(name, used)
+      raise GinConfigError(f'--gin.{name}: {reason}', binding=b, reason=reason)
+
+
+def unused_macro_reason(name: str, used: set[str]) -> str:
+  """Why setting macro `name` is refused, with the closest of the `used` macros."""
+  close = difflib.get_close_matches(name, sorted(used), n=5, cutoff=0.6)
+  hint = (f'did you mean {", ".join(close)}?' if close else
+          f'macros this configuration uses: {", ".join(sorted(used)) or "(none)"}')
+  return (f'no binding in the gin files uses the macro {name!r}, so setting it changes nothing; '
+          f'{hint}')
 
 
 def bound_parameters(fn_or_cls) -> set[str]:
@@ -185,7 +205,13 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
 
 
 class GinConfigError(ValueError):
-  pass
+  """A gin configuration that cannot be parsed or sets nothing. binding: the binding to blame
+  (None when a file is); reason: why, naming no flag (a CLI names the flag its user typed)."""
+
+  def __init__(self, message: str, *, binding: str | None = None, reason: str | None = None):
+    super().__init__(message)
+    self.binding = binding
+    self.reason = reason or message
 
 
 def run(main, argv=None):
@@ -196,10 +222,9 @@ def run(main, argv=None):
 
 
 def parse_gin_from_flags(finalize: bool = True):
+  """`parse_and_register` with the gin flags (--gin_file, --gin.X / --gin_bindings)."""
   FLAGS = flags.FLAGS
-  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths, finalize=finalize)
-  from sira_jax import data  # pylint: disable=import-outside-toplevel
-  data.register_after_gin()
+  parse_and_register(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths, finalize=finalize)
 
 
 # What a CLI reports as a user error (one line, exit 2): configuration, data and checkpoint
@@ -221,12 +246,10 @@ def exit_with_error(e: BaseException, code: int = 2):
 
 
 def run_gin_command(command, report) -> None:
-  """Body of a gin-configured CLI (eval, infer): quiet logs, register the task modules, parse the
-  gin flags, `report(command())`. A user error (`USER_ERRORS`) prints one line `error: ...` and
-  exits 2; Ctrl-C exits 130 with one line."""
-  from sira_jax import data  # pylint: disable=import-outside-toplevel
+  """Body of a gin-configured CLI (eval, infer): quiet logs, parse the gin flags and register the
+  tasks (`parse_gin_from_flags`), `report(command())`. A user error (`USER_ERRORS`) prints one line
+  `error: ...` and exits 2; Ctrl-C exits 130 with one line."""
   quiet_logs()
-  data.import_task_modules()
   try:
     parse_gin_from_flags()
     result = command()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Callable, Mapping
 
@@ -17,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sira_jax import lru
 from sira_jax.adapters import AdapterConfig
 from sira_jax.t5.config import T5Config
 from sira_jax.t5.network import Transformer
@@ -90,17 +90,17 @@ def _plain_init_fn(model: Transformer) -> Callable[[jax.Array], dict]:
   return init
 
 
-_ABSTRACT = lru.Bounded(8)
-
-
 def abstract_variables(model: Transformer) -> PyTree:
   """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of the model's variables.
 
   Traced once per model (a hashable flax module) and process: tracing a model's init takes
   seconds on CPU, and a sweep asks once per run."""
-  if model not in _ABSTRACT:
-    _ABSTRACT.put(model, jax.eval_shape(init_fn(model), jax.random.PRNGKey(0)))
-  return jax.tree.map(lambda x: x, _ABSTRACT[model])  # new containers: callers may edit theirs
+  return jax.tree.map(lambda x: x, _traced_variables(model))  # new containers: callers may edit
+
+
+@functools.lru_cache(maxsize=8)
+def _traced_variables(model: Transformer) -> PyTree:
+  return jax.eval_shape(init_fn(model), jax.random.PRNGKey(0))
 
 
 def abstract_params(model: Transformer) -> dict:
@@ -108,19 +108,21 @@ def abstract_params(model: Transformer) -> dict:
   return nn.meta.unbox(abstract_variables(model))['params']
 
 
-_INIT_CACHE = lru.Bounded(4)
-_INIT_FNS = lru.Bounded(4)
-
-
 def init_variables(model: Transformer, cfg: T5Config, seed: int = 0) -> dict:
   """Fresh variables (params with adapters, plus e.g. 'schedule') as plain arrays, from
-  `run_keys(seed)[0]`. Cached per (config, seed, devices) within a process, and the compiled init
-  per (config, devices), so another seed does not compile again: XLA compiles of the init take
-  several seconds on CPU."""
-  devices = tuple(d.id for d in jax.devices())
-  key = (cfg, seed, devices)
-  if key not in _INIT_CACHE:
-    fn = (_INIT_FNS.get((cfg, devices))
-          or _INIT_FNS.put((cfg, devices), jax.jit(_plain_init_fn(model))))
-    _INIT_CACHE.put(key, fn(run_keys(seed)[0]))
-  return dict(_INIT_CACHE[key])
+  `run_keys(seed)[0]`. Cached per (model, seed, devices) within a process (the model is built from
+  `cfg`, and compares equal for an equal config), and the compiled init per (model, devices), so
+  another seed does not compile again: XLA compiles of the init take several seconds on CPU."""
+  del cfg  # the model holds it
+  return dict(_initial_variables(model, seed, tuple(d.id for d in jax.devices())))
+
+
+@functools.lru_cache(maxsize=4)
+def _initial_variables(model: Transformer, seed: int, devices: tuple[int, ...]) -> dict:
+  return _compiled_init(model, devices)(run_keys(seed)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_init(model: Transformer, devices: tuple[int, ...]):
+  del devices  # in the key only: a compiled init is kept per device set
+  return jax.jit(_plain_init_fn(model))

@@ -65,7 +65,7 @@ from sira_jax.t5.config import T5Config
 # ----------------------------------------------------------------------------------------------
 # The compiled step and the run's checkpoints
 # ----------------------------------------------------------------------------------------------
-_STEP_CACHE = lru.Bounded(4)
+_STEP_CACHE = lru.LRU(4)
 
 
 def compiled_train_step(model, tx, optimizer: Mapping[str, Any], loss_config, placement,
@@ -74,10 +74,9 @@ def compiled_train_step(model, tx, optimizer: Mapping[str, Any], loss_config, pl
   optimizer and its gin bindings, loss, mesh and devices) `cache_key` (at most 4 kept)."""
   bound = repr(sorted(gin.get_bindings(optim.make_optimizer).items()))  # e.g. b1, decay_rate
   key = (cache_key, tuple(sorted(optimizer.items())), bound, loss_config, placement.key)
-  if key not in _STEP_CACHE:
-    _STEP_CACHE.put(key, jax.jit(trainer_lib.make_train_step(model, tx, loss_config),
-                                 out_shardings=(state_sh, partitioning.replicated(placement.mesh))))
-  return _STEP_CACHE[key]
+  return _STEP_CACHE.get(key, lambda: jax.jit(
+      trainer_lib.make_train_step(model, tx, loss_config),
+      out_shardings=(state_sh, partitioning.replicated(placement.mesh))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,9 +425,8 @@ def train_from_gin(gin_files, gin_bindings=(), *, overwrite: bool = False,
                    search_paths=None) -> TrainResult:
   """Parses gin (files, then bindings) and runs `train`: what the CLI does, callable in-process."""
   from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  data_lib.import_task_modules()
-  gin_utils.parse_gin(gin_files, gin_bindings, search_paths or ('.', gin_utils.PROJECT_GIN_DIR))
-  data_lib.register_after_gin()
+  gin_utils.parse_and_register(gin_files, gin_bindings,
+                               search_paths or ('.', gin_utils.PROJECT_GIN_DIR))
   return train(overwrite=overwrite,
                configured_fields=gin_utils.bound_parameters(T5Config))
 

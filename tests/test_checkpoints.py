@@ -67,6 +67,20 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path):
   assert fb and all(fa[s] == fb[s] for s in fb if s in fa)
 
 
+def test_saves_every_n_steps_and_when_forced(tmp_path):
+  # orbax's save decision (every 2 steps; a fresh run's first step is no exception), plus forced
+  # saves of other steps (the end of a run, SIGTERM); a step already saved is never rewritten.
+  mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'c'), save_every=2, keep=5)
+  state = {'w': np.zeros((2,), np.float32)}
+  saved = [s for s in range(1, 6) if mngr.save(s, state, {})]
+  assert saved == [2, 4] and mngr.all_steps() == [2, 4]
+  assert not mngr.should_save(4) and mngr.should_save(6) and not mngr.should_save(5)
+  assert mngr.save(5, state, {}, force=True) and mngr.all_steps() == [2, 4, 5]
+  assert not mngr.save(5, state, {}, force=True)
+  assert mngr.read_meta(5)['step'] == 5
+  mngr.close()
+
+
 def test_adapter_only_checkpoint_holds_no_base(tmp_path):
   res = _train(tmp_path / 'r', train_steps=2)
   mngr = ckpt_lib.CheckpointManager(str(tmp_path / 'r' / 'checkpoints'))

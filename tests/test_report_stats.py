@@ -3,6 +3,8 @@ over result folders holding an unreadable result file."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from scipy import stats
 from experiments import report as report_lib
 from experiments import runner
 from experiments import sweeps as sweeps_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ def _truncate(path):
     f.write(text[:len(text) // 2])
 
 
-def test_report_skips_an_unreadable_result_file_and_names_it(tmp_path, capsys):
+def test_report_skips_an_unreadable_result_file_and_names_it(tmp_path):
   sweep = sweeps_lib.get_sweep('c1')
   results, out = str(tmp_path / 'results'), str(tmp_path / 'report')
   paths = _write_results(sweep, results)
@@ -206,9 +210,13 @@ def test_report_skips_an_unreadable_result_file_and_names_it(tmp_path, capsys):
   chosen = max(r16, key=lambda r: r.learning_rate)  # the score grows with the rate
   _truncate(paths[tuned_run])
   _truncate(paths[chosen.name])
-  assert report_lib.main(['--sweep=c1', f'--results_dir={results}', f'--out_dir={out}']) == 0
-
-  err = capsys.readouterr().err
+  proc = subprocess.run(  # the command line, as a user runs it
+      [sys.executable, '-m', 'experiments.report', '--sweep=c1', f'--results_dir={results}',
+       f'--out_dir={out}'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == os.path.join(out, 'REPORT.md')
+  err = proc.stderr
   warnings = [line for line in err.splitlines() if line.startswith('warning:')]
   assert len(warnings) == 2
   for p in (paths[tuned_run], paths[chosen.name]):  # once each, with the parse error

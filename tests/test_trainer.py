@@ -125,10 +125,13 @@ def test_same_losses_on_one_device_and_on_a_mesh(tmp_path):
 
 
 def test_compile_caches_are_bounded_and_keyed_by_devices():
-  cache = lru.Bounded(2)
+  cache = lru.LRU(2)
   for i in range(5):
-    cache.put(i, i)
-  assert list(cache) == [3, 4]
+    assert cache.get(i, lambda i=i: i) == i
+  assert cache.keys() == [3, 4]
+  assert cache.get(3, lambda: 'rebuilt') == 3 and cache.keys() == [4, 3]  # a hit refreshes it
+  cache.get(5, lambda: 5)
+  assert cache.keys() == [3, 5]  # the least recently used went
   a = Placement({'data': 1})
   b = Placement({'data': 2})
   assert a.key != b.key  # a step compiled for one mesh is never reused on another

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
@@ -346,29 +347,41 @@ class HFReader:
     return out
 
 
-def main(argv=None) -> None:
-  """`python -m sira_jax.t5.loading PATH [--tokens 1,2,3] [--max-decode-length 16]`
+def main(argv) -> None:
+  """`python -m sira_jax.t5.loading PATH [--tokens=1,2,3] [--max_decode_length=16]`
 
   Loads a checkpoint, prints the config and parameter counts, and greedily decodes the given
   token ids (e.g. from the model's SentencePiece vocabulary) as a smoke test.
   """
-  import argparse
-  from sira_jax.t5 import decoding
-  from sira_jax.t5.param_count import count_parameters
-  ap = argparse.ArgumentParser(description=main.__doc__)
-  ap.add_argument('path')
-  ap.add_argument('--tokens', default='', help='comma-separated encoder token ids')
-  ap.add_argument('--max-decode-length', type=int, default=16)
-  args = ap.parse_args(argv)
-  model, params = load_pretrained(args.path)
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import decoding  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.param_count import count_parameters  # pylint: disable=import-outside-toplevel
+  FLAGS = flags.FLAGS
+  if len(argv) != 2:
+    _usage_error(f'give one checkpoint PATH (got {len(argv) - 1} arguments)')
+  if not all(t.strip().isdigit() for t in FLAGS.tokens):
+    _usage_error(f'--tokens={",".join(FLAGS.tokens)}: give comma-separated token ids, e.g. 1,2,3')
+  model, params = load_pretrained(argv[1])
   print(model.config)
   print(count_parameters(model.config).as_dict())
-  if args.tokens:
-    ids = jnp.asarray([[int(t) for t in args.tokens.split(',')]], jnp.int32)
+  if FLAGS.tokens:
+    ids = jnp.asarray([[int(t) for t in FLAGS.tokens]], jnp.int32)
     out = decoding.predict_batch(model, {'params': params}, {'encoder_input_tokens': ids},
-                                 max_decode_length=args.max_decode_length)
+                                 max_decode_length=FLAGS.max_decode_length)
     print('decoded ids:', np.asarray(out)[0].tolist())
 
 
+def _usage_error(message: str) -> None:
+  print(f'error: {message}; usage: {main.__doc__.splitlines()[0]}', file=sys.stderr)
+  sys.exit(2)
+
+
+def cli() -> None:
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_list('tokens', [], 'comma-separated encoder token ids to decode greedily')
+  flags.DEFINE_integer('max_decode_length', 16, 'decoded tokens at most', lower_bound=1)
+  app.run(main)
+
+
 if __name__ == '__main__':
-  main()
+  cli()
