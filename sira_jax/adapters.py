@@ -99,6 +99,10 @@ class AdapterConfig:
       each batch shard's tokens form their own groups, so the group count G is a multiple of
       the batch shards (data x expert) and T may be smaller (`routing.group_layout`): 256
       tokens on data 4 x expert 2 with max_group_size 64 route in 8 groups of 32.
+    strict_group_size: refuse a mesh on which the groups would differ from one device's
+      (G = ceil(N / max_group_size) groups of T positions, padding at the end) instead of letting
+      each batch shard form its own groups, so a run routes the same tokens together on any mesh;
+      the error names the max_group_size that fits (flaxformer's option of the same name).
     batch_prioritized_routing: slots go to tokens with larger top-1 gate
       first (encoder only; decoder layers disable it).
     router_jitter: eps of the multiplicative U(1-eps, 1+eps) noise on the
@@ -133,6 +137,7 @@ class AdapterConfig:
   capacity_counts: str = 'real_tokens'
   min_expert_capacity: int = 4
   max_group_size: int = 1024
+  strict_group_size: bool = False
   batch_prioritized_routing: bool = False
   router_jitter: float = 0.0
   expert_dropout_rate: float = 0.0
@@ -299,9 +304,7 @@ class AdaptedDense(nn.Module):
     cfg = self.adapter
     lead_shape, d_in = x.shape[:-1], x.shape[-1]
     n = math.prod(lead_shape)
-    # Groups never span batch shards, and every shard has its own (routing.group_layout).
-    shards = routing.group_shards(n, partitioning.batch_axis_sizes())
-    g, t = routing.group_layout(n, cfg.max_group_size, shards)
+    g, t, shards = self._group_layout(n)
     mask = routing.to_groups(token_mask.reshape(n), g, t, shards)
     form = self._expert_form(n, d_in, router.num_selected,
                              router.capacity_factor(enable_dropout))
@@ -323,6 +326,26 @@ class AdaptedDense(nn.Module):
                     output_axis=self.kernel_axes[1],
                     **({} if hidden is None else {'hidden': hidden}))
     return routing.from_groups(delta, n, shards).reshape(lead_shape + (self.features,))
+
+  def _group_layout(self, num_tokens: int) -> tuple[int, int, int]:
+    """(G, T, S): groups never span batch shards, and each of the S batch shards of the bound
+    mesh has its own (`routing.group_layout`); `strict_group_size` refuses a layout that differs
+    from one device's."""
+    cfg = self.adapter
+    shards = routing.group_shards(num_tokens, partitioning.batch_axis_sizes())
+    g, t = routing.group_layout(num_tokens, cfg.max_group_size, shards)
+    if cfg.strict_group_size and shards > 1:
+      g1, t1 = routing.group_layout(num_tokens, cfg.max_group_size)
+      if (g1, t1) != (g, t) or g * t != num_tokens:
+        raise ValueError(
+            f'AdapterConfig.max_group_size={cfg.max_group_size} gives {g1} groups of {t1} for '
+            f'{num_tokens} tokens, which do not split over the {shards} batch shards of the mesh '
+            f'(data x expert) as whole groups, and strict_group_size=True keeps the groups of one '
+            f'device. Set max_group_size to a divisor of {num_tokens // shards} (the tokens of '
+            f'one shard), e.g. {math.gcd(num_tokens // shards, cfg.max_group_size)}, or '
+            f'strict_group_size=False to let each shard form its own groups (here {g} groups '
+            f'of {t}).')
+    return g, t, shards
 
   def _expert_form(self, num_tokens: int, d_in: int, num_selected: int,
                    capacity_factor: Optional[float]) -> str:

@@ -99,3 +99,26 @@ def test_cost_model_counts_the_groups_of_the_mesh():
   # Per device the einsum form's dispatch work halves with T (its masks are [G, T, E, C]).
   assert (cost_model.form_cost('einsum', site, mesh).flops <
           cost_model.form_cost('einsum', site, one).flops / 8)
+
+
+def test_strict_group_size_refuses_a_layout_unlike_one_device():
+  """strict_group_size keeps one device's groups: 64 (4 groups for 8 shards) is refused with the
+  fix named; 32 (8 groups of 32 on one device as on the mesh) traces; one device never refuses."""
+  mesh = partitioning.make_mesh(data=4, expert=2, model=1)
+  x = jax.ShapeDtypeStruct((BATCH, LENGTH, D_IN), jnp.float32)
+
+  def trace(max_group_size, bound=True):
+    cfg = AdapterConfig(kind='sira', num_experts=E, top_k=2, expert_compute='einsum',
+                        max_group_size=max_group_size, strict_group_size=True)
+    layer = AdaptedDense(D_OUT, adapter=cfg)
+    if not bound:
+      return jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)
+    with partitioning.activate(mesh):
+      return jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)
+
+  with pytest.raises(ValueError, match=r'max_group_size=64 gives 4 groups of 64 for 256 tokens.*'
+                     r'8 batch shards.*divisor of 32.*e\.g\. 32.*strict_group_size=False.*'
+                     r'8 groups of 32'):
+    trace(64)
+  assert nn.unbox(trace(32))['params']['lora_a'].shape == (E, 4, D_IN)
+  assert nn.unbox(trace(64, bound=False))['params']['lora_a'].shape == (E, 4, D_IN)
