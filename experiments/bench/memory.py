@@ -65,12 +65,18 @@ def xtreme_up_shapes() -> dict:
 
 def parse_mesh(text: str) -> dict:
   """'2x4' -> data 2 x model 4; '2x2x2' -> data x expert x model."""
-  sizes = [int(s) for s in text.lower().split('x')]
+  fix = f'mesh {text!r}: write DATAxMODEL (e.g. 2x4) or DATAxEXPERTxMODEL, positive integers'
+  try:
+    sizes = [int(s) for s in text.lower().split('x')]
+  except ValueError as e:
+    raise ValueError(fix) from e
+  if min(sizes) < 1:
+    raise ValueError(fix)
   if len(sizes) == 2:
     return dict(data=sizes[0], expert=1, model=sizes[1])
   if len(sizes) == 3:
     return dict(zip(('data', 'expert', 'model'), sizes))
-  raise ValueError(f'mesh {text!r}: write DATAxMODEL (e.g. 2x4) or DATAxEXPERTxMODEL')
+  raise ValueError(fix)
 
 
 def missing_fields(variant: str) -> list[str]:
