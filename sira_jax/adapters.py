@@ -95,7 +95,14 @@ class AdapterConfig:
       max(min_expert_capacity, ceil(k * cf * n_g / E))); 'positions', all T
       positions, padding included (flaxformer's rule, for parity): c_g = C.
     min_expert_capacity: lower bound on the capacity.
-    max_group_size: tokens per routing group T (capacity is per group).
+    max_group_size: the most tokens per routing group T (capacity is per group). On a mesh
+      each batch shard's tokens form their own groups, so the group count G is a multiple of
+      the batch shards (data x expert) and T may be smaller (`routing.group_layout`): 256
+      tokens on data 4 x expert 2 with max_group_size 64 route in 8 groups of 32.
+    strict_group_size: refuse a mesh on which the groups would differ from one device's
+      (G = ceil(N / max_group_size) groups of T positions, padding at the end) instead of letting
+      each batch shard form its own groups, so a run routes the same tokens together on any mesh;
+      the error names the max_group_size that fits (flaxformer's option of the same name).
     batch_prioritized_routing: slots go to tokens with larger top-1 gate
       first (encoder only; decoder layers disable it).
     router_jitter: eps of the multiplicative U(1-eps, 1+eps) noise on the
@@ -130,6 +137,7 @@ class AdapterConfig:
   capacity_counts: str = 'real_tokens'
   min_expert_capacity: int = 4
   max_group_size: int = 1024
+  strict_group_size: bool = False
   batch_prioritized_routing: bool = False
   router_jitter: float = 0.0
   expert_dropout_rate: float = 0.0
@@ -296,11 +304,11 @@ class AdaptedDense(nn.Module):
     cfg = self.adapter
     lead_shape, d_in = x.shape[:-1], x.shape[-1]
     n = math.prod(lead_shape)
-    g, t = routing.group_layout(n, cfg.max_group_size)
-    mask = routing.to_groups(token_mask.reshape(n), g, t)
-    form = self._expert_form(g, t, d_in, router.num_selected,
+    g, t, shards = self._group_layout(n)
+    mask = routing.to_groups(token_mask.reshape(n), g, t, shards)
+    form = self._expert_form(n, d_in, router.num_selected,
                              router.capacity_factor(enable_dropout))
-    router_in = routing.to_groups(x.reshape(n, d_in), g, t).astype(jnp.float32)
+    router_in = routing.to_groups(x.reshape(n, d_in), g, t, shards).astype(jnp.float32)
     fused_weight = None
     if (form == 'dense' and a.dtype == jnp.float32 and
         not (enable_dropout and cfg.dropout_rate > 0)):
@@ -313,15 +321,37 @@ class AdaptedDense(nn.Module):
     instructions, hidden = router(router_in, mask, enable_dropout=enable_dropout,
                                   fused_weight=fused_weight)
     compute = experts_lib.EXPERT_FORMS[form]
-    delta = compute(routing.to_groups(adapter_in.reshape(n, d_in), g, t), a, b, instructions,
-                    input_axis=self.kernel_axes[0], output_axis=self.kernel_axes[1],
+    delta = compute(routing.to_groups(adapter_in.reshape(n, d_in), g, t, shards), a, b,
+                    instructions, input_axis=self.kernel_axes[0],
+                    output_axis=self.kernel_axes[1],
                     **({} if hidden is None else {'hidden': hidden}))
-    return routing.from_groups(delta, n).reshape(lead_shape + (self.features,))
+    return routing.from_groups(delta, n, shards).reshape(lead_shape + (self.features,))
 
-  def _expert_form(self, g: int, t: int, d_in: int, num_selected: int,
+  def _group_layout(self, num_tokens: int) -> tuple[int, int, int]:
+    """(G, T, S): groups never span batch shards, and each of the S batch shards of the bound
+    mesh has its own (`routing.group_layout`); `strict_group_size` refuses a layout that differs
+    from one device's."""
+    cfg = self.adapter
+    shards = routing.group_shards(num_tokens, partitioning.batch_axis_sizes())
+    g, t = routing.group_layout(num_tokens, cfg.max_group_size, shards)
+    if cfg.strict_group_size and shards > 1:
+      g1, t1 = routing.group_layout(num_tokens, cfg.max_group_size)
+      if (g1, t1) != (g, t) or g * t != num_tokens:
+        raise ValueError(
+            f'AdapterConfig.max_group_size={cfg.max_group_size} gives {g1} groups of {t1} for '
+            f'{num_tokens} tokens, which do not split over the {shards} batch shards of the mesh '
+            f'(data x expert) as whole groups, and strict_group_size=True keeps the groups of one '
+            f'device. Set max_group_size to a divisor of {num_tokens // shards} (the tokens of '
+            f'one shard), e.g. {math.gcd(num_tokens // shards, cfg.max_group_size)}, or '
+            f'strict_group_size=False to let each shard form its own groups (here {g} groups '
+            f'of {t}).')
+    return g, t, shards
+
+  def _expert_form(self, num_tokens: int, d_in: int, num_selected: int,
                    capacity_factor: Optional[float]) -> str:
     """`expert_compute`, with 'auto' resolved by `cost_model.choose_form` for this layer's
-    shapes, the bound mesh (`partitioning.activate`; none: one device) and the backend."""
+    shapes (`num_tokens` N per step, grouped as `cost_model.grouping` does), the bound mesh
+    (`partitioning.activate`; none: one device) and the backend."""
     cfg = self.adapter
     if cfg.expert_compute != 'auto':
       return cfg.expert_compute
@@ -329,9 +359,9 @@ class AdaptedDense(nn.Module):
     sizes = {} if mesh.empty else dict(mesh.shape)
     shape = cost_model.MeshShape(**{a: sizes.get(a, 1) for a in ('data', 'expert', 'model')})
     site = cost_model.Site(
-        tokens=g * t, d_in=d_in, d_out=self.features, rank=cfg.rank,
+        tokens=num_tokens, d_in=d_in, d_out=self.features, rank=cfg.rank,
         num_experts=cfg.num_experts, top_k=num_selected, capacity_factor=capacity_factor,
-        group_size=t, min_capacity=cfg.min_expert_capacity,
+        group_size=cfg.max_group_size, min_capacity=cfg.min_expert_capacity,
         dtype_bytes=jnp.dtype(self.dtype).itemsize)
     return cost_model.choose_form(site, shape, jax.default_backend())
 

@@ -46,7 +46,9 @@ COLLECTIVES = ('all-to-all', 'all-gather', 'all-reduce', 'reduce-scatter', 'coll
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-  """One adapted projection: `tokens` global tokens per step through [d_in] -> [d_out]."""
+  """One adapted projection: `tokens` global tokens per step through [d_in] -> [d_out].
+
+  `group_size` is the adapter's `max_group_size`; the group layout on a mesh is `grouping`'s."""
   tokens: int
   d_in: int
   d_out: int
@@ -94,11 +96,13 @@ CPU_2CORE = Hardware('2-core CPU', 5.0e10, 5.0e9, 5.0e9)
 
 
 def grouping(site: Site, mesh: MeshShape) -> tuple[int, int, int]:
-  """(G groups per step, T tokens per group, C capacity) as `AdaptedDense` computes them."""
-  g, t = routing.group_layout(site.tokens, site.group_size)
+  """(G groups per step, T tokens per group, C capacity) as `AdaptedDense` computes them on
+  `mesh`: G a multiple of the batch shards (data x expert) the tokens split into
+  (`routing.group_layout`), so T may be below `site.group_size`."""
+  shards = routing.group_shards(site.tokens, (mesh.data, mesh.expert))
+  g, t = routing.group_layout(site.tokens, site.group_size, shards)
   c = routing.expert_capacity(t, site.num_experts, site.top_k, site.capacity_factor,
                               site.min_capacity)
-  del mesh
   return g, t, c
 
 

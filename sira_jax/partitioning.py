@@ -142,9 +142,7 @@ def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Ar
   partitioners bind it, `with mesh:`'s, which flax's own `nn.with_logical_constraint` ignores
   on jax 0.10.
   """
-  mesh, legacy = jax.sharding.get_abstract_mesh(), None
-  if mesh.empty:  # `with mesh:` (T5X's partitioners) sets only the legacy thread-local mesh
-    legacy = mesh = jax_mesh.thread_resources.env.physical_mesh
+  mesh, legacy = _bound_mesh()
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return x
@@ -157,6 +155,29 @@ def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Ar
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
   spec = P(*spec)
   return jax.lax.with_sharding_constraint(x, spec if legacy is None else NamedSharding(legacy, spec))
+
+
+def _bound_mesh():
+  """(mesh, legacy): `jax.set_mesh`'s abstract mesh (`activate`), or else the mesh `with mesh:`
+  binds (T5X's partitioners), which is then also `legacy`; an empty mesh when none is bound."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh, None
+  legacy = jax_mesh.thread_resources.env.physical_mesh  # `with mesh:` sets only this
+  return legacy, legacy
+
+
+def batch_axis_sizes() -> tuple[int, ...]:
+  """Sizes of the bound mesh's axes that the logical 'batch' axis maps to, in rule order (e.g.
+  (data, expert)); () when no mesh or no rules are bound. `routing.group_shards` turns them into
+  the batch shards a step's tokens split over."""
+  mesh, _ = _bound_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return ()
+  axes = nn.logical_to_mesh_axes(('batch',), rules)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(int(mesh.shape[a]) for a in axes if a in mesh.shape)
 
 
 def logical_to_mesh_spec(names: Sequence[str | None], rules: Rules | None = None) -> P:

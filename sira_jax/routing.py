@@ -32,7 +32,7 @@ Conventions (documented defaults, every one a config field in
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
@@ -124,37 +124,66 @@ class AdapterChoice:
   b_index: Optional[Array] = None
 
 
-def group_layout(num_tokens: int, max_group_size: int) -> tuple[int, int]:
-  """(G, T): G = ceil(N / max_group_size) groups of T = ceil(N / G) tokens.
+def group_shards(num_tokens: int, batch_axis_sizes: Sequence[int]) -> int:
+  """S, the batch shards the N tokens of a step split into: the product of the longest prefix of
+  `batch_axis_sizes` (the sizes of the mesh axes the 'batch' axis maps to, in rule order, e.g.
+  (data, expert)) that divides `num_tokens`, as `partitioning.with_logical_constraint` splits
+  a dimension. () (no mesh bound): 1.
+  """
+  shards = 1
+  for size in batch_axis_sizes:
+    if num_tokens % (shards * size):
+      break
+    shards *= size
+  return shards
 
-  G * T >= N; the G * T - N < G extra positions are padding (`to_groups`
-  masks them), so T never collapses below max_group_size / 2 however N
-  factors: 97 tokens with max_group_size 32 give 4 groups of 25 (3 padding),
-  not 97 groups of one token whose capacity could never bind.
+
+def group_layout(num_tokens: int, max_group_size: int, shards: int = 1) -> tuple[int, int]:
+  """(G, T): each of the S = `shards` batch shards' N/S tokens form ceil(N / S / max_group_size)
+  groups, G = S * ceil(N / S / max_group_size) in all, of T = ceil(N / G) <= max_group_size
+  tokens.
+
+  G is a multiple of S (at least S), so the group axis splits over the batch shards and every
+  group lies within one shard: routing is shard-local and the einsum form stays expert parallel
+  (with fewer groups than shards XLA all-gathers the tokens instead of exchanging expert
+  buffers with all-to-alls). S = 1 (one device, or no batch axes): G = ceil(N / max_group_size).
+  `group_shards` gives S for a bound mesh; `AdaptedDense` and `cost_model.grouping` both call it.
+
+  Each shard's G/S * T - N/S < G/S extra positions are padding (`to_groups` masks them), so T
+  never collapses below max_group_size / 2 however N factors: 97 tokens with max_group_size 32
+  give 4 groups of 25 (3 padding), not 97 groups of one token whose capacity could never bind.
   """
   if num_tokens <= 0:
     raise ValueError(f'num_tokens must be positive, got {num_tokens}.')
   if max_group_size <= 0:
     raise ValueError(f'max_group_size must be positive, got {max_group_size}.')
-  g = math.ceil(num_tokens / max_group_size)
+  if shards <= 0 or num_tokens % shards:
+    raise ValueError(f'{num_tokens} tokens do not split into {shards} batch shards; use '
+                     f'`group_shards` for the shard count.')
+  g = shards * math.ceil(num_tokens // shards / max_group_size)
   return g, math.ceil(num_tokens / g)
 
 
-def to_groups(x: Array, num_groups: int, group_size: int) -> Array:
-  """[N, ...] -> [G, T, ...], appending G * T - N zero (False) rows first.
+def to_groups(x: Array, num_groups: int, group_size: int, shards: int = 1) -> Array:
+  """[N, ...] -> [G, T, ...]: each of the `shards` contiguous blocks of N/S rows becomes G/S
+  groups, its G/S * T - N/S padding rows (zero, False) appended to the block.
 
-  Pass the token mask through it too: its padding rows are False, so padding
-  is never routed, takes no capacity slot and is never counted.
+  Pass the token mask through it too: its padding rows are False, so padding is never routed,
+  takes no capacity slot and is never counted. Padding within each shard's block keeps the
+  reshape shard-local when N is split over the batch shards.
   """
-  pad = num_groups * group_size - x.shape[0]
+  block = num_groups // shards * group_size
+  x = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+  pad = block - x.shape[1]
   if pad:  # Static: no copy when G * T == N (the usual case).
-    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  return x.reshape((num_groups, group_size) + x.shape[1:])
+    x = jnp.concatenate([x, jnp.zeros((shards, pad) + x.shape[2:], x.dtype)], axis=1)
+  return x.reshape((num_groups, group_size) + x.shape[2:])
 
 
-def from_groups(x: Array, num_tokens: int) -> Array:
-  """[G, T, ...] -> [N, ...]: the inverse of `to_groups` (drops the padding)."""
-  return x.reshape((-1,) + x.shape[2:])[:num_tokens]
+def from_groups(x: Array, num_tokens: int, shards: int = 1) -> Array:
+  """[G, T, ...] -> [N, ...]: the inverse of `to_groups` (drops each shard's padding)."""
+  x = x.reshape((shards, -1) + x.shape[2:])[:, :num_tokens // shards]
+  return x.reshape((num_tokens,) + x.shape[2:])
 
 
 def expert_capacity(group_size: int, num_experts: int, num_selected: int,

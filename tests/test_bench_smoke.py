@@ -69,3 +69,30 @@ def test_profile_stand_ins_replace_routing_parts_while_tracing():
     stubbed = primitives()
   assert 'sort' not in stubbed and 'cumsum' not in stubbed
   assert 'sort' in primitives()  # Restored after the context.
+
+
+def test_memory_part_smoke(tmp_path):
+  """The memory part on one tiny model, 2 simulated devices: the compiled step's per-device
+  bytes are read back, and a variant whose T5Config fields are missing is a noted skip."""
+  from experiments.bench import memory
+  out = tmp_path / 'bench'
+  cmd = [sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}', '--parts=memory']
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=900)
+  results = json.loads((out / 'results.json').read_text())
+  rows = {r['variant']: r for r in results['memory']['rows']}
+  row = rows['default']
+  assert 'error' not in row, row
+  assert row['devices'] == 2 and row['backend'] == 'cpu' and row['compile_s'] > 0
+  assert row['argument_size_in_bytes'] > 0 and row['temp_size_in_bytes'] > 0
+  assert row['total_bytes'] >= row['argument_size_in_bytes'] + row['temp_size_in_bytes']
+  # The frozen base is sharded over 'model' (2 devices): each holds less than all parameters.
+  assert row['argument_size_in_bytes'] < 4 * row['params']
+  assert row['trainable_params'] < row['params']
+  scanned = rows['scan/remat=full']
+  if memory.missing_fields('scan/remat=full'):
+    assert 'scan_layers' in scanned['skipped']
+  else:
+    assert 'error' not in scanned and scanned['total_bytes'] > 0, scanned
+  md = (out / 'results.md').read_text()
+  assert 'per-device memory' in md and 'From CPU compilation' in md and '| tiny | sira8 | 1x2 |' in md

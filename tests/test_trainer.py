@@ -109,7 +109,10 @@ def test_eval_metrics_match_hand_computed_values(tmp_path):
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
 def test_same_losses_on_one_device_and_on_a_mesh(tmp_path):
-  cfg = fx.tiny_config('sira')
+  # Routing groups of one example (16 positions): one device and each of the mesh's 4 batch shards
+  # form the same groups (strict_group_size refuses any other layout); with larger groups each
+  # shard would form its own (routing.group_layout), routing other tokens together than one device.
+  cfg = fx.tiny_config('sira', max_group_size=16, strict_group_size=True)
   kw = dict(mixture_or_task_name=fx.FIXTURE_TASK, task_feature_lengths=fx.LENGTHS, train_steps=2,
             batch_size=8, model_config=cfg, progress_bar=False, tensorboard=False, log_every=1,
             learning_rate=1e-2)

@@ -1,13 +1,16 @@
 r"""One command for every benchmark: layer level, model level (train step, compile time, memory),
-compile time by stage and depth, cached decoding, the PEFT peer and the cost-model layout table;
-writes results.json and results.md into a new directory (never overwritten).
+compile time by stage and depth, cached decoding, the PEFT peer, the cost-model layout table and
+the per-device memory of real-size models compiled on simulated CPU meshes; writes results.json and
+results.md into a new directory (never overwritten).
 
   python -m experiments.bench --out=experiments/results/bench_cpu      # full (~40 min, 2 cores)
   python -m experiments.bench --smoke --out=/tmp/bench_smoke            # seconds: CI smoke
+  python -m experiments.bench --parts=memory --out=experiments/results/memory_cpu  # hours: mT5
+      # XL/XXL x SiRA/LoRA x meshes x remat/scan variants (--memory_* flags pick a subset)
 
 Ratios are within one run, medians over interleaved repeats, with the load average recorded;
 compare ratios, not seconds. `--parts` picks a subset (layer,model,profile,compile,decode,peer,
-cost).
+cost, and memory, which only runs when named).
 """
 from __future__ import annotations
 
@@ -18,15 +21,17 @@ import time
 
 from absl import app, flags
 
-from experiments.bench import common, compile_time, cost_table, layer, model, peer, profile
+from experiments.bench import (common, compile_time, cost_table, layer, memory, model, peer,
+                               profile)
 from sira_jax import partitioning
 from sira_jax.adapters import AdapterConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'New output directory for results.json and results.md.')
 flags.DEFINE_bool('smoke', False, 'Tiny shapes and one repeat: a seconds-long check of the code.')
-PARTS = ('layer', 'model', 'profile', 'compile', 'decode', 'peer', 'cost')
-flags.DEFINE_list('parts', list(PARTS), 'Parts to run.')
+PARTS = ('layer', 'model', 'profile', 'compile', 'decode', 'peer', 'cost', 'memory')
+flags.DEFINE_list('parts', [p for p in PARTS if p != 'memory'],
+                  'Parts to run (memory, hours at full size, only when named).')
 flags.DEFINE_integer('repeats', 5, 'Interleaved timed repeats per variant (median).')
 flags.DEFINE_list('experts', ['4', '8', '32', '64'], 'Layer level: expert counts E.')
 flags.DEFINE_list('tokens', ['8192'], 'Layer level: tokens per step.')
@@ -40,6 +45,20 @@ flags.DEFINE_list('compile_variants', ['lora', 'sira8', 'sira32'],
                   'Compile part: variants (names as --model_variants).')
 flags.DEFINE_list('compile_depths', ['1', '2', '6'],
                   'Compile part: encoder (= decoder) layer counts.')
+
+flags.DEFINE_list('memory_models', ['mt5_xl', 'mt5_xxl'],
+                  f'Memory part: models ({sorted(memory.MODELS)}).')
+flags.DEFINE_list('memory_adapters', ['sira8', 'lora'],
+                  f'Memory part: adapters ({sorted(memory.ADAPTERS)}).')
+flags.DEFINE_list('memory_meshes', ['2x4', '4x8'],
+                  'Memory part: simulated meshes, DATAxMODEL (or DATAxEXPERTxMODEL).')
+flags.DEFINE_list('memory_variants', list(memory.VARIANTS),
+                  'Memory part: T5Config variants (scan_layers, remat_policy).')
+flags.DEFINE_multi_string('memory_bindings', [], "Memory part: extra gin bindings, e.g. "
+                          "\"ACTIVATION_DTYPE = 'bfloat16'\".")
+flags.DEFINE_integer('memory_batch_size', None, 'Memory part: global batch (default: '
+                     'gin/t5x/runs/train_common.gin BATCH_SIZE).')
+flags.DEFINE_integer('memory_timeout', 3600, 'Memory part: seconds per compilation.')
 
 
 def model_variants(names):
@@ -93,6 +112,18 @@ def main(argv):
     raise app.UsageError(f'--compile_depths: integers, e.g. 1,2,6 ({e})') from e
   if min(compile_depths, default=0) < 1:
     raise app.UsageError('--compile_depths: every depth must be >= 1')
+  memory_flags = dict(models=FLAGS.memory_models, adapters=FLAGS.memory_adapters,
+                      variants=FLAGS.memory_variants)
+  for flag, table in (('models', memory.MODELS), ('adapters', memory.ADAPTERS),
+                      ('variants', memory.VARIANTS)):
+    unknown = [n for n in memory_flags[flag] if n not in table]
+    if unknown:
+      raise app.UsageError(f'--memory_{flag}: unknown {unknown}; choose from {sorted(table)}')
+  try:
+    for mesh_text in FLAGS.memory_meshes:
+      memory.parse_mesh(mesh_text)
+  except ValueError as e:
+    raise app.UsageError(f'--memory_meshes: {e}') from e
   peer_missing = peer.available() if 'peer' in FLAGS.parts else None
   if peer_missing and not FLAGS.smoke:
     raise app.UsageError(f'the PEFT peer needs: {peer_missing}; or drop it from --parts.')
@@ -211,6 +242,22 @@ def main(argv):
     for t in peer_targets:
       md.append(f'\nproject / PEFT tokens/s ({t}): '
                 f'{rows[f"project lora {t}"]["tokens_per_s"] / rows[f"peft lora {t}"]["tokens_per_s"]:.2f}')
+    save()
+  if 'memory' in FLAGS.parts:
+    mem_shapes = memory.xtreme_up_shapes()
+    if FLAGS.memory_batch_size:
+      mem_shapes['batch_size'] = FLAGS.memory_batch_size
+    if smoke:
+      mem_shapes = dict(inputs=8, targets=4, batch_size=2)
+    res = memory.run(['tiny'] if smoke else FLAGS.memory_models,
+                     ['sira8'] if smoke else FLAGS.memory_adapters,
+                     ['1x2'] if smoke else FLAGS.memory_meshes,
+                     ['default', 'scan/remat=full'] if smoke else FLAGS.memory_variants,
+                     shapes=mem_shapes, bindings=FLAGS.memory_bindings,
+                     timeout_s=FLAGS.memory_timeout, progress=log)
+    results['memory'] = res
+    md += ['', '## Real sizes on simulated meshes: per-device memory and compile time', '',
+           memory.__doc__.strip(), ''] + memory.markdown(res)
     save()
   results['load_end'] = common.load_average()
   md += ['', f'Load average at the end: {results["load_end"]}.']
