@@ -184,17 +184,21 @@ def read_base_params(path: str, cfg: T5Config, abstract: Mapping[str, Any]) -> d
   checked against `abstract` (the model's param shapes) and every non-adapter param present.
 
   Raises CheckpointError naming the parameter, the checkpoint and both shapes.
+  Either layout of the layer stacks is read into `cfg.scan_layers`' (`sira_jax.t5.scan_layout`).
   """
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import scan_layout  # pylint: disable=import-outside-toplevel
   base_dir = resolve_base_dir(path)
   if base_dir is not None:
     base, _ = ckpt_lib.load_base_params(base_dir)
-  else:
+  else:  # Hugging Face / T5X files name every layer: read them unscanned.
     from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
     reader = loading.open_checkpoint(path)[0]
+    unscanned = scan_layout.to_layout(abstract, scanned=False)
     base = traverse_util.unflatten_dict(
-        reader.read(cfg, traverse_util.flatten_dict(dict(abstract), sep='/')), sep='/')
-  flat = traverse_util.flatten_dict(optim.to_plain_dict(base))
+        reader.read(cfg, traverse_util.flatten_dict(unscanned, sep='/')), sep='/')
+  base = scan_layout.to_layout(optim.to_plain_dict(base), cfg.scan_layers)
+  flat = traverse_util.flatten_dict(base)
   flat = {k: v for k, v in flat.items() if not _is_adapter_path(k)}
   return ckpt_lib.check_base_params(abstract, flat, source=path, allow_missing=_is_adapter_path)
 
@@ -253,7 +257,7 @@ def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: b
       _clear_run(model_dir)
     return False
   with open(path) as f:
-    old = json.load(f)
+    old = _with_new_config_fields(json.load(f))
   if old == json.loads(json.dumps(fingerprint)):
     return True
   if not overwrite:
@@ -263,6 +267,17 @@ def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: b
         'Use another MODEL_DIR or pass --overwrite to replace that run.')
   _clear_run(model_dir)
   return False
+
+
+def _with_new_config_fields(recorded: dict) -> dict:
+  """A run_config.json as this version writes it: T5Config fields added since the run was
+  recorded (e.g. scan_layers, remat_policy) take their defaults, which are what that run used."""
+  model_config = recorded.get('model_config')
+  if not isinstance(model_config, dict):
+    return recorded
+  defaults = config_to_dict(T5Config())
+  added = {k: v for k, v in defaults.items() if k not in model_config}
+  return dict(recorded, model_config={**added, **model_config})
 
 
 def _dict_diff(a, b, prefix=''):
@@ -650,7 +665,8 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   The model config comes from the run's run_config.json unless given; the frozen base is re-read
   from the base path in the checkpoint's metadata unless the checkpoint holds it. Frozen params
   that neither holds (SMoE-Dropout's fixed router; a random base) are re-created from the run's
-  own seed, as training created them.
+  own seed, as training created them. The checkpoints hold the layer layout the run trained
+  with (its recorded `scan_layers`); a `model_config` of the other layout gets them converted.
   """
   model_dir = os.path.abspath(model_dir)
   run_cfg_path = os.path.join(model_dir, RUN_CONFIG)
@@ -660,6 +676,9 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
     fingerprint = json.load(f)
   if model_config is None:
     model_config = config_from_dict(fingerprint['model_config'])
+  wanted_config = model_config
+  model_config = model_config.replace(  # the layout the run's checkpoints hold
+      scan_layers=bool(fingerprint['model_config'].get('scan_layers', False)))
   model = build_model(model_config)
   mngr = ckpt_lib.CheckpointManager(os.path.join(model_dir, 'checkpoints'), create=False)
   steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
@@ -687,7 +706,11 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   finally:
     mngr.close()
   params = optim.merge_params(restored['params'], restored.get('frozen', frozen))
-  return model, dict(variables, params=params), model_config, int(restored['step'])
+  variables = dict(variables, params=params)
+  if wanted_config.scan_layers != model_config.scan_layers:
+    from sira_jax.t5 import scan_layout  # pylint: disable=import-outside-toplevel
+    variables = scan_layout.variables_to_layout(variables, wanted_config.scan_layers)
+  return build_model(wanted_config), variables, wanted_config, int(restored['step'])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from sira_jax.adapters import AdapterConfig
 from sira_jax.checkpoints import CheckpointError  # one error class for every checkpoint problem
 from sira_jax.t5.config import (ARCHITECTURE_FIELDS, T5Config, as_dtype,
                                  with_checkpoint_architecture)
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.network import Transformer
 
 Params = dict
@@ -93,7 +94,7 @@ def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **confi
 
   shapes = jax.eval_shape(lambda r: nn.unbox(_init(model, r)), rng)
   flat_shapes = traverse_util.flatten_dict(shapes['params'], sep='/')
-  loaded = reader.read(cfg, flat_shapes)
+  loaded = _read_in_layout(reader, cfg, shapes['params'])
   missing = [k for k in flat_shapes if k not in loaded]
 
   def init_rest(r):
@@ -129,6 +130,14 @@ def open_checkpoint(path) -> tuple['HFReader | T5XReader', T5Config, dict[str, A
   reader = T5XReader(path)
   cfg, known = reader.config_from_shapes()
   return reader, cfg, {k: v for k, v in cfg.architecture().items() if k in known}
+
+
+def _read_in_layout(reader, cfg: T5Config, shapes: Params) -> dict[str, np.ndarray]:
+  """The checkpoint's base tensors, {flat '/' name: array}, in the layout of `cfg.scan_layers`:
+  the files name every layer (layers_N), so they are read unscanned and stacked after."""
+  unscanned = traverse_util.flatten_dict(scan_layout.to_layout(shapes, scanned=False), sep='/')
+  loaded = traverse_util.unflatten_dict(reader.read(cfg, unscanned), sep='/')
+  return traverse_util.flatten_dict(scan_layout.to_layout(loaded, cfg.scan_layers), sep='/')
 
 
 def _init(model: Transformer, rng):
@@ -370,7 +379,7 @@ class T5XReader:
         tree = _read_legacy_t5x(self.path)
       else:
         tree = _read_orbax(self.path)
-      self._flat = _find_params(tree, self.path)
+      self._flat = _unscanned(_find_params(tree, self.path))
     return self._flat
 
   def config_from_shapes(self) -> tuple[T5Config, set[str]]:
@@ -454,6 +463,13 @@ def _find_params(tree: Any, path: str) -> dict[str, np.ndarray]:
                         f'keys: {list(tree)[:10] if isinstance(tree, Mapping) else type(tree)}')
 
 
+def _unscanned(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A T5X param tree of this network in the unscanned layout (a run trained with
+  `scan_layers=True` stores encoder/layers/... stacked on a leading layer axis)."""
+  tree = scan_layout.to_layout(traverse_util.unflatten_dict(flat, sep='/'), scanned=False)
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
 def _infer_t5x_config(flat: Mapping[str, np.ndarray], path: str) -> tuple[T5Config, set[str]]:
   """Architecture from T5X param shapes and a config.json beside them if present.
 
@@ -495,7 +511,8 @@ def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | N
                    step: int = 0) -> None:
   """Writes `{'target': params, 'state': {'step': step}}` as an orbax checkpoint (T5X layout)."""
   import orbax.checkpoint as ocp
-  tree = {'target': jax.tree.map(np.asarray, nn.unbox(dict(params))),
+  params = scan_layout.to_layout(nn.unbox(dict(params)), scanned=False)  # T5X's layer names
+  tree = {'target': jax.tree.map(np.asarray, params),
           'state': {'step': np.asarray(step, np.int64)}}
   ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
   if config is not None:
@@ -520,7 +537,8 @@ def save_hf_safetensors(path: str, params: Mapping[str, Any], config: T5Config, 
   """
   from safetensors.numpy import save_file
   os.makedirs(path, exist_ok=True)
-  flat = traverse_util.flatten_dict(nn.unbox(dict(params)), sep='/')
+  flat = traverse_util.flatten_dict(
+      scan_layout.to_layout(nn.unbox(dict(params)), scanned=False), sep='/')
   tensors = {}
   for flax_name, (hf_name, transpose) in hf_name_map(config).items():
     arr = np.asarray(flat[flax_name], np.float32)
