@@ -2,6 +2,7 @@
 function, loss, gradients, routing statistics and decodes as the unrolled stacks; the exact
 layout conversion; checkpoints of one layout loaded into a model of the other."""
 import functools
+import json
 import zlib
 
 import flax.linen as nn
@@ -319,3 +320,15 @@ def test_project_base_checkpoint_of_one_layout_loads_into_the_other(tmp_path):
   np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
   # The scanned run records its layout with its config.
   assert train_lib.config_from_dict(train_lib.config_to_dict(scanned_cfg)).scan_layers
+
+
+def test_a_run_recorded_before_the_layout_fields_resumes_and_a_layout_change_is_named(tmp_path):
+  fingerprint = {'seed': 0, 'model_config': train_lib.config_to_dict(CONFIGS['lora'])}
+  older = json.loads(json.dumps(fingerprint))
+  del older['model_config']['scan_layers'], older['model_config']['remat_policy']
+  (tmp_path / train_lib.RUN_CONFIG).write_text(json.dumps(older))
+  assert train_lib.check_model_dir(str(tmp_path), fingerprint, overwrite=False)  # resumes
+  scanned = {'seed': 0, 'model_config': train_lib.config_to_dict(
+      CONFIGS['lora'].replace(scan_layers=True))}
+  with pytest.raises(train_lib.ConfigError, match='scan_layers: False -> True'):
+    train_lib.check_model_dir(str(tmp_path), scanned, overwrite=False)
