@@ -394,12 +394,13 @@ def trainable_mask(params: Any) -> Any:
 
 
 def with_training_progress(variables: Any, progress: Any) -> Any:
-  """Sets every 'schedule/.../progress' (SMoE-Dropout) to `progress` in [0, 1]."""
+  """Sets every 'schedule/.../progress' (SMoE-Dropout) to `progress`, a scalar in [0, 1] (every
+  layer of a scanned stack, whose progress is a [num_layers] vector, gets it)."""
   if SCHEDULE_COLLECTION not in variables:
     return variables
   variables = dict(variables)
   variables[SCHEDULE_COLLECTION] = jax.tree_util.tree_map(
-      lambda v: jnp.asarray(progress, jnp.float32).reshape(jnp.shape(v)),
+      lambda v: jnp.broadcast_to(jnp.asarray(progress, jnp.float32), jnp.shape(v)),
       variables[SCHEDULE_COLLECTION])
   return variables
 

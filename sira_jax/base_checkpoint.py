@@ -17,6 +17,7 @@ from sira_jax import checkpoints as ckpt_lib
 from sira_jax import model_init
 from sira_jax import optim
 from sira_jax.adapters import is_adapter_param
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.config import T5Config, with_checkpoint_architecture
 
 
@@ -62,16 +63,19 @@ def read_base_params(path: str, cfg: T5Config, abstract: Mapping[str, Any]) -> d
   checked against `abstract` (the model's param shapes) and every non-adapter param present.
 
   Raises CheckpointError naming the parameter, the checkpoint and both shapes.
+  Either layout of the layer stacks is read into `cfg.scan_layers`' (`sira_jax.t5.scan_layout`).
   """
   base_dir = resolve_base_dir(path)
   if base_dir is not None:
     base, _ = ckpt_lib.load_base_params(base_dir)
-  else:
+  else:  # Hugging Face / T5X files name every layer: read them unscanned.
     from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
     reader = loading.open_checkpoint(path)[0]
+    unscanned = scan_layout.to_layout(abstract, scanned=False)
     base = traverse_util.unflatten_dict(
-        reader.read(cfg, traverse_util.flatten_dict(dict(abstract), sep='/')), sep='/')
-  flat = traverse_util.flatten_dict(optim.to_plain_dict(base))
+        reader.read(cfg, traverse_util.flatten_dict(unscanned, sep='/')), sep='/')
+  base = scan_layout.to_layout(optim.to_plain_dict(base), cfg.scan_layers)
+  flat = traverse_util.flatten_dict(base)
   flat = {k: v for k, v in flat.items() if not is_adapter_param(k)}
   return ckpt_lib.check_base_params(abstract, flat, source=path, allow_missing=is_adapter_param)
 

@@ -111,11 +111,28 @@ def symmetric_kl(logits_a, logits_b):
   return 0.5 * jnp.sum((jnp.exp(la) - jnp.exp(lb)) * (la - lb), axis=-1)
 
 
+# Rank of one layer's value of each statistic (`routing.routing_statistics`): expert_usage is a
+# vector over experts, the others scalars. A scanned layer stack sows them with a leading layer
+# axis ([num_layers] or [num_layers, E]).
+_STAT_RANK = {'expert_usage': 1}
+
+
+def _per_layer(name: str, value) -> list:
+  """One sown value -> a list of per-layer values (a scanned stack's leading axes unstacked)."""
+  value = jnp.asarray(value)
+  rank = _STAT_RANK.get(name, 0)
+  if value.ndim <= rank:
+    return [value]
+  return list(value.reshape((-1,) + value.shape[value.ndim - rank:]))
+
+
 def collect_intermediates(intermediates: Mapping[str, Any] | None) -> dict[str, list]:
   """Gathers every sown routing statistic (`ROUTING_STATS`) by name over all layers.
 
   intermediates: the 'intermediates' collection (nested dicts whose leaves are the tuples that
-  `Module.sow` appends to), or None. Returns name -> list of arrays, one per sow.
+  `Module.sow` appends to), or None. Returns name -> list of arrays, one per layer and sow: a
+  scanned stack's [num_layers, ...] value counts as its num_layers layers, so every layer weighs
+  the same in the means whichever layout the model has (`T5Config.scan_layers`).
   """
   found: dict[str, list] = {}
 
@@ -123,7 +140,7 @@ def collect_intermediates(intermediates: Mapping[str, Any] | None) -> dict[str, 
     if isinstance(tree, Mapping):
       for k, v in tree.items():
         if k in ROUTING_STATS and isinstance(v, (tuple, list)):
-          found.setdefault(k, []).extend(v)
+          found.setdefault(k, []).extend(x for value in v for x in _per_layer(k, value))
         else:
           visit(v)
 

@@ -14,6 +14,7 @@ from sira_jax import model_init
 from sira_jax import optim
 from sira_jax import run_dir
 from sira_jax.adapters import trainable_mask
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.config import T5Config
 
 
@@ -25,12 +26,17 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   from the base path in the checkpoint's metadata unless the checkpoint holds it. Frozen params
   that neither holds (SMoE-Dropout's fixed router; a random base) are re-created from the run's
   own seed, as training created them. Optimizer state is not read. A checkpoint holding NaN or
-  infinite parameters (a diverged run) is refused (CheckpointError).
+  infinite parameters (a diverged run) is refused (CheckpointError). The checkpoints hold the
+  layer layout the run trained with (its recorded `scan_layers`); a `model_config` of the other
+  layout gets them converted (`sira_jax.t5.scan_layout`).
   """
   model_dir = os.path.abspath(model_dir)
   fingerprint = run_dir.read_run_config(model_dir)
   if model_config is None:
     model_config = model_init.config_from_dict(fingerprint['model_config'])
+  wanted_config = model_config
+  model_config = model_config.replace(  # the layout the run's checkpoints hold
+      scan_layers=bool(fingerprint['model_config'].get('scan_layers', False)))
   model = model_init.build_model(model_config)
   seed = int(fingerprint.get('seed', 0))
   built = {}  # what the target of the step being read was built from
@@ -61,7 +67,10 @@ def load_trained(model_dir: str, step: int | None = None, model_config: T5Config
   step = int(restored['step'])
   check_finite(restored['params'], f'checkpoint step {step} in {mngr.directory}')
   params = optim.merge_params(restored['params'], restored.get('frozen', built['frozen']))
-  return model, dict(built['variables'], params=params), model_config, step
+  variables = dict(built['variables'], params=params)
+  if wanted_config.scan_layers != model_config.scan_layers:
+    variables = scan_layout.variables_to_layout(variables, wanted_config.scan_layers)
+  return model_init.build_model(wanted_config), variables, wanted_config, step
 
 
 def check_finite(params, where: str):

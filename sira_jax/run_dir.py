@@ -19,6 +19,9 @@ from typing import Any, Mapping
 import gin
 import jax
 
+from sira_jax import model_init
+from sira_jax.t5.config import T5Config
+
 RUN_CONFIG = 'run_config.json'
 SUMMARY = 'train_summary.json'
 DAMAGED = 'damaged_checkpoints'
@@ -94,7 +97,7 @@ def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: b
       _clear_run(model_dir)
     return False
   with open(path) as f:
-    old = json.load(f)
+    old = _with_new_config_fields(json.load(f))
   if old == json.loads(json.dumps(fingerprint)):
     return True
   if not overwrite:
@@ -104,6 +107,17 @@ def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: b
         'it. Use another MODEL_DIR or pass --overwrite to replace that run.')
   _clear_run(model_dir)
   return False
+
+
+def _with_new_config_fields(recorded: dict) -> dict:
+  """A run_config.json as this version writes it: T5Config fields added since the run was
+  recorded (e.g. scan_layers, remat_policy) take their defaults, which are what that run used."""
+  model_config = recorded.get('model_config')
+  if not isinstance(model_config, dict):
+    return recorded
+  defaults = model_init.config_to_dict(T5Config())
+  added = {k: v for k, v in defaults.items() if k not in model_config}
+  return dict(recorded, model_config={**added, **model_config})
 
 
 def _clear_run(model_dir: str):

@@ -27,6 +27,7 @@ from sira_jax.adapters import AdapterConfig
 from sira_jax.adapters import is_adapter_param
 from sira_jax.adapters import trainable_mask
 from sira_jax.t5 import network
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.config import T5Config
 from sira_jax.t5x import models
 from sira_jax.t5x import optimizers
@@ -318,3 +319,58 @@ def test_router_lr_multiplier_scales_the_router_updates_only():
                              atol=1e-7)
   with pytest.raises(ValueError, match='router_lr_multiplier must be > 0'):
     optimizers.adapter_only(adafactor.Adafactor(), router_lr_multiplier=-1.0)
+
+
+def test_scanned_model_trains_evaluates_and_infers_like_the_unscanned_one():
+  """scan_layers=True under T5X: params axes with 'layers', the same loss, eval loss and beam
+  search (T5X reads `module.scan_layers`: the cache's batch axis is then 1), and a partitioned
+  train step with the expert-parallel einsum form that trains the adapters only."""
+  unrolled = _model()
+  scanned = models.SiraEncoderDecoderModel(
+      network.Transformer(_config().replace(scan_layers=True)), VOCAB, VOCAB, _optimizer(),
+      decode_fn=decoding.beam_search)
+  variables = scanned.get_initial_variables(jax.random.PRNGKey(0), SHAPES)
+  axes = variables['params_axes']['encoder']['layers']['attention']['query']
+  assert axes['lora_a_axes'].names == ('layers', 'expert', 'rank', 'embed')
+  params, _ = _params(unrolled)
+  scanned_params = scan_layout.to_layout(params, scanned=True)
+  batch, rng = _batch(), jax.random.PRNGKey(7)
+  loss0, m0 = unrolled.loss_fn(params, batch, rng)
+  loss1, m1 = scanned.loss_fn(scanned_params, batch, rng)
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+  for name in ('aux_loss', 'router_z_loss', 'dropped_fraction', 'expert_usage_max'):
+    np.testing.assert_allclose(m1[name].compute(), m0[name].compute(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(scanned.eval_fn(scanned_params, batch)[0],
+                             unrolled.eval_fn(params, batch)[0], rtol=1e-5)
+  kw = dict(rng=jax.random.PRNGKey(0), return_all_decodes=True, num_decodes=3)
+  beams0, scores0 = unrolled.predict_batch_with_aux(params, _batch(4), **kw)
+  beams1, scores1 = scanned.predict_batch_with_aux(scanned_params, _batch(4), **kw)
+  np.testing.assert_array_equal(np.asarray(beams1), np.asarray(beams0))
+  np.testing.assert_allclose(scores1['scores'], scores0['scores'], rtol=1e-5, atol=1e-5)
+
+  part = moe_partitioning.MoePjitPartitioner(
+      num_expert_partitions=4, num_partitions=1,
+      logical_axis_rules=partitioning.moe_logical_axis_rules())
+  model = models.SiraEncoderDecoderModel(
+      network.Transformer(_config('sira', expert_compute='einsum').replace(scan_layers=True,
+                                                                          remat_policy='minimal')),
+      VOCAB, VOCAB, _optimizer())
+  init = t5x_utils.TrainStateInitializer(
+      optimizer_def=model.optimizer_def, init_fn=model.get_initial_variables,
+      input_shapes=SHAPES, partitioner=part)
+  state = init.from_scratch(jax.random.PRNGKey(0))
+  lora_a = init.train_state_axes.params['encoder']['layers']['attention']['query']['lora_a']
+  assert lora_a == jax.sharding.PartitionSpec(None, 'expert', None, None)
+  before = jax.device_get(state.params)
+  trainer = t5x_trainer.Trainer(
+      model=model, train_state=state, partitioner=part, eval_names=[], summary_dir=None,
+      train_state_axes=init.train_state_axes, rng=jax.random.PRNGKey(1),
+      learning_rate_fn=lambda step: 1e-2, num_microbatches=None)
+  metrics = trainer.train(iter([jax.tree.map(np.asarray, _batch(s)) for s in range(2)]),
+                          num_steps=2).result()
+  assert {'aux_loss', 'dropped_fraction', 'cross_entropy'} <= set(metrics)
+  after = jax.device_get(trainer.train_state.params)
+  changed = {'/'.join(str(k.key) for k in p) for (p, x), y in zip(
+      jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after))
+             if not np.array_equal(x, y)}
+  assert changed and all(is_adapter_param(c, trainable=True) for c in changed), changed

@@ -1,7 +1,7 @@
 """Real sizes without real hardware: per-device memory and compile time of the train step.
 
 The project's train step (`sira_jax.trainer.make_train_step`, Adafactor on the adapter
-parameters, the shardings `sira_jax.train.Placement` gives state and batch) is compiled ahead of
+parameters, the shardings `sira_jax.placement.Placement` gives state and batch) is compiled ahead of
 time from abstract state and batch (`jax.ShapeDtypeStruct`s with their shardings: no weight is
 allocated) on a mesh of simulated CPU devices (`--xla_force_host_platform_device_count`, one
 subprocess per row), and `compiled.memory_analysis()` read per device: arguments, outputs, XLA
@@ -105,17 +105,17 @@ def compile_one(spec: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
   from experiments.bench import common, compile_time  # pylint: disable=import-outside-toplevel
-  from sira_jax import losses, optim, partitioning, train, trainer  # pylint: disable=import-outside-toplevel
+  from sira_jax import losses, model_init, optim, partitioning, placement as placement_lib, trainer  # pylint: disable=import-outside-toplevel
   from sira_jax.adapters import trainable_mask  # pylint: disable=import-outside-toplevel
   from sira_jax.t5.network import Transformer  # pylint: disable=import-outside-toplevel
 
   cfg = model_config(spec['model'], spec['adapter'], spec['variant'], spec.get('bindings', ()))
-  placement = train.Placement(spec['mesh'])
+  placement = placement_lib.Placement(spec["mesh"])
   mesh = placement.mesh
   batch_size, inputs, targets = spec['batch_size'], spec['inputs'], spec['targets']
   placement.check_batch_size(batch_size)
   model = Transformer(cfg)
-  variables = nn.unbox(partitioning.abstract_variables(model))
+  variables = nn.unbox(model_init.abstract_variables(model))
   mask = trainable_mask(variables['params'])
   tx = optim.make_optimizer('adafactor', 1e-3)
   state = jax.eval_shape(lambda v: trainer.create_state(

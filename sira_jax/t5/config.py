@@ -50,6 +50,9 @@ ALL_SITES = ATTENTION_SITES + MLP_SITES
 # mT5 and Flan-T5 were trained with, = HF 'gelu_new'); 'gelu_exact' is the erf form (HF 'gelu').
 ACTIVATIONS = ('relu', 'gelu', 'gelu_new', 'gelu_tanh', 'gelu_exact', 'silu', 'swish', 'linear')
 
+# `T5Config.remat_policy` values (sira_jax.t5.network.remat_policy says what each saves).
+REMAT_POLICIES = ('none', 'minimal', 'full')
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -89,6 +92,13 @@ class T5Config:
     adapter_overrides: ((pattern, AdapterConfig), ...), checked before `adapter_targets`.
     freeze_base: base kernels get stop_gradient (fine-tuning); False for pretraining.
     float32_attention_logits: compute q.k and softmax in float32 whatever `dtype` is.
+    scan_layers: run each layer stack as one `nn.scan` over stacked layer params (params
+      'encoder/layers/...' with a leading 'layers' axis instead of 'encoder/layers_N/...'): one
+      layer compiled instead of N, T5X's recipe for XL/XXL. Same function and numbers;
+      `sira_jax.t5.scan_layout` converts params between the two layouts.
+    remat_policy: rematerialisation of each layer in the backward pass: 'none' (keep every
+      activation), 'minimal' (keep the weight matmuls, recompute the rest), 'full' (keep only
+      each layer's input). Memory for compute; values and gradients unchanged.
   """
   vocab_size: int = 32128
   d_model: int = 512
@@ -111,8 +121,13 @@ class T5Config:
   adapter_overrides: tuple[tuple[str, AdapterConfig], ...] = ()
   freeze_base: bool = True
   float32_attention_logits: bool = True
+  scan_layers: bool = False
+  remat_policy: str = 'none'
 
   def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; expected one of '
+                       f'{REMAT_POLICIES}')
     for a in self.mlp_activations:
       if a not in ACTIVATIONS:
         raise ValueError(f'unknown activation {a!r} in mlp_activations; expected one of {ACTIVATIONS}')
@@ -168,7 +183,8 @@ class T5Config:
 
 
 # Fields that change what the stored base weights compute: a checkpoint fixes them. Every other
-# field (adapters, freezing, dropout, dtypes, attention-logit precision) may be set freely.
+# field (adapters, freezing, dropout, dtypes, attention-logit precision, layer scanning and
+# rematerialisation) may be set freely.
 ARCHITECTURE_FIELDS = (
     'vocab_size', 'd_model', 'd_ff', 'num_heads', 'd_kv', 'num_encoder_layers',
     'num_decoder_layers', 'mlp_activations', 'tie_word_embeddings', 'scale_logits',

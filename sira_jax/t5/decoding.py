@@ -31,6 +31,11 @@ def encode(model, variables, encoder_input_tokens):
                      method=model.encode)
 
 
+def cache_batch_axis(model) -> int:
+  """The batch axis of the cache's arrays: 0, or 1 after the layer axis of a scanned stack."""
+  return 1 if model.config.scan_layers else 0
+
+
 def init_cache(model, variables, encoded, encoder_input_tokens, max_decode_length: int):
   """A zero cache for `max_decode_length` steps (shapes via eval_shape; no decoder pass runs)."""
   dummy = jnp.ones((encoded.shape[0], max_decode_length), jnp.int32)
@@ -139,6 +144,7 @@ def beam_search(model, variables, encoder_input_tokens, *, max_decode_length: in
   enc_tok_flat = jnp.repeat(encoder_input_tokens, k, axis=0)
   encoded_flat = jnp.repeat(encoded, k, axis=0)
   cache = init_cache(model, variables, encoded_flat, enc_tok_flat, length)
+  ax = cache_batch_axis(model)
 
   def step(s):
     i, live_tok, live_seq, live_lp, fin_seq, fin_sc, cache = s
@@ -157,7 +163,7 @@ def beam_search(model, variables, encoder_input_tokens, *, max_decode_length: in
     live_seq = _gather_beams(seqs, pos)
     live_tok = jnp.take_along_axis(tok, pos, 1)
     flat = (jnp.arange(b)[:, None] * k + new_origin).reshape(-1)
-    cache = jax.tree.map(lambda c: c[flat] if c.ndim > 0 else c, cache)
+    cache = jax.tree.map(lambda c: jnp.take(c, flat, axis=ax) if c.ndim > ax else c, cache)
     # Finished: merge the candidates that ended with the previous finished set.
     ended = jnp.where(is_eos, top_sc / brevity_penalty(alpha, i + 1), NEG_INF)
     all_sc = jnp.concatenate([fin_sc, ended], 1)

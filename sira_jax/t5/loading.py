@@ -43,6 +43,7 @@ import flax.linen as nn
 from sira_jax import model_init
 from sira_jax.adapters import AdapterConfig
 from sira_jax.checkpoints import CheckpointError  # one error class for every checkpoint problem
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.config import T5Config, with_checkpoint_architecture
 from sira_jax.t5.network import Transformer
 
@@ -97,7 +98,7 @@ def load_pretrained_variables(path, adapter=None, *, config=None, rng=0, **confi
 
   shapes = nn.unbox(model_init.abstract_variables(model))
   flat_shapes = traverse_util.flatten_dict(shapes['params'], sep='/')
-  loaded = reader.read(cfg, flat_shapes)
+  loaded = _read_in_layout(reader, cfg, shapes['params'])
   missing = [k for k in flat_shapes if k not in loaded]
 
   def init_rest(r):
@@ -134,6 +135,14 @@ def open_checkpoint(path) -> tuple['HFReader | T5XReader', T5Config, dict[str, A
   reader = T5XReader(path)
   cfg, known = reader.config_from_shapes()
   return reader, cfg, {k: v for k, v in cfg.architecture().items() if k in known}
+
+
+def _read_in_layout(reader, cfg: T5Config, shapes: Params) -> dict[str, np.ndarray]:
+  """The checkpoint's base tensors, {flat '/' name: array}, in the layout of `cfg.scan_layers`:
+  the files name every layer (layers_N), so they are read unscanned and stacked after."""
+  unscanned = traverse_util.flatten_dict(scan_layout.to_layout(shapes, scanned=False), sep='/')
+  loaded = traverse_util.unflatten_dict(reader.read(cfg, unscanned), sep='/')
+  return traverse_util.flatten_dict(scan_layout.to_layout(loaded, cfg.scan_layers), sep='/')
 
 
 def detect_format(path: str) -> str:

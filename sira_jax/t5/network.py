@@ -44,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sira_jax.adapters import AdaptedDense
-from sira_jax.t5.config import T5Config
+from sira_jax.routers import SCHEDULE_COLLECTION
+from sira_jax.t5.config import REMAT_POLICIES, T5Config
+from sira_jax.t5.scan_layout import LAYERS_AXIS, SCANNED_LAYERS
 
 Array = Any
 _BIG_NEG = -1e10
@@ -340,13 +342,13 @@ def _dropout(cfg: T5Config, x: Array, enable_dropout: bool) -> Array:
 
 
 class EncoderLayer(nn.Module):
+  """Self-attention + FFN block. Positional arguments only (the scanned stack passes them so);
+  returns the new residual stream, or (it, None) in a scanned stack (`nn.scan`'s carry, output)."""
   config: T5Config
-  relative_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, inputs, encoder_mask, token_mask, enable_dropout=False):
+  def __call__(self, inputs, bias, encoder_mask, token_mask, enable_dropout=False):
     cfg = self.config
-    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
     x = _norm(cfg, 'pre_attention_layer_norm')(inputs)
     x = MultiHeadAttention(cfg, 'encoder/attention', name='attention')(
         x, x, encoder_mask, bias, q_token_mask=token_mask, kv_token_mask=token_mask,
@@ -354,20 +356,19 @@ class EncoderLayer(nn.Module):
     x = _dropout(cfg, x, enable_dropout) + inputs
     y = _norm(cfg, 'pre_mlp_layer_norm')(x)
     y = MlpBlock(cfg, 'encoder/mlp', name='mlp')(y, token_mask, enable_dropout=enable_dropout)
-    return _dropout(cfg, y, enable_dropout) + x
+    y = _dropout(cfg, y, enable_dropout) + x
+    return (y, None) if cfg.scan_layers else y
 
 
 class DecoderLayer(nn.Module):
+  """Self-attention + cross-attention + FFN block; positional arguments, returns as EncoderLayer."""
   config: T5Config
-  relative_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, inputs, encoded, decoder_mask, encoder_decoder_mask, token_mask,
-               encoder_token_mask, enable_dropout=False, decode=False, max_decode_length=None,
-               prefill=False, prefill_lengths=None):
+  def __call__(self, inputs, encoded, bias, decoder_mask, encoder_decoder_mask, token_mask,
+               encoder_token_mask, enable_dropout=False, decode=False, prefill=False,
+               prefill_lengths=None):
     cfg = self.config
-    length = max_decode_length if decode and max_decode_length else inputs.shape[-2]
-    bias = self.relative_embedding(length, length, False)
     x = _norm(cfg, 'pre_self_attention_layer_norm')(inputs)
     x = MultiHeadAttention(cfg, 'decoder/self_attention', in_decoder=True, name='self_attention')(
         x, x, decoder_mask, bias, q_token_mask=token_mask, kv_token_mask=token_mask,
@@ -383,7 +384,53 @@ class DecoderLayer(nn.Module):
     z = _norm(cfg, 'pre_mlp_layer_norm')(y)
     z = MlpBlock(cfg, 'decoder/mlp', in_decoder=True, name='mlp')(
         z, token_mask, enable_dropout=enable_dropout)
-    return _dropout(cfg, z, enable_dropout) + y
+    z = _dropout(cfg, z, enable_dropout) + y
+    return (z, None) if cfg.scan_layers else z
+
+
+# Positions (counting `self` as 0) of each layer's Python-valued arguments: static under remat.
+_STATIC_ARGNUMS = {EncoderLayer: (5,), DecoderLayer: (8, 9, 10)}
+# The collections a scanned layer keeps one slice of per layer, stacked on axis 0: its params
+# (logical axis 'layers', `nn.scan`'s partition metadata), the autoregressive cache, the sown
+# routing statistics and SMoE-Dropout's schedule.
+_SCANNED_COLLECTIONS = ('params', 'cache', 'intermediates', SCHEDULE_COLLECTION)
+
+
+def remat_policy(name: str):
+  """`T5Config.remat_policy` -> (rematerialise?, `jax.checkpoint` policy).
+
+  'none': keep every activation; 'minimal': save the matmuls without batch dimensions (the
+  weights' products; T5X's 'minimal'), recompute the rest; 'full': save only each layer's input.
+  """
+  if name == 'none':
+    return False, None
+  if name == 'minimal':
+    return True, jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  if name == 'full':
+    return True, None
+  raise ValueError(f'unknown remat_policy {name!r}; expected one of {REMAT_POLICIES}')
+
+
+def layer_stack(cfg: T5Config, layer: type[nn.Module], num_layers: int, num_args: int):
+  """The module factory of one stack: `layer`, rematerialised per `cfg.remat_policy`, and, with
+  `cfg.scan_layers`, scanned over `num_layers` (`num_args` positional arguments after the
+  carried residual stream, each the same for every layer).
+
+  Scanned, the stack is one module named 'layers' whose variables carry a leading layer axis;
+  otherwise the caller names each layer 'layers_<i>'. Rematerialisation keeps what the policy
+  saves and recomputes the rest in the backward pass; within a scan CSE cannot merge the
+  recomputation, so it is not prevented there (T5X's choice).
+  """
+  remat, policy = remat_policy(cfg.remat_policy)
+  if remat:
+    layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers,
+                     static_argnums=_STATIC_ARGNUMS[layer])
+  if not cfg.scan_layers:
+    return layer
+  return nn.scan(layer, variable_axes={c: 0 for c in _SCANNED_COLLECTIONS},
+                 split_rngs={'params': True, 'dropout': True},
+                 in_axes=(nn.broadcast,) * num_args, length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
 
 
 def _relpos(cfg: T5Config) -> RelativePositionBiases:
@@ -401,12 +448,18 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, encoder_input_tokens, encoder_mask, enable_dropout=False):
     cfg = self.config
-    rel = _relpos(cfg)
+    length = encoder_input_tokens.shape[-1]
+    bias = _relpos(cfg)(length, length, True)  # shared by every layer, as in T5
     token_mask = encoder_input_tokens > 0
     x = self.shared_embedding(encoder_input_tokens)
     x = _dropout(cfg, x, enable_dropout).astype(cfg.activation_dtype)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, rel, name=f'layers_{i}')(x, encoder_mask, token_mask, enable_dropout)
+    args = (bias, encoder_mask, token_mask, enable_dropout)
+    stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, len(args))
+    if cfg.scan_layers:
+      x, _ = stack(cfg, name=SCANNED_LAYERS)(x, *args)
+    else:
+      for i in range(cfg.num_encoder_layers):
+        x = stack(cfg, name=f'layers_{i}')(x, *args)
     x = _norm(cfg, 'encoder_norm')(x)
     return _dropout(cfg, x, enable_dropout)
 
@@ -420,14 +473,19 @@ class Decoder(nn.Module):
                token_mask, encoder_token_mask, enable_dropout=False, decode=False,
                max_decode_length=None, prefill=False, prefill_lengths=None):
     cfg = self.config
-    rel = _relpos(cfg)
+    # The whole [L, L] bias (a decode step takes its row), shared by every layer.
+    length = max_decode_length if decode and max_decode_length else decoder_input_tokens.shape[-1]
+    bias = _relpos(cfg)(length, length, False)
     y = self.shared_embedding(decoder_input_tokens)
     y = _dropout(cfg, y, enable_dropout).astype(cfg.activation_dtype)
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, rel, name=f'layers_{i}')(
-          y, encoded, decoder_mask, encoder_decoder_mask, token_mask, encoder_token_mask,
-          enable_dropout=enable_dropout, decode=decode, max_decode_length=max_decode_length,
-          prefill=prefill, prefill_lengths=prefill_lengths)
+    args = (encoded, bias, decoder_mask, encoder_decoder_mask, token_mask, encoder_token_mask,
+            enable_dropout, decode, prefill, prefill_lengths)
+    stack = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, len(args))
+    if cfg.scan_layers:
+      y, _ = stack(cfg, name=SCANNED_LAYERS)(y, *args)
+    else:
+      for i in range(cfg.num_decoder_layers):
+        y = stack(cfg, name=f'layers_{i}')(y, *args)
     y = _norm(cfg, 'decoder_norm')(y)
     y = _dropout(cfg, y, enable_dropout)
     if cfg.logits_scaled:
@@ -443,6 +501,12 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
   """T5 encoder-decoder; logits [batch, target_len, vocab] in float32."""
   config: T5Config
+
+  @property
+  def scan_layers(self) -> bool:
+    """Whether the layer stacks are scanned (T5X's decoders read it: the cache's batch axis is
+    then axis 1, after the layer axis)."""
+    return self.config.scan_layers
 
   def setup(self):
     cfg = self.config

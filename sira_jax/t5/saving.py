@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.config import T5Config
 from sira_jax.t5.loading import hf_name_map
 
@@ -19,7 +20,8 @@ def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | N
                    step: int = 0) -> None:
   """Writes `{'target': params, 'state': {'step': step}}` as an orbax checkpoint (T5X layout)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  tree = {'target': jax.tree.map(np.asarray, nn.unbox(dict(params))),
+  params = scan_layout.to_layout(nn.unbox(dict(params)), scanned=False)  # T5X's layer names
+  tree = {'target': jax.tree.map(np.asarray, params),
           'state': {'step': np.asarray(step, np.int64)}}
   ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
   if config is not None:
@@ -44,7 +46,8 @@ def save_hf_safetensors(path: str, params: Mapping[str, Any], config: T5Config, 
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
-  flat = traverse_util.flatten_dict(nn.unbox(dict(params)), sep='/')
+  flat = traverse_util.flatten_dict(
+      scan_layout.to_layout(nn.unbox(dict(params)), scanned=False), sep='/')
   tensors = {}
   for flax_name, (hf_name, transpose) in hf_name_map(config).items():
     arr = np.asarray(flat[flax_name], np.float32)

@@ -10,6 +10,7 @@ import numpy as np
 from flax import traverse_util
 
 from sira_jax.checkpoints import CheckpointError
+from sira_jax.t5 import scan_layout
 from sira_jax.t5.config import ARCHITECTURE_FIELDS, T5Config
 from sira_jax.t5.loading import _check_shape, read_json
 
@@ -34,7 +35,7 @@ class T5XReader:
         tree = _read_legacy_t5x(self.path)
       else:
         tree = _read_orbax(self.path)
-      self._flat = _find_params(tree, self.path)
+      self._flat = _unscanned(_find_params(tree, self.path))
     return self._flat
 
   def config_from_shapes(self) -> tuple[T5Config, set[str]]:
@@ -97,6 +98,13 @@ def _read_legacy_t5x(path: str) -> Any:
 
 
 _T5X_TOP = ('token_embedder', 'encoder', 'decoder')
+
+
+def _unscanned(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A T5X param tree of this network in the unscanned layout (a run trained with
+  `scan_layers=True` stores encoder/layers/... stacked on a leading layer axis)."""
+  tree = scan_layout.to_layout(traverse_util.unflatten_dict(flat, sep='/'), scanned=False)
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def _find_params(tree: Any, path: str) -> dict[str, np.ndarray]:

@@ -183,7 +183,7 @@ class SiraEncoderDecoderModel(t5x_models.EncoderDecoderModel):
           'This model has SMoE-Dropout layers, whose active experts grow over training, but '
           'SiraEncoderDecoderModel.smoe_schedule_steps is not set: set it to the number of '
           'fine-tuning steps (gin/t5x/adapters/smoe_dropout.gin binds it to %SMOE_SCHEDULE_STEPS).')
-    progress = jax.tree.leaves(mutables[SCHEDULE_COLLECTION])[0]
+    progress = jnp.ravel(jax.tree.leaves(mutables[SCHEDULE_COLLECTION])[0])[0]  # one value
     step = 1.0 / (float(self._smoe_schedule_steps) * self._num_microbatches)
     return flax.core.freeze(
         with_training_progress(mutables, jnp.minimum(progress + step, 1.0)))
