@@ -86,6 +86,7 @@ def test_memory_part_smoke(tmp_path):
   assert row['devices'] == 2 and row['backend'] == 'cpu' and row['compile_s'] > 0
   assert row['argument_size_in_bytes'] > 0 and row['temp_size_in_bytes'] > 0
   assert row['total_bytes'] >= row['argument_size_in_bytes'] + row['temp_size_in_bytes']
+  assert 0 < row['compile_cpu_s']
   # The frozen base is sharded over 'model' (2 devices): each holds less than all parameters.
   assert row['argument_size_in_bytes'] < 4 * row['params']
   assert row['trainable_params'] < row['params']
