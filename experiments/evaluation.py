@@ -27,15 +27,15 @@ import numpy as np
 
 
 def subtask_names(mixture: str) -> list[str]:
-  import seqio  # pylint: disable=import-outside-toplevel
-  from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  import seqio
+  from sira_jax import data as data_lib
   mt = data_lib.get_mixture_or_task(mixture)
   return [t.name for t in seqio.get_subtasks(mt)] if isinstance(mt, seqio.Mixture) else [mt.name]
 
 
 def load_base(base_dir: str):
   """(model, variables, config) of a base checkpoint alone: the frozen base without adapters."""
-  from sira_jax import base_checkpoint  # pylint: disable=import-outside-toplevel
+  from sira_jax import base_checkpoint
   return base_checkpoint.load_base_model(base_dir)
 
 
@@ -60,7 +60,7 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
   run a sweep evaluates. The cache holds the registered task object, so re-registering a task
   under the same name rebuilds.
   """
-  from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import data as data_lib
 
   def build():
     ds = task.get_dataset(dict(lengths), split=split, shuffle=shuffle, seed=seed, num_epochs=1,
@@ -84,7 +84,7 @@ def _model_batches(task, lengths, split, num_examples, batch_size, *, shuffle=Fa
 # once per call: every run of a sweep with the same network reuses the compiled step.
 @functools.partial(jax.jit, static_argnames=('model',))
 def _teacher_forced_step(model, variables, batch):
-  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import trainer as trainer_lib
   return trainer_lib.make_eval_step(model, trainer_lib.LossConfig(z_loss=0.0))(variables, batch)
 
 
@@ -93,8 +93,8 @@ def _routing_forward(model, variables, batch, key=None):
   """The sown 'intermediates' of a forward pass. key None: eval mode. Otherwise train mode with
   `key` as the dropout rng: dropout, expert dropout and capacity as trained, at the end of
   training."""
-  from sira_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax.adapters import with_training_progress  # pylint: disable=import-outside-toplevel
+  from sira_jax import trainer as trainer_lib
+  from sira_jax.adapters import with_training_progress
   train = key is not None
   if train:
     variables = with_training_progress(variables, 1.0)
@@ -106,7 +106,7 @@ def _routing_forward(model, variables, batch, key=None):
 def teacher_forced(model, variables, mixture: str, lengths: Mapping[str, int], split: str, *,
                    num_examples: int | None, batch_size: int) -> dict[str, dict[str, float]]:
   """{task: {'token_accuracy': %, 'cross_entropy': nats/token}} over target tokens."""
-  import seqio  # pylint: disable=import-outside-toplevel
+  import seqio
   step = functools.partial(_teacher_forced_step, model)
   out = {}
   for name in subtask_names(mixture):
@@ -123,8 +123,8 @@ def teacher_forced(model, variables, mixture: str, lengths: Mapping[str, int], s
 def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], split: str, *,
                    num_examples: int | None, batch_size: int, output_dir: str) -> dict:
   """{'tasks': {task: {metric: value}}, 'summary': {metric: unweighted mean over tasks}}."""
-  from sira_jax import eval as eval_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import eval as eval_lib
+  from sira_jax import predict as predict_lib
   batch_size = fitted_batch_size(batch_size, num_examples)
   predict = predict_lib.make_predict_fn(model, variables, max_decode_length=lengths['targets'])
   decoded = eval_lib.evaluate(
@@ -143,8 +143,8 @@ def evaluate_split(model, variables, mixture: str, lengths: Mapping[str, int], s
 
 def _flat_stats(intermediates) -> dict[tuple[str, str], np.ndarray]:
   """{(site, stat): value} from the sown 'intermediates' (one value per site per call)."""
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from sira_jax.losses import ROUTING_STATS  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util
+  from sira_jax.losses import ROUTING_STATS
   out = {}
   for path, val in traverse_util.flatten_dict(dict(intermediates)).items():
     if path[-1] in ROUTING_STATS:
@@ -185,13 +185,13 @@ class TrainingStream:
 
   def batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
     """Batches 0 .. num_batches-1 (a sweep's `data.shared_training_streams` replays them)."""
-    from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from sira_jax import data as data_lib
     it = data_lib.train_batches(self.mixture, self.lengths, self.batch_size, seed=self.data_seed,
                                 pack=self.pack)
     return [next(it) for _ in range(num_batches)]
 
   def step_rng(self, step: int) -> jax.Array:
-    from sira_jax import model_init  # pylint: disable=import-outside-toplevel
+    from sira_jax import model_init
     return jax.random.fold_in(model_init.run_keys(self.seed)[1], step)
 
 
@@ -244,7 +244,7 @@ def eval_routing(model, variables, mixture: str, lengths: Mapping[str, int], *, 
   """Evaluation-mode routing statistics (no dropout, the eval capacity factor) on each task's
   evaluation batches: `_site_summary`'s dict plus 'usage' {task: {site: [E shares]}} (the
   expert load of each task's real tokens)."""
-  import seqio  # pylint: disable=import-outside-toplevel
+  import seqio
   forward = functools.partial(_routing_forward, model)
   batch_size = fitted_batch_size(batch_size, num_examples)
   per_call: dict[str, dict[str, list]] = {name: {} for name in SITE_STATS.values()}

@@ -21,7 +21,7 @@ if __name__ == '__main__':
   from sira_jax import gin_utils as _gin_utils
   _gin_utils.exit_if_help(__doc__, ('main.gin',))
   _gin_utils.import_tensorflow_quietly()
-  from experiments import main as _module  # pylint: disable=import-self
+  from experiments import main as _module
   _module.cli()
 
 import os
@@ -36,7 +36,7 @@ from absl import flags
 # trainer's, optimizers', ...) that the runs' gin files bind.
 from experiments import report, runner, sweeps
 from sira_jax import gin_utils
-from sira_jax import train  # noqa: F401  pylint: disable=unused-import
+from sira_jax import train  # noqa: F401
 from sira_jax.run_dir import ConfigError
 
 

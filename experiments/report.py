@@ -166,7 +166,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
   """(mean(a) - mean(b), low, high): Welch's t interval at `level` (scipy's `ttest_ind` with
   unequal variances); nan bounds with fewer than 2 seeds each, the point itself when neither
   sample varies."""
-  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from scipy import stats
   a, b = np.asarray(a, float), np.asarray(b, float)
   diff = float(a.mean() - b.mean())
   if len(a) < 2 or len(b) < 2:
@@ -351,9 +351,9 @@ def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
 # Plots
 # ------------------------------------------------------------------------------------------------
 def _plt():
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
   return plt
 
 
@@ -704,7 +704,7 @@ def write_report(sweep_names: Sequence[str] | None = None, *,
 
 def define_flags() -> None:
   """The report's flags (absl), defined when its CLI starts."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
   if 'out_dir' in flags.FLAGS:
     return
   flags.DEFINE_multi_string('sweep', [], 'sweeps to report (default: all); repeatable')
@@ -719,7 +719,7 @@ def define_flags() -> None:
 def main(argv):
   """Writes the report; a user error (unknown sweep or flag, a bad value) is one line on stderr
   and exit status 2 (`runner.usage_error`)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     runner.usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
@@ -733,7 +733,7 @@ def main(argv):
 
 
 def cli():
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import app
   define_flags()
   app.run(main, flags_parser=runner.parse_flags)
 

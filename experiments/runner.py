@@ -81,7 +81,7 @@ def git_revision() -> str:
 
 
 def hardware() -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   load = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
               cpu_count=os.cpu_count(), jax_backend=jax.default_backend(),
@@ -121,8 +121,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   tasks (`gin_utils.parse_and_register`). The `extra_bindings` among `bindings` (a sweep's
   `--binding`s, which `check_extra_bindings` checked against all of its configs) may set a macro
   this one config does not use."""
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as _  # noqa: F401  pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
+  from sira_jax import train as _  # noqa: F401
   gin_utils.parse_and_register(list(gin_files), list(bindings), ('.', gin_utils.PROJECT_GIN_DIR),
                                check_unused=[b for b in bindings if b not in extra_bindings])
 
@@ -134,7 +134,7 @@ PER_RUN_MACROS = {'MODEL_DIR': '<work_dir>/runs/<run key>', 'SEED': "the run's s
 
 def bound_macro(bindings: Sequence[str], name: str) -> str | None:
   """The last of `bindings` that sets macro `name` (`NAME = value`), else None."""
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   found = [b for b in bindings if gin_utils.binding_macro(b) == name]
   return found[-1] if found else None
 
@@ -143,9 +143,9 @@ def check_extra_bindings(sweep: sweeps_lib.Sweep) -> None:
   """Refuses a `--binding` (`sweep.extra_bindings`) that sets a per-run macro, that gin refuses,
   or whose macro neither the base's nor any run's gin config uses; raises UsageError naming it.
   Parses gin only (no task registration, nothing trained)."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as _  # noqa: F401  pylint: disable=import-outside-toplevel
+  import gin
+  from sira_jax import gin_utils
+  from sira_jax import train as _  # noqa: F401
   extra = list(sweep.extra_bindings)
   if not extra:
     return
@@ -187,9 +187,9 @@ BASE_TRAIN_ARGS = ('mixture_or_task_name', 'task_feature_lengths', 'train_steps'
 
 def _train_arg(name: str):
   """The value gin gives `train.<name>` (macros resolved; the signature default when unbound)."""
-  import inspect  # pylint: disable=import-outside-toplevel
-  import gin  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  import inspect
+  import gin
+  from sira_jax import train as train_lib
   try:
     v = gin.query_parameter(f'train.{name}')
   except ValueError:
@@ -201,9 +201,9 @@ def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
   """(hash, settings) of what determines the base: its architecture (`T5Config.architecture`), loss
   and pretraining arguments (not checkpointing/logging settings, nor MODEL_DIR), as the base gin
   files set them."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from sira_jax.losses import LossConfig  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  import gin
+  from sira_jax.losses import LossConfig
+  from sira_jax.t5.config import T5Config
   parse_gin(sweep.base_gin, (*sweep.base_bindings, "MODEL_DIR='-'"), sweep.extra_bindings)
   loss = LossConfig()
   key = dict(model=T5Config().architecture(),
@@ -216,9 +216,9 @@ def base_config_hash(sweep: sweeps_lib.Sweep) -> tuple[str, dict]:
 
 def _train(progress_bar: bool):
   """`sira_jax.train.train` under the parsed gin config, as `train_from_gin` calls it."""
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
+  from sira_jax import train as train_lib
+  from sira_jax.t5.config import T5Config
   return train_lib.train(progress_bar=progress_bar,
                          configured_fields=gin_utils.bound_parameters(T5Config))
 
@@ -242,7 +242,7 @@ def shipped_base(config_hash: str, settings: Mapping[str, Any] | None = None,
     if prov.get('config_hash') == config_hash:
       return os.path.join(shipped_dir, name)
     if settings is not None and prov.get('settings'):
-      from sira_jax.run_dir import dict_diff  # pylint: disable=import-outside-toplevel
+      from sira_jax.run_dir import dict_diff
       diff = dict_diff(prov['settings'], settings)
       log(f'base: the shipped base {name} does not match this config (shipped -> now: '
           f'{diff[:300]}); pretraining instead')
@@ -252,8 +252,8 @@ def shipped_base(config_hash: str, settings: Mapping[str, Any] | None = None,
 def ensure_base(sweep: sweeps_lib.Sweep, work_dir: str, *, use_shipped: bool = True,
                 log: Callable[[str], None] = print) -> tuple[str, dict]:
   """Pretrains the sweep's base once (or finds it); returns (base checkpoint dir, provenance)."""
-  from sira_jax import base_checkpoint  # pylint: disable=import-outside-toplevel
-  from sira_jax import run_dir as run_dir_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import base_checkpoint
+  from sira_jax import run_dir as run_dir_lib
   key, settings = base_config_hash(sweep)
   if use_shipped:
     found = shipped_base(key, settings, log=log)
@@ -405,15 +405,15 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | Non
   result file; returns the result dict. base_dir: the sweep's base (None: a `--binding` names
   INITIAL_CHECKPOINT_PATH); the run starts from the INITIAL_CHECKPOINT_PATH its config resolves
   to, recorded in the result's `base`."""
-  from experiments import evaluation  # pylint: disable=import-outside-toplevel
-  from sira_jax import restore  # pylint: disable=import-outside-toplevel
-  from sira_jax import run_dir  # pylint: disable=import-outside-toplevel
-  from sira_jax.adapters import ROUTED_KINDS  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5 import param_count  # pylint: disable=import-outside-toplevel
+  from experiments import evaluation
+  from sira_jax import restore
+  from sira_jax import run_dir
+  from sira_jax.adapters import ROUTED_KINDS
+  from sira_jax.t5 import param_count
   t0 = time.time()
   model_dir = os.path.join(os.path.abspath(work_dir), 'runs', run.key)
   parse_gin(run.gin_files, run_bindings(run, model_dir, base_dir), sweep.extra_bindings)
-  import gin  # pylint: disable=import-outside-toplevel
+  import gin
   config_str = gin.config_str()
   start = _train_arg('initial_checkpoint_path') or base_dir
   train_info: dict = {}
@@ -492,7 +492,7 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   later call. keep_going: a failing run is logged and the next one starts (else the error
   propagates). limit: run at most this many unfinished runs now (a sweep in slices).
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm
   runs = list(sweep.runs)
   if only:
     # A tuned run answers to its sweep name ('...-lrtuned-s1') and, once resolved, to its rate's.
@@ -520,7 +520,7 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   else:
     base_dir, prov = ensure_base(sweep, work_dir, use_shipped=use_shipped_base, log=log)
   # Runs of one seed read the same training batches: one pipeline each, replayed.
-  from sira_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from sira_jax import data as data_lib
   with data_lib.shared_training_streams():
     for run in todo:
       bar.set_postfix_str(run.name)
@@ -541,7 +541,7 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
         outcome.done.append(run.name)
       except RunInterrupted:
         raise
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         if not keep_going:
           bar.close()
           raise
@@ -558,7 +558,7 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
 def define_flags() -> None:
   """The runner's flags (absl), defined when its CLI starts (experiments.report, which imports this
   module, defines its own)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
   if 'list_runs' in flags.FLAGS:
     return
   flags.DEFINE_multi_string('sweep', [], f'sweep name(s): {", ".join(sweeps_lib.SWEEPS)}')
@@ -598,7 +598,7 @@ def usage_error(message: str) -> None:
 def parse_flags(argv: Sequence[str], bare: Mapping[str, str] | None = None) -> list[str]:
   """absl `flags_parser` for app.run: a flag error is a `usage_error` (not absl's usage dump).
   bare: {flag: value} a flag given without a value means (`--print_commands` -> 'runner')."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
   bare = bare or {}
   argv = [f'{a}={bare[a[2:]]}' if a.startswith('--') and a[2:] in bare else a for a in argv]
   try:
@@ -620,8 +620,8 @@ def chosen_sweeps(names: Sequence[str], bindings: Sequence[str],
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from sira_jax import gin_utils
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
@@ -642,7 +642,7 @@ def main(argv):
   return 0
 
 
-def _command(sweep: sweeps_lib.Sweep, FLAGS) -> None:  # pylint: disable=invalid-name
+def _command(sweep: sweeps_lib.Sweep, FLAGS) -> None:
   """What the flags ask of one sweep: list its runs, build its base, print commands, or run it."""
   if FLAGS.list_runs:
     for r in sweep.runs:
@@ -694,7 +694,7 @@ def _print_commands(sweep: sweeps_lib.Sweep, kind: str, results_dir: str, work_d
 
 
 def cli():
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import app
   define_flags()
   app.run(main, flags_parser=lambda argv: parse_flags(argv, {'print_commands': 'runner'}))
 

@@ -41,7 +41,7 @@ def checkpoint_architecture(path: str) -> dict[str, Any]:
         ckpt_lib.read_base_meta(base_dir)['model_config']).architecture()
   if not os.path.exists(path):
     raise ckpt_lib.CheckpointError(f'INITIAL_CHECKPOINT_PATH {path} does not exist')
-  from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import loading
   return loading.open_checkpoint(path)[2]
 
 
@@ -69,7 +69,7 @@ def read_base_params(path: str, cfg: T5Config, abstract: Mapping[str, Any]) -> d
   if base_dir is not None:
     base, _ = ckpt_lib.load_base_params(base_dir)
   else:  # Hugging Face / T5X files name every layer: read them unscanned.
-    from sira_jax.t5 import loading  # pylint: disable=import-outside-toplevel
+    from sira_jax.t5 import loading
     reader = loading.open_checkpoint(path)[0]
     unscanned = scan_layout.to_layout(abstract, scanned=False)
     base = traverse_util.unflatten_dict(

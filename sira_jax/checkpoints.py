@@ -93,7 +93,7 @@ class CheckpointManager:
     step = self._step(step)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise DamagedCheckpointError(self.directory, step, e) from None
     if out['meta'] is None:
       raise DamagedCheckpointError(self.directory, step, 'its meta/ item is missing')
@@ -119,7 +119,7 @@ class CheckpointManager:
       state_args = ocp.args.StandardRestore(_abstract(target))
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(state=state_args))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       _quiet_pending_reads()
       raise DamagedCheckpointError(self.directory, step, e) from None
     return out['state'], meta
@@ -170,7 +170,7 @@ def _quiet_pending_reads():
     if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed':
       return
     hook(info)
-  unraisablehook._drops_closed_loop = True  # pylint: disable=protected-access
+  unraisablehook._drops_closed_loop = True
   sys.unraisablehook = unraisablehook
 
 

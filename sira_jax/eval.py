@@ -21,7 +21,7 @@ if __name__ == '__main__':
   from sira_jax import gin_utils as _gin_utils
   _gin_utils.exit_if_help(__doc__, ('runs/eval.gin',))
   _gin_utils.import_tensorflow_quietly()
-  from sira_jax import eval as _module  # pylint: disable=import-self
+  from sira_jax import eval as _module
   _module.cli()
 
 import functools
@@ -149,7 +149,7 @@ def evaluate(
   lengths, step = run.lengths, run.step
   before = truncation.snapshot()
   evaluator = cached_evaluator(mixture_or_task_name, split, lengths, num_examples)
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm
   total = sum(int(ds.cardinality()) for ds in evaluator.cached_task_datasets.values())
   with tqdm(total=total if total >= 0 else None, desc=f'eval {split}', unit='ex',
             disable=not progress_bar) as bar:
@@ -168,7 +168,7 @@ def evaluate(
     json.dump({'step': step, 'split': split, 'metrics': results, 'summary': summarize(results)},
               f, indent=1, sort_keys=True)
   if tensorboard:
-    from clu import metric_writers  # pylint: disable=import-outside-toplevel
+    from clu import metric_writers
     writer = metric_writers.create_default_writer(output_dir, asynchronous=False)
     writer.write_scalars(step, {f'eval/{t}/{k}': v for t, m in results.items()
                                 for k, v in m.items()})
@@ -192,14 +192,14 @@ def _report(results):
 
 def main(argv):
   del argv
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
+  from sira_jax.t5.config import T5Config
   gin_utils.run_gin_command(
       lambda: evaluate(configured_fields=gin_utils.bound_parameters(T5Config)), _report)
 
 
 
 def cli():
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   gin_utils.define_gin_flags()
   gin_utils.run(main)

@@ -81,16 +81,16 @@ def _harden_gin_file_readers():
   the working directory, e.g. the main job's output dir, is a namespace package without __file__
   and gin's check raises TypeError before trying the search paths.
   """
-  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
-  from gin import resource_reader  # pylint: disable=import-outside-toplevel
+  from gin import config as gin_config
+  from gin import resource_reader
   # Private access: gin's public `register_file_reader` only appends readers; none replaces one.
-  readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+  readers = gin_config._FILE_READERS
   for i, (reader, check) in enumerate(list(readers)):
     if check is resource_reader.system_path_file_exists:
       def safe(path, _check=check):
         try:
           return _check(path)
-        except Exception:  # pylint: disable=broad-except
+        except Exception:
           return False
       readers[i] = (reader, safe)
 
@@ -136,7 +136,7 @@ def parse_and_register(gin_files: Sequence[str], gin_bindings: Sequence[str],
   """What every gin-configured program does first (train, eval, infer, the experiments): clears
   gin, parses `gin_files` then `gin_bindings` (`parse_gin`), and registers the tasks with the
   configured vocabulary and data directories (`data.register_tasks`)."""
-  from sira_jax import data  # pylint: disable=import-outside-toplevel
+  from sira_jax import data
   gin.clear_config()
   parse_gin(gin_files, gin_bindings, search_paths, finalize=finalize, check_unused=check_unused)
   data.register_tasks()
@@ -216,7 +216,7 @@ class GinConfigError(ValueError):
 
 def run(main, argv=None):
   """`absl.app.run(main)` with gin flags defined and `--gin.X=v` rewriting."""
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import app
   define_gin_flags()
   app.run(main, argv=argv if argv is not None else sys.argv, flags_parser=flags_parser)
 
@@ -267,7 +267,7 @@ _SEQIO_NOISE = ('Using an uncached FunctionDataset', 'sequence lengths are longe
 
 def quiet_logs():
   """CLI logging: absl/seqio at WARNING (progress bars and printed summaries carry the rest)."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   # seqio warns once per task that the bundled (generated, in-memory) tasks are not cached: true
   # and harmless here, and 45 copies of it bury the progress output.
@@ -355,8 +355,8 @@ def import_tensorflow_quietly() -> None:
   saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, fd)
   try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    import seqio  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import tensorflow as tf
+    import seqio  # noqa: F401
     tf.config.set_visible_devices([], 'GPU')
   finally:
     os.dup2(saved, fd)

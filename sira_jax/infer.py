@@ -18,7 +18,7 @@ if __name__ == '__main__':
   from sira_jax import gin_utils as _gin_utils
   _gin_utils.exit_if_help(__doc__, ('runs/infer.gin',))
   _gin_utils.import_tensorflow_quietly()
-  from sira_jax import infer as _module  # pylint: disable=import-self
+  from sira_jax import infer as _module
   _module.cli()
 
 import json
@@ -74,7 +74,7 @@ def infer(
   `batch -> tokens [B, L]` used instead of the run's model (step 0). configured_fields: T5Config
   fields set in gin, which must agree with the run.
   """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm
   output_dir = output_dir or os.path.join(model_dir, 'infer')
   predict_lib.check_output_dir(output_dir, 'the infer output directory')
   run = predict_lib.load_predictor(model_dir, mixture_or_task_name, task_feature_lengths,
@@ -139,14 +139,14 @@ def _text(ex, key, vocab):
 
 def main(argv):
   del argv
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
+  from sira_jax.t5.config import T5Config
   gin_utils.run_gin_command(lambda: infer(configured_fields=gin_utils.bound_parameters(T5Config)),
                             lambda paths: print('\n'.join(paths)))
 
 
 
 def cli():
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   gin_utils.define_gin_flags()
   gin_utils.run(main)

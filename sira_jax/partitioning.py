@@ -66,7 +66,7 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
   try:
     from jax.experimental import mesh_utils
     arr = mesh_utils.create_device_mesh(tuple(sizes), devices)
-  except Exception:  # pylint: disable=broad-except  # e.g. CPU or unusual topologies
+  except Exception:  # e.g. CPU or unusual topologies
     arr = np.asarray(devices, dtype=object).reshape(sizes)
   return Mesh(arr, MESH_AXES)
 
@@ -226,7 +226,7 @@ def opt_state_shardings(opt_state_shapes: PyTree, params_shardings: PyTree,
   def is_params_like(x):
     try:
       return jax.tree.structure(x) == p_def
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       return False
 
   def assign(x):

@@ -64,8 +64,8 @@ def check_model_settings(model_dir: str, configured_fields: Collection[str]):
   names each field with the run's and the given value."""
   if not configured_fields:
     return
-  from sira_jax import model_init  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  from sira_jax import model_init
+  from sira_jax.t5.config import T5Config
   run = run_dir.read_run_config(model_dir)['model_config']
   given = model_init.config_to_dict(T5Config())  # gin's bindings applied
   fields = sorted(configured_fields)
@@ -112,7 +112,7 @@ def make_predict_fn(model, variables: Mapping[str, Any], *, max_decode_length: i
   Uses the network's cached decoding (`sira_jax.t5.decoding.predict_batch`, jitted there); routing
   runs in eval mode (eval capacity factor, no expert dropout).
   """
-  from sira_jax.t5 import decoding  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import decoding
   variables = {k: v for k, v in variables.items() if k not in ('cache', 'intermediates')}
 
   def predict(batch):

@@ -55,7 +55,7 @@ def read_run_config(model_dir: str) -> dict:
   """The fingerprint a training run recorded in MODEL_DIR/run_config.json."""
   path = os.path.join(model_dir, RUN_CONFIG)
   if not os.path.exists(path):
-    from sira_jax import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+    from sira_jax import checkpoints as ckpt_lib
     raise ckpt_lib.CheckpointError(f'{model_dir} holds no training run ({RUN_CONFIG} missing)')
   with open(path) as f:
     return json.load(f)

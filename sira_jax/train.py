@@ -31,7 +31,7 @@ if __name__ == '__main__':
   from sira_jax import gin_utils as _gin_utils
   _gin_utils.exit_if_help(__doc__, ('models', 'adapters', 'runs/common_train.gin', 'runs/finetune.gin', 'runs/pretrain.gin'))
   _gin_utils.import_tensorflow_quietly()
-  from sira_jax import train as _module  # pylint: disable=import-self
+  from sira_jax import train as _module
   _module.cli()
 
 import dataclasses
@@ -406,7 +406,7 @@ def check_vocabulary(task, cfg: T5Config):
 def _metric_writer(model_dir: str, tensorboard: bool):
   if not tensorboard:
     return None
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from clu import metric_writers
   return metric_writers.create_default_writer(
       os.path.join(model_dir, 'train'), just_logging=jax.process_index() != 0, asynchronous=False)
 
@@ -415,7 +415,7 @@ def _metric_writer(model_dir: str, tensorboard: bool):
 # CLI
 # ----------------------------------------------------------------------------------------------
 def _define_flags():
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   gin_utils.define_gin_flags()
   if 'overwrite' not in flags.FLAGS:
     flags.DEFINE_bool('overwrite', False, 'Replace a run with another config in MODEL_DIR.')
@@ -424,7 +424,7 @@ def _define_flags():
 def train_from_gin(gin_files, gin_bindings=(), *, overwrite: bool = False,
                    search_paths=None) -> TrainResult:
   """Parses gin (files, then bindings) and runs `train`: what the CLI does, callable in-process."""
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   gin_utils.parse_and_register(gin_files, gin_bindings,
                                search_paths or ('.', gin_utils.PROJECT_GIN_DIR))
   return train(overwrite=overwrite,
@@ -436,7 +436,7 @@ def main(argv):
   2 a user error (one line on stderr, nothing written); 3 training diverged (non-finite);
   130 interrupted by Ctrl-C/SIGINT (after saving the step reached, when training had begun)."""
   del argv
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   gin_utils.quiet_logs()
   FLAGS = flags.FLAGS
   try:
@@ -463,5 +463,5 @@ def main(argv):
 
 def cli():
   _define_flags()
-  from sira_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from sira_jax import gin_utils
   gin_utils.run(main)

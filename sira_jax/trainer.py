@@ -177,7 +177,7 @@ class _StopFlag:
         pass
     return self
 
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+  def _handle(self, signum, frame):
     self.raised = self.raised or STOP_SIGNALS[signum]
 
   def __exit__(self, *exc):
@@ -228,7 +228,7 @@ def train_loop(
   on_log(history, last_metrics, step) is called after each logged window (the session's history
   so far), so a record of it survives an interruption.
   """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm
   start = int(state.step)
   total = jnp.asarray(total_steps, jnp.int32)
   history = []

@@ -102,13 +102,13 @@ def build(data_dir: str, configs: Sequence[str] | None = None) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   for name in build(flags.FLAGS.data_dir, flags.FLAGS.configs):
     print(name)
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from absl import app, flags
   flags.DEFINE_string('data_dir', None, 'TFDS data directory to build into.', required=True)
   flags.DEFINE_list('configs', None, 'Configs to build (default: all 45), e.g. date_fr,unit_de.')
   app.run(main)

@@ -13,7 +13,7 @@ import pytest  # noqa: E402  (after the environment above)
 def clean_gin():
   """A cleared gin config before and after the test (modules opt in with
   `pytestmark = pytest.mark.usefixtures('clean_gin')`)."""
-  import gin  # pylint: disable=import-outside-toplevel
+  import gin
   gin.clear_config()
   yield
   gin.clear_config()

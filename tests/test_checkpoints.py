@@ -137,7 +137,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_non_finite_state_is_never_saved(tmp_path, clean_gin):
   # Adam with a NaN moment decay: the loss of step 1 is finite, the params it leaves are NaN.
   # Nothing non-finite is saved; the error says there is no checkpoint.
-  import gin  # pylint: disable=import-outside-toplevel
+  import gin
   gin.bind_parameter('make_optimizer.b1', float('nan'))
   with pytest.raises(trainer_lib.NonFiniteLossError,
                      match=r'non-finite parameters or optimizer state after the update at step 1'

@@ -177,7 +177,7 @@ def test_cli_bad_input_exits_with_message(tmp_path):
 
 def _tiny_hf_checkpoint(path, **arch):
   """A random HF T5 directory of the tiny gin model's sizes with the given architecture fields."""
-  from sira_jax.t5 import saving  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5 import saving
   gin_utils.parse_gin(['models/t5_tiny.gin'], [], ['.', gin_utils.PROJECT_GIN_DIR])
   cfg = T5Config().replace(**arch)
   gin.clear_config()
@@ -212,7 +212,7 @@ def test_finetuning_takes_the_checkpoint_architecture(tmp_path):
 def test_checkpoint_shape_errors_come_before_compile_and_data(tmp_path, monkeypatch):
   hf = tmp_path / 'hf'
   _tiny_hf_checkpoint(hf)
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file
   tensors = load_file(str(hf / 'model.safetensors'))
   del tensors['decoder.block.1.layer.2.DenseReluDense.wo.weight']
   save_file(tensors, str(hf / 'model.safetensors'))
@@ -247,7 +247,7 @@ def test_model_dir_that_is_a_file(tmp_path):
 
 
 def test_dict_diff_names_every_changed_leaf():
-  from sira_jax.run_dir import dict_diff  # pylint: disable=import-outside-toplevel
+  from sira_jax.run_dir import dict_diff
   old = {'a': 1, 'm': {'k': 'sira', 'r': 4}, 'gone': 0}
   new = {'a': 1, 'm': {'k': 'lora', 'r': 4}, 'added': [1]}
   assert dict_diff(old, new) == "added: None -> [1]; gone: 0 -> None; m.k: 'sira' -> 'lora'"

@@ -69,7 +69,7 @@ def t5x_moe_rules():
   """T5X's MoE rules when t5x is installed (sira_jax.t5x.partitioning), else the same ordering
   written out: batch -> ('expert', 'data') first, 'expert' and 'expert_replicas' after."""
   try:
-    from sira_jax.t5x import partitioning as t5x_rules  # pylint: disable=import-outside-toplevel
+    from sira_jax.t5x import partitioning as t5x_rules
     return tuple(t5x_rules.moe_logical_axis_rules())
   except ImportError:
     own = [r for r in partitioning.logical_axis_rules()

@@ -22,7 +22,7 @@ TASK = 'fixture_reverse_trimmed'
 def _register():
   vocab = seqio.ByteVocabulary()
   registry.add_task(
-      TASK, source=seqio.FunctionDataSource(fx._source, splits=['train', 'validation', 'test']),  # pylint: disable=protected-access
+      TASK, source=seqio.FunctionDataSource(fx._source, splits=['train', 'validation', 'test']),
       preprocessors=[seqio.preprocessors.tokenize, truncation.append_eos_after_trim],
       output_features={'inputs': seqio.Feature(vocab), 'targets': seqio.Feature(vocab)},
       metric_fns=[fx.exact_match])
@@ -114,10 +114,10 @@ def test_eval_batches_fit_the_examples_and_are_built_once():
   assert evaluation.fitted_batch_size(16, 50) == 16
   assert evaluation.fitted_batch_size(128, None) == 128
   task = seqio.get_mixture_or_task(TASK)
-  batches = evaluation._model_batches(task, LENGTHS, 'test', 7, 4)  # pylint: disable=protected-access
+  batches = evaluation._model_batches(task, LENGTHS, 'test', 7, 4)
   assert [n for _, n in batches] == [4, 3]
   assert all(b['encoder_input_tokens'].shape == (4, LENGTHS['inputs']) for b, _ in batches)
-  again = evaluation._model_batches(task, LENGTHS, 'test', 7, 4)  # pylint: disable=protected-access
+  again = evaluation._model_batches(task, LENGTHS, 'test', 7, 4)
   assert all(a[0] is b[0] for a, b in zip(batches, again))  # cached, not rebuilt
-  capped = evaluation._model_batches(task, LENGTHS, 'test', None, 2, max_batches=1)  # pylint: disable=protected-access
+  capped = evaluation._model_batches(task, LENGTHS, 'test', None, 2, max_batches=1)
   assert len(capped) == 1

@@ -192,7 +192,7 @@ def test_full_finetuning_counts_every_parameter_as_trained():
   # reads old result files the same way.
   assert runner.trained_counts(counts, '') == counts
   res = {'params': counts, 'gin_config': 'train.pretrain = True\n'}
-  assert report_lib._params(res)['trainable'] == 100  # pylint: disable=protected-access
+  assert report_lib._params(res)['trainable'] == 100
 
 
 def test_sira_defaults_changes_one_knob_at_a_time_under_c2s_protocol():

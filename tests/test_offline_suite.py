@@ -213,7 +213,7 @@ def test_idempotent_and_suggestions():
   # Re-executing the registering module (as a second import under another
   # name would) replaces the registrations instead of raising.
   importlib.reload(offline_suite)
-  import tasks as tasks_again  # pylint: disable=reimported
+  import tasks as tasks_again
   assert tasks_again is tasks
   offline_suite.register_offline_suite()
   with pytest.raises(KeyError, match='offline_num2words_de'):

@@ -20,7 +20,7 @@ def _params_and_grads():
             ('encoder', 'layers_0', 'attention', 'query', 'lora_b'): (4, 2, 16),
             ('encoder', 'layers_0', 'attention', 'query', 'router_kernel'): (16, 4),
             ('decoder', 'layers_0', 'mlp', 'wo', 'router_kernel'): (16, 4)}
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util
   params = traverse_util.unflatten_dict(
       {k: jnp.asarray(rng.randn(*s), jnp.float32) for k, s in shapes.items()})
   grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.randn(*p.shape), jnp.float32), params)
@@ -107,12 +107,12 @@ def test_router_init_stddev_sets_the_router_init(stddev):
 
 
 def test_train_applies_and_records_the_router_multiplier(tmp_path):
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from sira_jax import model_init  # pylint: disable=import-outside-toplevel
-  from sira_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  from tests import trainer_fixtures as fx  # pylint: disable=import-outside-toplevel
+  import json
+  import os
+  from flax import traverse_util
+  from sira_jax import model_init
+  from sira_jax import train as train_lib
+  from tests import trainer_fixtures as fx
   task = fx.register_fixture_task()
   cfg = fx.tiny_config('sira')
 

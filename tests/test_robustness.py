@@ -86,7 +86,7 @@ def _assert_one_line_error(r, code, pattern):
   assert 'Traceback' not in r.stderr, r.stderr[-3000:]
   errors = [ln for ln in r.stderr.splitlines() if ln.startswith('error:')]
   assert len(errors) == 1, r.stderr[-3000:]
-  import re  # pylint: disable=import-outside-toplevel
+  import re
   assert re.search(pattern, errors[0]), errors[0]
 
 
@@ -152,7 +152,7 @@ def _write_nan_checkpoint(d, step):
   latest = mngr.latest_step()
   meta = mngr.read_meta(latest)
   path = os.path.join(str(d / 'checkpoints'), str(latest), 'state')
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp
   state = ocp.StandardCheckpointer().restore(path)
   state['params'] = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), state['params'])
   state['step'] = np.int32(step)
@@ -204,7 +204,7 @@ def test_infer_refuses_another_adapter_and_a_file_as_output_dir(trained, tmp_pat
   # The same adapter file as the run's: agrees, nothing refused (checked without loading).
   gin_utils.parse_gin(['adapters/sira.gin'], [])
   try:
-    from sira_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
+    from sira_jax import predict as predict_lib
     predict_lib.check_model_settings(str(trained),
                                      gin_utils.bound_parameters(train_lib.T5Config))
   finally:
@@ -244,8 +244,8 @@ def test_each_evaluation_keeps_its_own_metrics_file(trained, tmp_path):
 # 3. Data errors before MODEL_DIR is written
 # ----------------------------------------------------------------------------------------------
 def test_data_error_is_reported_before_model_dir_is_written(tmp_path, trained):
-  from tasks import xtreme_up  # pylint: disable=import-outside-toplevel
-  from tests.test_xtreme_up import write_release  # pylint: disable=import-outside-toplevel
+  from tasks import xtreme_up
+  from tests.test_xtreme_up import write_release
   root = tmp_path / 'xtreme_up'
   paths = write_release(str(root), families=('translation',), languages=['sw'])
   bad = [p for p in paths if os.sep + 'train' + os.sep in p][0]

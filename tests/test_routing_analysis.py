@@ -119,7 +119,7 @@ OLD = dict(sites=[DATE_SITE, UNIFORM_SITE], tasks=TASKS, num_experts=2, usage=_u
 
 
 def test_old_result_files_keep_their_drops_apart_from_the_training_batch_ones():
-  from experiments import report as report_lib  # pylint: disable=import-outside-toplevel
+  from experiments import report as report_lib
   view = report_lib.routing_view(OLD)
   assert 'train_batches' not in view
   assert view['old_train_mode_on_eval_batches']['dropped_fraction'] == OLD['dropped_fraction_train']
@@ -130,8 +130,8 @@ def test_old_result_files_keep_their_drops_apart_from_the_training_batch_ones():
 
 @pytest.mark.parametrize('routing', ['new', 'old'])
 def test_routing_section_figure_and_table(tmp_path, routing):
-  from experiments import report as report_lib  # pylint: disable=import-outside-toplevel
-  from experiments import sweeps as sweeps_lib  # pylint: disable=import-outside-toplevel
+  from experiments import report as report_lib
+  from experiments import sweeps as sweeps_lib
   r = NEW if routing == 'new' else OLD
   plots = {}
   entry = {'routing': r, 'routing_seed': 0}
@@ -153,7 +153,7 @@ def test_routing_section_figure_and_table(tmp_path, routing):
 
 
 def test_training_cross_entropy_over_the_last_100_steps():
-  from experiments import report as report_lib  # pylint: disable=import-outside-toplevel
+  from experiments import report as report_lib
   history = [dict(step=s, cross_entropy=float(s)) for s in (1, 450, 500, 510, 550, 600)]
   res = {'train': {'steps': 600, 'history': history}}
   assert report_lib.train_cross_entropy_tail(res) == pytest.approx(np.mean([510, 550, 600]))

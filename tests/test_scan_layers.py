@@ -267,7 +267,7 @@ def test_scanned_einsum_form_on_an_expert_mesh_matches_one_device(monkeypatch):
   """The step of tests/test_sharding.py (SiRA, einsum form, expert dropout) with scanned stacks:
   data 2 x expert 4 equals one device. (Its expert dropout draws from the 'dropout' stream split
   per layer, so the comparison is scanned against scanned.)"""
-  import sharded_step  # pylint: disable=import-outside-toplevel
+  import sharded_step
   params = scan_layout.to_layout(sharded_step.host_params(Transformer(sharded_step.CONFIG)), True)
   monkeypatch.setattr(sharded_step, 'CONFIG', sharded_step.CONFIG.replace(scan_layers=True))
   monkeypatch.setattr(sharded_step, '_SINGLE', [])  # not the unscanned reference

@@ -13,7 +13,6 @@ import pytest
 
 pytest.importorskip('t5x')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import orbax.checkpoint as ocp
 from flax import traverse_util
 import tensorflow as tf

@@ -13,7 +13,6 @@ import seqio
 
 pytest.importorskip('t5x')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from t5x import adafactor
 from t5x import decoding
 from t5x import partitioning as t5x_partitioning
@@ -145,7 +144,7 @@ def test_cached_decoding_equals_full_recomputation():
   decodes = np.asarray(model.predict_batch(params, batch, rng=jax.random.PRNGKey(0)))
   # Greedy decoding by full recomputation: one teacher-forced pass per step over the prefix. Every
   # target position counts as a real token (as while decoding), so every token is routed.
-  full = jax.jit(lambda dec_in: model._compute_logits(params, {  # pylint: disable=protected-access
+  full = jax.jit(lambda dec_in: model._compute_logits(params, {
       'encoder_input_tokens': batch['encoder_input_tokens'], 'decoder_input_tokens': dec_in,
       'decoder_target_tokens': jnp.ones_like(dec_in)}))
   tokens = np.zeros_like(decodes)
@@ -160,7 +159,7 @@ def test_cached_decoding_equals_full_recomputation():
 def test_prompt_prefill_continues_decoder_prompts_like_full_recomputation():
   """T5X enables prompt prefilling for this network (module.decode takes `prefill`); prompts of
   different lengths (0 included) continue exactly as greedy decoding by full recomputation."""
-  import inspect  # pylint: disable=g-import-not-at-top
+  import inspect
   assert 'prefill' in inspect.signature(network.Transformer.decode).parameters
   greedy = functools.partial(decoding.temperature_sample, temperature=1.0, topk=1)
   model = _model(decode_fn=greedy)
@@ -175,7 +174,7 @@ def test_prompt_prefill_continues_decoder_prompts_like_full_recomputation():
   decodes, _ = model.predict_batch_with_aux(params, batch, rng=jax.random.PRNGKey(0),
                                             prompt_with_targets=True)
   decodes = np.asarray(decodes)
-  full = jax.jit(lambda dec_in: model._compute_logits(params, {  # pylint: disable=protected-access
+  full = jax.jit(lambda dec_in: model._compute_logits(params, {
       'encoder_input_tokens': batch['encoder_input_tokens'], 'decoder_input_tokens': dec_in,
       'decoder_target_tokens': jnp.ones_like(dec_in)}))
   tokens = np.zeros_like(decodes)

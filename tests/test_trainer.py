@@ -144,7 +144,7 @@ def test_compile_caches_are_bounded_and_keyed_by_devices():
 
 
 def test_adapter_param_predicate_matches_the_models_params():
-  from sira_jax.adapters import is_adapter_param  # pylint: disable=import-outside-toplevel
+  from sira_jax.adapters import is_adapter_param
   cfg = fx.tiny_config('smoe_dropout', num_experts=4, top_k=1)
   params = model_init.abstract_params(model_init.build_model(cfg))
   paths = list(traverse_util.flatten_dict(params))

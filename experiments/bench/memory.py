@@ -83,15 +83,15 @@ def parse_mesh(text: str) -> dict:
 
 def missing_fields(variant: str) -> list[str]:
   """The T5Config fields `variant` sets that this T5Config lacks."""
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.config import T5Config
   have = {f.name for f in dataclasses.fields(T5Config)}
   return [k for k in VARIANTS[variant] if k not in have]
 
 
 def model_config(model: str, adapter: str, variant: str, bindings=()):
   """T5Config of the model and adapter gin files, the variant's fields set."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.config import T5Config  # pylint: disable=import-outside-toplevel
+  import gin
+  from sira_jax.t5.config import T5Config
   adapter_file, adapter_bindings = ADAPTERS[adapter]
   gin.clear_config()
   gin.add_config_file_search_path(GIN_DIR)
@@ -103,13 +103,13 @@ def model_config(model: str, adapter: str, variant: str, bindings=()):
 
 def compile_one(spec: dict) -> dict:
   """Compiles the train step of `spec` ahead of time on this process's devices; the row."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from experiments.bench import common, compile_time  # pylint: disable=import-outside-toplevel
-  from sira_jax import losses, model_init, optim, partitioning, placement as placement_lib, trainer  # pylint: disable=import-outside-toplevel
-  from sira_jax.adapters import trainable_mask  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.network import Transformer  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from experiments.bench import common, compile_time
+  from sira_jax import losses, model_init, optim, partitioning, placement as placement_lib, trainer
+  from sira_jax.adapters import trainable_mask
+  from sira_jax.t5.network import Transformer
 
   cfg = model_config(spec['model'], spec['adapter'], spec['variant'], spec.get('bindings', ()))
   placement = placement_lib.Placement(spec["mesh"])

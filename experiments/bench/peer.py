@@ -13,9 +13,9 @@ import os
 def available() -> str | None:
   """None when torch, transformers and peft import; else the reason."""
   try:
-    import peft  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
   except ImportError as e:
     return f'{e} (pip install -r experiments/bench/requirements.txt)'
   return None
@@ -24,10 +24,10 @@ def available() -> str | None:
 def peft_step(targets: str, *, small: bool, batch_size: int, inputs: int, target_len: int,
               threads: int | None = None):
   """(run closure, facts) for one PEFT LoRA train step."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import peft  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  import peft
+  import torch
+  import transformers
 
   torch.set_num_threads(threads or os.cpu_count() or 1)
   torch.manual_seed(0)

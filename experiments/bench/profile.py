@@ -76,7 +76,7 @@ def run(*, small: bool, repeats: int, batch_size: int, inputs: int, targets: int
     cfg = model.t5_small(adapter, 'qkvo', small=small)
     progress(f'profile: {name}: compiling the train step')
     with stubbed(stubs):  # Traced (and compiled) inside: the stand-ins are baked in.
-      fns[name], facts[name] = model._train_step_variant(  # pylint: disable=protected-access
+      fns[name], facts[name] = model._train_step_variant(
           cfg, model.batch(cfg, batch_size, inputs, targets))
   progress(f'profile: timing {len(fns)} train steps x {repeats}')
   timing = common.interleaved(fns, repeats)

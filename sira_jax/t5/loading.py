@@ -131,7 +131,7 @@ def open_checkpoint(path) -> tuple['HFReader | T5XReader', T5Config, dict[str, A
     cfg = hf_config_to_t5(read_json(os.path.join(path, 'config.json')),
                           os.path.join(path, 'config.json'), reader)
     return reader, cfg, cfg.architecture()
-  from sira_jax.t5.t5x_reader import T5XReader  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.t5x_reader import T5XReader
   reader = T5XReader(path)
   cfg, known = reader.config_from_shapes()
   return reader, cfg, {k: v for k, v in cfg.architecture().items() if k in known}
@@ -154,7 +154,7 @@ def detect_format(path: str) -> str:
   if 'config.json' in names and any(n.endswith('.safetensors') or n.endswith('.safetensors.index.json')
                                     for n in names):
     return 'hf'
-  from sira_jax.t5.t5x_reader import T5XReader  # pylint: disable=import-outside-toplevel
+  from sira_jax.t5.t5x_reader import T5XReader
   if T5XReader.is_t5x(path):
     return 't5x'
   if 'config.json' in names:
@@ -362,9 +362,9 @@ def main(argv) -> None:
   Loads a checkpoint, prints the config and parameter counts, and greedily decodes the given
   token ids (e.g. from the model's SentencePiece vocabulary) as a smoke test.
   """
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5 import decoding  # pylint: disable=import-outside-toplevel
-  from sira_jax.t5.param_count import count_parameters  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from sira_jax.t5 import decoding
+  from sira_jax.t5.param_count import count_parameters
   FLAGS = flags.FLAGS
   if len(argv) != 2:
     _usage_error(f'give one checkpoint PATH (got {len(argv) - 1} arguments)')
@@ -386,7 +386,7 @@ def _usage_error(message: str) -> None:
 
 
 def cli() -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import app, flags
   flags.DEFINE_list('tokens', [], 'comma-separated encoder token ids to decode greedily')
   flags.DEFINE_integer('max_decode_length', 16, 'decoded tokens at most', lower_bound=1)
   app.run(main)

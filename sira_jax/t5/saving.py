@@ -19,7 +19,7 @@ from sira_jax.t5.loading import hf_name_map
 def save_t5x_orbax(path: str, params: Mapping[str, Any], *, config: T5Config | None = None,
                    step: int = 0) -> None:
   """Writes `{'target': params, 'state': {'step': step}}` as an orbax checkpoint (T5X layout)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp
   params = scan_layout.to_layout(nn.unbox(dict(params)), scanned=False)  # T5X's layer names
   tree = {'target': jax.tree.map(np.asarray, params),
           'state': {'step': np.asarray(step, np.int64)}}
@@ -44,7 +44,7 @@ def save_hf_safetensors(path: str, params: Mapping[str, Any], config: T5Config, 
   `max_shard_bytes` splits the weights into `model-0000i-of-0000n.safetensors` files with a
   `model.safetensors.index.json`, like transformers' sharded checkpoints.
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file
   os.makedirs(path, exist_ok=True)
   flat = traverse_util.flatten_dict(
       scan_layout.to_layout(nn.unbox(dict(params)), scanned=False), sep='/')

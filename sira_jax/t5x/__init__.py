@@ -14,7 +14,7 @@ imports this package. Modules:
 Gin configs: `gin/t5x/` (models/, adapters/, runs/, tasks/).
 """
 try:
-  import t5x  # noqa: F401  pylint: disable=unused-import
+  import t5x  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only where t5x is absent
   raise ImportError(
       'sira_jax.t5x needs T5X (google-research/t5x), which is not on PyPI: install it from a '

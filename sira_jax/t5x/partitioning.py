@@ -54,7 +54,7 @@ def moe_logical_axis_rules(activation_partitioning_dims: int = 1,
                            parameter_partitioning_dims: int = 1):
   """Rules for `MoePjitPartitioner`: T5X MoE rules (batch over ('expert', 'data'), expert ->
   'expert', unmodeled -> None) + rank -> None."""
-  from t5x.contrib.moe import partitioning as moe_partitioning  # pylint: disable=import-outside-toplevel
+  from t5x.contrib.moe import partitioning as moe_partitioning
   return logical_axis_rules(
       expert_axis='expert',
       base_rules=moe_partitioning.standard_logical_axis_rules(

@@ -15,7 +15,7 @@ def registered(name: str, xtreme_up_data_dir: Optional[str] = None) -> str:
 
   Raises KeyError (listing close registered names) when `name` is not a task or mixture.
   """
-  import tasks  # pylint: disable=import-outside-toplevel
+  import tasks
   tasks.register_all(xtreme_up_data_dir=xtreme_up_data_dir)
   tasks.get_task_or_mixture(name)
   return name
