@@ -135,9 +135,20 @@ def test_compile_caches_are_bounded_and_keyed_by_devices():
   assert cache.get(3, lambda: 'rebuilt') == 3 and cache.keys() == [4, 3]  # a hit refreshes it
   cache.get(5, lambda: 5)
   assert cache.keys() == [3, 5]  # the least recently used went
-  a = Placement({'data': 1})
-  b = Placement({'data': 2})
-  assert a.key != b.key  # a step compiled for one mesh is never reused on another
+  # The train-step cache: the same step for the same key and devices, another for another mesh,
+  # and at most 4 kept.
+  model = model_init.build_model(fx.tiny_config('lora'))
+  tx = optim.make_optimizer('adamw', 1e-3)
+  loss = trainer_lib.LossConfig()
+  one, two = Placement({'data': 1}), Placement({'data': 2})
+
+  def step(placement, key=('run',)):
+    return train_lib.compiled_train_step(model, tx, {'name': 'adamw'}, loss, placement, None, key)
+  assert step(one) is step(one)
+  assert step(two) is not step(one)  # a step compiled for one mesh is never reused on another
+  for i in range(6):
+    step(one, ('run', i))
+  assert len(train_lib._STEP_CACHE.keys()) == 4
   # Parameter init and the dropout stream draw from different keys.
   params_key, dropout_key = model_init.run_keys(0)
   assert not np.array_equal(np.asarray(params_key), np.asarray(dropout_key))
