@@ -331,6 +331,7 @@ def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
         f'num_selected (top_k) must be in [1, num_experts={num_experts}], got '
         f'{num_selected}.')
   gates, expert_index = top_k(probs, num_selected)
+  top_probability = gates[..., 0]  # the priority score: before dropout and renormalisation
   active = jnp.broadcast_to(token_mask[..., None], gates.shape)
   if num_active is not None:
     active = active & (jnp.arange(num_selected) < num_active)
@@ -341,7 +342,7 @@ def top_k_routing(probs: Array, token_mask: Array, *, num_selected: int,
     gates = gates / jnp.maximum(jnp.sum(gates, -1, keepdims=True), 1e-9)
   order = None
   if batch_prioritized:
-    score = jnp.where(token_mask, gates[..., 0], -1.0)
+    score = jnp.where(token_mask, top_probability, -1.0)
     order = jnp.argsort(-score, axis=1, stable=True)
   slot = assign_slots(expert_index, active, num_experts, capacity, order)
   if group_capacity is None:
