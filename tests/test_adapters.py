@@ -168,6 +168,7 @@ def directional_check(f_np, f_jax_grad, params, x, rng, keys):
                          False],
                     renormalize=True, batch_prioritized=True, molora=False,
                     capacity_counts='real_tokens', seed=150)
+@pytest.mark.slow
 def test_forms_match_per_token_reference(num_experts, k_frac, capacity_factor,
                                          max_group_size, min_capacity, pad,
                                          renormalize, batch_prioritized,
@@ -627,6 +628,7 @@ def test_logits_expert_dropout_reroutes_at_rate():
 
 @pytest.mark.parametrize('kind', ['sira', 'molora', 'adamix', 'smoe_dropout'])
 @pytest.mark.parametrize('form', EXPERT_FORMS)
+@pytest.mark.slow
 def test_eval_output_independent_of_other_examples(kind, form):
   """Also with padded groups: 3 x 5 tokens make 2 groups of 8 (one padding position)."""
   cfg = AdapterConfig(kind=kind, rank=RANK, num_experts=4, top_k=1,

@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_results(tmp_path):
   out = tmp_path / 'bench'
   cmd = [sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}',
@@ -71,6 +72,7 @@ def test_profile_stand_ins_replace_routing_parts_while_tracing():
   assert 'sort' in primitives()  # Restored after the context.
 
 
+@pytest.mark.slow
 def test_memory_part_smoke(tmp_path):
   """The memory part on one tiny model, 2 simulated devices: the compiled step's per-device
   bytes are read back, and a variant whose T5Config fields are missing is a noted skip."""

@@ -41,6 +41,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path):
   full = _train(tmp_path / 'a')
   assert full.stopped_by == 'done' and full.step == 6
@@ -104,6 +105,7 @@ def test_adapter_only_checkpoint_holds_no_base(tmp_path):
   assert meta['includes_base'] is True
 
 
+@pytest.mark.slow
 def test_restore_recreates_frozen_non_base_params_from_the_runs_seed(tmp_path):
   # SMoE-Dropout's fixed random router is frozen and not part of any base, so an adapter-only
   # checkpoint does not hold it (nor a random base's weights, here: no initial checkpoint):

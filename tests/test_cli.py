@@ -107,6 +107,7 @@ def test_base_checkpoint_not_matching_model_config(tmp_path):
   assert not d.exists()
 
 
+@pytest.mark.slow
 def test_model_dir_with_another_config_needs_overwrite(tmp_path):
   d = tmp_path / 'run'
   first = _run(d)
@@ -124,6 +125,7 @@ def test_model_dir_with_another_config_needs_overwrite(tmp_path):
     assert json.load(f)['model_config']['adapter']['kind'] == 'lora'
 
 
+@pytest.mark.slow
 def test_cli_sigterm_saves_and_exits_zero(tmp_path):
   d = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'sira_jax.train'] + [f'--gin_file={f}' for f in FINETUNE] + [

@@ -1,4 +1,5 @@
 """AdaMix's consistency regularisation: two stochastic passes, their symmetric KL in the loss."""
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,7 @@ def _loss_fn(model, cfg=CFG):
                                                                    rng_b=key_b))
 
 
+@pytest.mark.slow
 def test_consistency_is_zero_when_both_passes_pick_the_same_experts():
   key_a, key_b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
   # One expert per site: different rngs, necessarily the same experts in both passes.

@@ -31,6 +31,7 @@ def _tiny_sweep():
       routing_points=('sira E2',))
 
 
+@pytest.mark.slow
 def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   sweep = _tiny_sweep()
   results, work, out = (str(tmp_path / d) for d in ('results', 'work', 'report'))

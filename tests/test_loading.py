@@ -52,6 +52,7 @@ def _rewrite_as_bf16(filename):
 
 
 @pytest.mark.parametrize('variant', ['single', 'sharded', 'bf16'])
+@pytest.mark.slow
 def test_hf_roundtrip_single_sharded_bf16(tmp_path, base, variant):
   params, ref = base
   saving.save_hf_safetensors(tmp_path, params, CFG,

@@ -1,4 +1,5 @@
 """Two local processes (4 CPU devices each, gloo) run the sharded SiRA step == one process."""
+import pytest
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_distributed_step_matches_single_process(tmp_path):
   port = _free_port()
   env = dict(os.environ)

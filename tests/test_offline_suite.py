@@ -80,6 +80,7 @@ def test_known_examples_and_determinism():
       'vai'))
 
 
+@pytest.mark.slow
 def test_every_offline_task_gives_datasets():
   names = [n for n in offline_suite.OFFLINE_NAMES
            if n in seqio.TaskRegistry.names()]

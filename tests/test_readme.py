@@ -69,6 +69,7 @@ def test_readme_commands_are_found():
     assert argv[2] in TINY, f'add tiny sizes for README command {argv[2]} to TINY: {c}'
 
 
+@pytest.mark.slow
 def test_readme_commands_run(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              XLA_FLAGS='')

@@ -161,6 +161,7 @@ def _write_nan_checkpoint(d, step):
   mngr.close()
 
 
+@pytest.mark.slow
 def test_eval_and_resume_refuse_a_non_finite_checkpoint(trained, tmp_path):
   d = _copy(trained, tmp_path)
   _write_nan_checkpoint(d, 3)
@@ -271,6 +272,7 @@ def test_data_error_is_reported_before_model_dir_is_written(tmp_path, trained):
 # ----------------------------------------------------------------------------------------------
 # 5. Ctrl-C: finish the step, save, one line, exit 130; the history survives; resume is exact
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_resume_continues_exactly(tmp_path):
   d = tmp_path / 'run'
   flags = _train_flags(d, 100000, **{'train.checkpoint_every': 100000})

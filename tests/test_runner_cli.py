@@ -117,6 +117,7 @@ def test_a_user_binding_wins_over_the_runners_initial_checkpoint(tmp_path):
     runner.run_bindings(sweeps_lib.with_overrides(sweep, ['SEED=3']).runs[0], '/m', '/b')
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_the_checkpoint_a_binding_names(tmp_path):
   # A real run (the floor: the base evaluated as is) of a sweep whose --binding names a base
   # checkpoint: the runner pretrains none, and the run's config and result name that checkpoint.

@@ -140,6 +140,7 @@ def test_layout_round_trip_is_exact_and_refuses_bad_trees():
 # Same numbers
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('kind', ['sira', 'lora'])
+@pytest.mark.slow
 def test_scanned_equals_unscanned_logits_loss_grads_and_routing_statistics(kind):
   unrolled, scanned = _models(kind)
   params = _unscanned_params(kind)
@@ -193,6 +194,7 @@ def test_unknown_remat_policy_is_refused():
     small_test_config(remat_policy='some')
 
 
+@pytest.mark.slow
 def test_smoe_dropout_schedule_is_scanned_per_layer():
   cfg = small_test_config(num_encoder_layers=2, num_decoder_layers=3,
                           adapter=AdapterConfig(kind='smoe_dropout', num_experts=4, top_k=1),
@@ -263,6 +265,7 @@ def test_scanned_prefill_and_cached_steps_equal_the_full_pass():
 # ----------------------------------------------------------------------------------------------
 # Expert parallelism on a mesh
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_scanned_einsum_form_on_an_expert_mesh_matches_one_device(monkeypatch):
   """The step of tests/test_sharding.py (SiRA, einsum form, expert dropout) with scanned stacks:
   data 2 x expert 4 equals one device. (Its expert dropout draws from the 'dropout' stream split
@@ -306,6 +309,7 @@ def test_hf_and_t5x_checkpoints_load_into_either_layout(tmp_path):
       assert 'router_kernel' in got['encoder']['layers_0']['attention']['query']  # fresh adapters
 
 
+@pytest.mark.slow
 def test_project_base_checkpoint_of_one_layout_loads_into_the_other(tmp_path):
   cfg = CONFIGS['sira']
   base_cfg = cfg.replace(adapter=AdapterConfig(), adapter_targets=())

@@ -1,6 +1,7 @@
 """tasks/README.md's TFDS commands run as written: build two configs of the offline suite as a
 TFDS dataset, train a tiny T5 on gin/tasks/tfds_task.gin's mixture of TFDS-backed tasks, and
 evaluate it from the run's recorded registration (about a minute on two CPU cores)."""
+import pytest
 import json
 import os
 import re
@@ -17,6 +18,7 @@ def _readme_commands():
   return blocks[0]
 
 
+@pytest.mark.slow
 def test_readme_tfds_build_train_and_eval_run_as_written(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])

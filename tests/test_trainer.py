@@ -26,6 +26,7 @@ def _task():
   fx.register_fixture_task()
 
 
+@pytest.mark.slow
 def test_few_steps_on_bundled_suite(tmp_path):
   cfg = fx.tiny_config('sira', expert_dropout_rate=0.1)
   res = train_lib.train(
@@ -108,6 +109,7 @@ def test_eval_metrics_match_hand_computed_values(tmp_path):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
+@pytest.mark.slow
 def test_same_losses_on_one_device_and_on_a_mesh(tmp_path):
   # Routing groups of one example (16 positions): one device and each of the mesh's 4 batch shards
   # form the same groups (strict_group_size refuses any other layout); with larger groups each

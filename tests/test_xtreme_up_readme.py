@@ -1,5 +1,6 @@
 """tasks/README.md's XTREME-UP train and eval commands run as written on fixture files in the
 release's format (a partial directory: NER in two languages)."""
+import pytest
 import json
 import os
 import re
@@ -18,6 +19,7 @@ def _readme_commands():
   return blocks[0]
 
 
+@pytest.mark.slow
 def test_readme_train_and_eval_commands_run_as_written(tmp_path):
   write_release(str(tmp_path / 'xtreme-up-v1.1.jsonl'), families=('ner',),
                 languages=['yo', 'sw'])
