@@ -1,21 +1,19 @@
 """tasks/README.md's TFDS commands run as written: build two configs of the offline suite as a
 TFDS dataset, train a tiny T5 on gin/tasks/tfds_task.gin's mixture of TFDS-backed tasks, and
 evaluate it from the run's recorded registration (about a minute on two CPU cores)."""
-import pytest
 import json
 import os
-import re
 import subprocess
 import sys
+
+import pytest
+from readme_blocks import sh_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _readme_commands():
-  text = open(os.path.join(ROOT, 'tasks', 'README.md'), encoding='utf-8').read()
-  blocks = [b for b in re.findall(r'```sh\n(.*?)```', text, re.S) if 'offline_suite_tfds' in b]
-  assert len(blocks) == 1, 'tasks/README.md should hold exactly one TFDS sh block'
-  return blocks[0]
+  return sh_block(os.path.join('tasks', 'README.md'), 'offline_suite_tfds')
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """tasks/README.md's XTREME-UP train and eval commands run as written on fixture files in the
 release's format (a partial directory: NER in two languages)."""
-import pytest
 import json
 import os
-import re
 import subprocess
 import sys
+
+import pytest
+from readme_blocks import sh_block
 
 from test_xtreme_up import write_release
 
@@ -13,10 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _readme_commands():
-  text = open(os.path.join(ROOT, 'tasks', 'README.md'), encoding='utf-8').read()
-  blocks = [b for b in re.findall(r'```sh\n(.*?)```', text, re.S) if 'xtreme_up' in b]
-  assert len(blocks) == 1, 'tasks/README.md should hold exactly one XTREME-UP sh block'
-  return blocks[0]
+  return sh_block(os.path.join('tasks', 'README.md'), 'xtreme_up')
 
 
 @pytest.mark.slow
