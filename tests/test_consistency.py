@@ -1,8 +1,8 @@
 """AdaMix's consistency regularisation: two stochastic passes, their symmetric KL in the loss."""
-import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from sira_jax import losses

@@ -1,5 +1,4 @@
 """Two local processes (4 CPU devices each, gloo) run the sharded SiRA step == one process."""
-import pytest
 import json
 import os
 import socket
@@ -7,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import sharded_step
 
