@@ -154,6 +154,19 @@ def layer_stack(cfg: T5Config, layer: type[nn.Module], num_layers: int, num_args
                  metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
 
 
+def apply_stack(cfg: T5Config, layer: type[nn.Module], num_layers: int, x: Array,
+                args: tuple) -> Array:
+  """Runs `num_layers` of `layer` on the residual stream `x` ([batch, length, d_model]) with the
+  same `args` for every layer: one scanned module 'layers', or modules 'layers_<i>' in turn.
+  Called inside a compact module, whose scope the layers join."""
+  stack = layer_stack(cfg, layer, num_layers, len(args))
+  if cfg.scan_layers:
+    return stack(cfg, name=SCANNED_LAYERS)(x, *args)[0]
+  for i in range(num_layers):
+    x = stack(cfg, name=f'layers_{i}')(x, *args)
+  return x
+
+
 def _relpos(cfg: T5Config) -> RelativePositionBiases:
   return RelativePositionBiases(
       num_buckets=cfg.relative_attention_num_buckets,
@@ -175,12 +188,7 @@ class Encoder(nn.Module):
     x = self.shared_embedding(encoder_input_tokens)
     x = _dropout(cfg, x, enable_dropout).astype(cfg.activation_dtype)
     args = (bias, encoder_mask, token_mask, enable_dropout)
-    stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, len(args))
-    if cfg.scan_layers:
-      x, _ = stack(cfg, name=SCANNED_LAYERS)(x, *args)
-    else:
-      for i in range(cfg.num_encoder_layers):
-        x = stack(cfg, name=f'layers_{i}')(x, *args)
+    x = apply_stack(cfg, EncoderLayer, cfg.num_encoder_layers, x, args)
     x = _norm(cfg, 'encoder_norm')(x)
     return _dropout(cfg, x, enable_dropout)
 
@@ -201,12 +209,7 @@ class Decoder(nn.Module):
     y = _dropout(cfg, y, enable_dropout).astype(cfg.activation_dtype)
     args = (encoded, bias, decoder_mask, encoder_decoder_mask, token_mask, encoder_token_mask,
             enable_dropout, decode, prefill, prefill_lengths)
-    stack = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, len(args))
-    if cfg.scan_layers:
-      y, _ = stack(cfg, name=SCANNED_LAYERS)(y, *args)
-    else:
-      for i in range(cfg.num_decoder_layers):
-        y = stack(cfg, name=f'layers_{i}')(y, *args)
+    y = apply_stack(cfg, DecoderLayer, cfg.num_decoder_layers, y, args)
     y = _norm(cfg, 'decoder_norm')(y)
     y = _dropout(cfg, y, enable_dropout)
     if cfg.logits_scaled:
