@@ -23,6 +23,8 @@ from sira_jax.t5 import decoding, loading, saving, scan_layout
 from sira_jax.t5.config import small_test_config
 from sira_jax.t5.network import Transformer
 
+from decoding_checks import check_prefill_then_cached_steps
+
 
 def init_variables(model, rng):
   """The model's boxed variables from `rng` (the project's one init path)."""
@@ -236,30 +238,15 @@ def test_scanned_prefill_and_cached_steps_equal_the_full_pass():
   _, scanned = _models('sira')
   v = {'params': scan_layout.to_layout(_unscanned_params('sira'), scanned=True)}
   length = DEC_IN.shape[1]
-  ones = jnp.ones_like(DEC_IN)
-  full = scanned.apply(v, ENC, DEC_IN, ones, enable_dropout=False)
   encoded = decoding.encode(scanned, v, ENC)
   cache = decoding.init_cache(scanned, v, encoded, ENC, length)
   attn = cache['decoder']['layers']['self_attention']
   assert attn['cached_key'].shape == (3, 3, 2, 8, length)  # [layers, batch, heads, d_kv, L]
   assert attn['cache_index'].shape == (3,)
   lengths = jnp.array([3, 1, 2], jnp.int32)
-  prefill_logits, mut = scanned.apply({**v, 'cache': cache}, encoded, ENC, DEC_IN, ones,
-                                      enable_dropout=False, prefill=True, prefill_lengths=lengths,
-                                      mutable=['cache'], method=scanned.decode)
-  np.testing.assert_allclose(prefill_logits, full, rtol=1e-5, atol=1e-5)
-  cache = mut['cache']
+  cache, _ = check_prefill_then_cached_steps(scanned, v, ENC, DEC_IN, lengths)
   np.testing.assert_array_equal(cache['decoder']['layers']['self_attention']['cache_index'],
                                 np.tile(lengths, (3, 1)))
-  step = jax.jit(lambda c, t: decoding.decode_step(scanned, v, c, encoded, ENC, t, length))
-  cur = np.asarray(lengths)
-  for _ in range(length - int(cur.min())):
-    pos = np.minimum(cur, length - 1)
-    logits, cache = step(cache, DEC_IN[np.arange(3), pos][:, None])
-    for b in range(3):
-      if cur[b] < length:
-        np.testing.assert_allclose(logits[b], full[b, cur[b]], rtol=1e-5, atol=1e-5)
-    cur = cur + 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from sira_jax.t5 import decoding
 from sira_jax.t5.config import ALL_SITES, T5Config, small_test_config
 from sira_jax.t5.network import Transformer
 
+from decoding_checks import check_prefill_then_cached_steps
+
 
 # A few SiRA sites on each side (+ LoRA on every attention output) keep compiles short.
 SIRA_SITES = ('encoder/attention/query', 'encoder/mlp/wi', 'decoder/self_attention/value',
@@ -193,30 +195,15 @@ def test_prefilled_cache_continues_each_example_from_its_prompt_length(adapted_m
   """T5X's prompt prefilling: one causal pass writes the cache and per-example positions [b];
   the one-token steps after it give the full pass's logits at every example's own position."""
   m, v, enc = adapted_model
-  length = 5
   targets = jnp.array([[4, 5, 3, 2, 1], [2, 3, 5, 4, 4]], jnp.int32)
   dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), targets[:, :-1]], 1)
   ones = jnp.ones_like(dec_in)
-  full = m.apply(v, enc, dec_in, ones, enable_dropout=False)  # every position routed, as T5X
-  encoded = decoding.encode(m, v, enc)
-  cache = decoding.init_cache(m, v, encoded, enc, length)
   lengths = jnp.array([3, 1], jnp.int32)  # example 0 resumes at position 3, example 1 at 1
-  prefill_logits, mut = m.apply({**v, 'cache': cache}, encoded, enc, dec_in, ones,
-                                enable_dropout=False, prefill=True, prefill_lengths=lengths,
-                                mutable=['cache'], method=m.decode)
-  np.testing.assert_allclose(prefill_logits, full, atol=1e-5, rtol=1e-5)
-  cache = mut['cache']
+  # The full pass routes every position, as T5X.
+  cache, _ = check_prefill_then_cached_steps(m, v, enc, dec_in, lengths)
   np.testing.assert_array_equal(cache['decoder']['layers_0']['self_attention']['cache_index'],
                                 lengths)
-  step = jax.jit(lambda c, t: decoding.decode_step(m, v, c, encoded, enc, t, length))
-  cur = np.asarray(lengths)
-  for _ in range(length - int(cur.min())):
-    pos = np.minimum(cur, length - 1)
-    logits, cache = step(cache, dec_in[np.arange(2), pos][:, None])
-    for b in range(2):
-      if cur[b] < length:
-        np.testing.assert_allclose(logits[b], full[b, cur[b]], atol=1e-5, rtol=1e-5)
-    cur = cur + 1
+  encoded = decoding.encode(m, v, enc)
   with pytest.raises(ValueError, match='exclusive'):
     m.apply({**v, 'cache': cache}, encoded, enc, dec_in[:, :1], ones[:, :1], enable_dropout=False,
             decode=True, prefill=True, prefill_lengths=lengths, mutable=['cache'],

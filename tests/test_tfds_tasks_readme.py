@@ -3,27 +3,15 @@ TFDS dataset, train a tiny T5 on gin/tasks/tfds_task.gin's mixture of TFDS-backe
 evaluate it from the run's recorded registration (about a minute on two CPU cores)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from readme_blocks import sh_block
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _readme_commands():
-  return sh_block(os.path.join('tasks', 'README.md'), 'offline_suite_tfds')
+from readme_blocks import run_sh_block
 
 
 @pytest.mark.slow
 def test_readme_tfds_build_train_and_eval_run_as_written(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
-  env.pop('TFDS_DATA_DIR', None)
-  proc = subprocess.run(['bash', '-euo', 'pipefail', '-c', _readme_commands()], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = run_sh_block(os.path.join('tasks', 'README.md'), 'offline_suite_tfds', tmp_path,
+                      unset=('TFDS_DATA_DIR',))
   data_dir = tmp_path / 'tensorflow_datasets'
   assert (data_dir / 'offline_suite' / 'unit_fr' / '1.0.0' / 'dataset_info.json').is_file()
   run = tmp_path / 'runs' / 'tfds_offline_mix'

@@ -2,31 +2,19 @@
 release's format (a partial directory: NER in two languages)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from readme_blocks import sh_block
+from readme_blocks import run_sh_block
 
 from test_xtreme_up import write_release
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _readme_commands():
-  return sh_block(os.path.join('tasks', 'README.md'), 'xtreme_up')
 
 
 @pytest.mark.slow
 def test_readme_train_and_eval_commands_run_as_written(tmp_path):
   write_release(str(tmp_path / 'xtreme-up-v1.1.jsonl'), families=('ner',),
                 languages=['yo', 'sw'])
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
-  env.pop('XTREME_UP_DATA_DIR', None)
-  proc = subprocess.run(['bash', '-euo', 'pipefail', '-c', _readme_commands()], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = run_sh_block(os.path.join('tasks', 'README.md'), 'xtreme_up', tmp_path,
+                      unset=('XTREME_UP_DATA_DIR',))
   run = tmp_path / 'runs' / 'xtreme_up_ner'
   record = json.loads((run / 'run_config.json').read_text())['xtreme_up']
   assert record['data_dir'] == str(tmp_path / 'xtreme-up-v1.1.jsonl')
