@@ -6,6 +6,9 @@ Usage: python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES OUT_JSON MODE
                   uninterrupted one, one where process 1 alone sends itself SIGTERM after step
                   SIGNAL_STEP, and the resume of that one. Each run's params go to
                   <ARG>/<run>_params<process>.npz.
+  MODE 'sync_point': ARG is unused; process 1 sends itself SIGTERM before the loop, while JAX's
+                  preemption service holds SIGTERM, then `trainer.train_loop` runs a least-squares
+                  step for up to SYNC_POINT_STEPS steps.
 (XLA_FLAGS with the local device count is set by the parent.)
 """
 import json
@@ -20,6 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIGNAL_STEP = 2
 TRAIN_STEPS = 6
+SYNC_POINT_STEPS = 1000
+# The coordination-service key under which JAX's (TSL's) preemption sync manager publishes a notice.
+PREEMPTION_NOTICE_KEY = 'RECEIVED_PREEMPTION_NOTICE'
 
 
 def sharded_step_result(params):
@@ -61,6 +67,42 @@ def preemption_result(workdir):
           'resumed': run('resumed', 'b')}
 
 
+def sync_point_result():
+  """{stopped_by, step, saves [[step, force], ...]}: the loop stopped by JAX's preemption sync point
+  for a SIGTERM that JAX's own handler took before the loop installed its handler."""
+  import jax.numpy as jnp
+  import optax
+  from jax._src import distributed
+  from sira_jax import partitioning
+  from sira_jax import trainer as trainer_lib
+  if jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)  # caught by JAX's handler (no Python handler yet)
+  # Wait (a condition, not a sleep) until every process's sync manager can see the notice.
+  distributed.global_state.client.blocking_key_value_get(PREEMPTION_NOTICE_KEY, 60_000)
+  rep = partitioning.replicated(partitioning.make_mesh(data=-1))
+  tx = optax.sgd(0.1)
+  state = jax.jit(lambda: trainer_lib.create_state(
+      {'params': {'w': jnp.zeros((4,))}}, tx, trainable_mask=None,
+      rng=jax.random.PRNGKey(0)), out_shardings=rep)()
+  target = jnp.arange(4.0)
+
+  def step(state, batch, total_steps):
+    del batch, total_steps
+    loss, grads = jax.value_and_grad(lambda p: jnp.sum((p['w'] - target) ** 2))(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {'loss': loss, 'cross_entropy': loss, 'grad_norm': optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), metrics
+
+  tokens = np.ones((2, 2), np.int32)
+  batches = iter(lambda: {'encoder_input_tokens': tokens, 'decoder_target_tokens': tokens}, None)
+  saves = []
+  loop = trainer_lib.train_loop(
+      state, jax.jit(step, out_shardings=(rep, rep)), batches, total_steps=SYNC_POINT_STEPS,
+      save_fn=lambda s, force: saves.append([int(s.step), force]), progress_bar=False)
+  return {'stopped_by': loop.stopped_by, 'step': int(loop.state.step), 'saves': saves}
+
+
 def main():
   port, pid, nproc, out, mode, arg = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                       sys.argv[4], sys.argv[5], sys.argv[6])
@@ -68,7 +110,8 @@ def main():
   partitioning.initialize_distributed(f'127.0.0.1:{port}', num_processes=nproc, process_id=pid,
                                       cpu_collectives='gloo')
   assert jax.process_count() == nproc, jax.process_count()
-  result = sharded_step_result(arg) if mode == 'step' else preemption_result(arg)
+  result = {'step': lambda: sharded_step_result(arg), 'preempt': lambda: preemption_result(arg),
+            'sync_point': sync_point_result}[mode]()
   with open(out, 'w') as f:
     json.dump(dict(result, process_index=jax.process_index(), global_devices=jax.device_count(),
                    local_devices=jax.local_device_count()), f)

@@ -1,5 +1,6 @@
-"""Two local CPU processes (gloo) under jax.distributed: the sharded SiRA step equals one process's,
-and a SIGTERM to one process stops both at the same step, saved, and the run resumes exactly."""
+"""Two local CPU processes (gloo) under jax.distributed: the sharded SiRA step equals one process's;
+a SIGTERM to one process stops both at the same step, saved, and the run resumes exactly; a
+SIGTERM that JAX's preemption service took before the loop stops both at its sync point."""
 import glob
 import json
 import os
@@ -110,3 +111,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
     assert full.keys() == resumed.keys() and full
     for k in full:
       np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
+
+
+def test_sigterm_taken_by_jax_before_the_loop_stops_both_at_the_sync_point(tmp_path):
+  results = _run_workers(tmp_path, 'sync_point', '-', local_devices=1)
+  stop = results[0]['step']
+  assert 1 <= stop < multiprocess_worker.SYNC_POINT_STEPS
+  for r in results:
+    assert (r['stopped_by'], r['step']) == ('sigterm', stop)
+    # Every step was offered to save_fn, then the stop step once more with force=True.
+    assert r['saves'] == [[s, False] for s in range(1, stop + 1)] + [[stop, True]]
