@@ -12,11 +12,12 @@ that step, so a multi-process run takes at most one step more than a single proc
 
 JAX's own preemption service: `jax.distributed.initialize` starts a preemption sync manager whose
 notifier is a C-level SIGTERM handler. Python's `signal.signal` replaces that handler (and reports
-the default as the previous one), so while `StopFlag` is active the service never sees a SIGTERM;
-it also ignores SIGINT and picks its stop step by timing (the notifier polls once a second). The
-loop therefore decides with the all-reduce and also asks JAX's sync point
-(`multihost_utils.reached_preemption_sync_point`) every step, which catches a SIGTERM that JAX's
-handler took before the loop began (during set-up or compilation).
+the default as the previous one, which is what `StopFlag` restores on exit), so while `StopFlag`
+is active the service never sees a SIGTERM; it also ignores SIGINT and picks its stop step by
+timing (about a second after the signal, on CPU here). The loop therefore decides with the
+all-reduce and also asks JAX's sync point (`multihost_utils.reached_preemption_sync_point`) every
+step, which catches a SIGTERM that JAX's handler took before the loop began (during set-up or
+compilation). That sync point stays set for the rest of the process.
 """
 from __future__ import annotations
 
