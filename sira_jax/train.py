@@ -45,6 +45,7 @@ from typing import Any, Collection, Mapping
 import gin
 import jax
 from absl import flags, logging
+from jax.experimental import multihost_utils
 
 import tasks
 from sira_jax import base_checkpoint
@@ -265,7 +266,10 @@ def train(
         'values (written before checkpoints were checked): remove that step directory, or pass '
         '--overwrite to start the run again')
 
-  # 3. MODEL_DIR is ours from here on.
+  # 3. MODEL_DIR is ours from here on. With several processes, every one has read it (resume or
+  # not, the checkpoint to restore) before process 0 writes to it.
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('sira_jax.train: MODEL_DIR read')
   run_dir.write_run_files(model_dir, fingerprint)
   ckpts.open()
   if start_step >= train_steps:

@@ -9,7 +9,6 @@ the frozen base (`TrainState.frozen`) enters the step as a constant.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -21,6 +20,7 @@ import optax
 
 from sira_jax import losses
 from sira_jax import optim
+from sira_jax import preemption
 from sira_jax.adapters import with_training_progress
 from sira_jax.losses import LossConfig  # Re-exported: train.py and gin bind trainer.LossConfig.
 
@@ -156,35 +156,6 @@ class NonFiniteLossError(RuntimeError):
     self.step = step
 
 
-STOP_SIGNALS = {signal.SIGTERM: 'sigterm', signal.SIGINT: 'sigint'}
-
-
-class _StopFlag:
-  """While active (main thread only), SIGTERM and SIGINT (Ctrl-C) set `.raised` to 'sigterm' or
-  'sigint' instead of killing or raising KeyboardInterrupt: the loop finishes its step, saves and
-  stops. A second signal during that save changes nothing (the save completes). Restores the old
-  handlers on exit."""
-
-  def __init__(self):
-    self.raised: str | None = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in STOP_SIGNALS:
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    self.raised = self.raised or STOP_SIGNALS[signum]
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
 @dataclasses.dataclass
 class LoopResult:
   state: TrainState
@@ -223,8 +194,11 @@ def train_loop(
 
   save_fn(state, force) is called after every finite step (it decides whether the step is a
   checkpoint step) and with force=True on SIGTERM or SIGINT (after finishing the step) and at the
-  end. A non-finite loss, gradient norm or new state (the step's STATE_FINITE metric) raises
-  NonFiniteLossError before that state is saved: every saved state is finite.
+  end. With several processes, a signal to any one of them stops all of them after the same step
+  (`preemption.StopAgreement`: one all-reduce per step, fetched with the metrics), so every
+  process makes the same collective save. A non-finite loss, gradient norm or new state (the
+  step's STATE_FINITE metric) raises NonFiniteLossError before that state is saved: every saved
+  state is finite.
   on_log(history, last_metrics, step) is called after each logged window (the session's history
   so far), so a record of it survives an interruption.
   """
@@ -237,10 +211,11 @@ def train_loop(
              dynamic_ncols=True, mininterval=1.0)
   window_tokens, window_time, window_steps = 0.0, 0.0, 0
   stopped_by = 'done'
-  with _StopFlag() as stop:
+  agreement = preemption.StopAgreement() if jax.process_count() > 1 else None
+  with preemption.StopFlag() as stop:
     step = start
     while step < total_steps:
-      if stop.raised:
+      if agreement is None and stop.raised:
         stopped_by = stop.raised
         break
       t0 = time.perf_counter()
@@ -248,7 +223,10 @@ def train_loop(
       tokens = float(np.sum(batch['encoder_input_tokens'] > 0) +
                      np.sum(batch['decoder_target_tokens'] > 0))
       new_state, metrics = train_step(state, put_batch(batch), total)
-      metrics = jax.device_get(metrics)
+      if agreement is None:
+        metrics = jax.device_get(metrics)
+      else:
+        metrics, stop_code = jax.device_get((metrics, agreement.dispatch(stop.raised)))
       dt = time.perf_counter() - t0
       loss = float(metrics['loss'])
       state_finite = bool(metrics.pop(STATE_FINITE, 1.0))
@@ -292,6 +270,10 @@ def train_loop(
       bar.update(1)
       if save_fn is not None:
         save_fn(state, False)
+      if agreement is not None and step < total_steps:
+        stopped_by = agreement.reason(stop_code, step) or stopped_by
+        if stopped_by != 'done':
+          break
     if save_fn is not None:
       save_fn(state, True)
   bar.close()
