@@ -15,7 +15,7 @@ def test_bench_smoke_writes_results(tmp_path):
   out = tmp_path / 'bench'
   cmd = [sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}',
          '--parts=cost,layer,model,compile', '--model_variants=sira8',
-         '--compile_variants=lora,sira8']
+         '--compile_variants=lora,sira8', '--compile_layouts=unscanned,scanned']
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
   subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
@@ -27,7 +27,8 @@ def test_bench_smoke_writes_results(tmp_path):
   assert rows['sira8']['optimizer_state_bytes'] > 0 and rows['sira8']['checkpoint_bytes'] > 0
   assert results['cost_table'] and all(r['best'] for r in results['cost_table'])
   compiled = results['compile']['rows']  # JSON keys: variant -> depth (as a string)
-  for name in ('lora', 'sira8'):
+  assert set(compiled) == {'lora', 'sira8', 'lora/scanned', 'sira8/scanned'}
+  for name in compiled:
     r = compiled[name]['1']
     assert r['trace_s'] > 0 and r['lower_s'] > 0 and r['compile_s'] > 0 and r['fusions'] > 0
   # A routed site compiles to more kernels than a LoRA one (the router, top-k, slots, statistics).
@@ -39,7 +40,8 @@ def test_bench_smoke_writes_results(tmp_path):
   assert again.returncode != 0 and 'exists' in again.stderr
 
 
-@pytest.mark.parametrize('bad', ['--parts=layer,fast', '--model_variants=lora,huge'])
+@pytest.mark.parametrize('bad', ['--parts=layer,fast', '--model_variants=lora,huge',
+                                 '--compile_layouts=folded'])
 def test_bench_rejects_bad_flags_before_work(tmp_path, bad):
   out = tmp_path / 'b'
   run = subprocess.run([sys.executable, '-m', 'experiments.bench', '--smoke', f'--out={out}', bad],

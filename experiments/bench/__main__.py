@@ -45,6 +45,8 @@ flags.DEFINE_list('compile_variants', ['lora', 'sira8', 'sira32'],
                   'Compile part: variants (names as --model_variants).')
 flags.DEFINE_list('compile_depths', ['1', '2', '6'],
                   'Compile part: encoder (= decoder) layer counts.')
+flags.DEFINE_list('compile_layouts', ['unscanned'],
+                  f'Compile part: layer-stack layouts ({", ".join(compile_time.LAYOUTS)}).')
 
 flags.DEFINE_list('memory_models', ['mt5_xl', 'mt5_xxl'],
                   f'Memory part: models ({sorted(memory.MODELS)}).')
@@ -112,6 +114,10 @@ def main(argv):
     raise app.UsageError(f'--compile_depths: integers, e.g. 1,2,6 ({e})') from e
   if min(compile_depths, default=0) < 1:
     raise app.UsageError('--compile_depths: every depth must be >= 1')
+  bad_layouts = sorted(set(FLAGS.compile_layouts) - set(compile_time.LAYOUTS))
+  if bad_layouts or not FLAGS.compile_layouts:
+    raise app.UsageError(f'--compile_layouts: unknown {bad_layouts or "(none given)"}; choose among '
+                         f'{", ".join(compile_time.LAYOUTS)}')
   memory_flags = dict(models=FLAGS.memory_models, adapters=FLAGS.memory_adapters,
                       variants=FLAGS.memory_variants)
   for flag, table in (('models', memory.MODELS), ('adapters', memory.ADAPTERS),
@@ -193,7 +199,7 @@ def main(argv):
     save()
   if 'compile' in FLAGS.parts:
     res = compile_time.run(compile_variants, [1] if smoke else compile_depths, small=smoke,
-                           progress=log, **shapes)
+                           layouts=tuple(FLAGS.compile_layouts), progress=log, **shapes)
     results['compile'] = res
     reference = 'lora' if 'lora' in compile_variants else next(iter(compile_variants))
     md += ['', '## Model level: train-step compile time by stage and depth (persistent cache off)',

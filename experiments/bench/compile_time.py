@@ -6,7 +6,9 @@ lower (to StableHLO) and XLA compile (HLO passes and code generation). The same 
 2+2 and 6+6 layers, so the fixed cost and the cost of each extra encoder + decoder layer pair can be
 read off; with q/k/v/o adapted a layer pair has 3 * 4 = 12 adapted (for SiRA: routed) sites. The
 optimized HLO's fusion count is recorded with each row: XLA on CPU generates code for every fusion
-separately, so compile time follows that count.
+separately, so compile time follows that count. With `layouts=('unscanned', 'scanned')` every
+variant is also compiled with its layer stacks scanned (`T5Config.scan_layers`: one layer body
+compiled per stack whatever the depth); its rows are named '<variant>/scanned'.
 """
 from __future__ import annotations
 
@@ -33,13 +35,21 @@ def persistent_cache_off():
     jax.config.update('jax_enable_compilation_cache', before)
 
 
+LAYOUTS = ('unscanned', 'scanned')
+
+
+def row_name(variant: str, layout: str) -> str:
+  return variant if layout == 'unscanned' else f'{variant}/{layout}'
+
+
 def stage_times(adapter: AdapterConfig, adapted: str, layers: int, *, small: bool,
-                batch_size: int, inputs: int, targets: int) -> dict:
+                batch_size: int, inputs: int, targets: int, scan_layers: bool = False) -> dict:
   """Seconds to trace, lower and XLA-compile one train step with `layers` encoder and `layers`
-  decoder layers (`adapted`: 'qkvo' or 'qv', as in `model.TARGETS`), and the optimized HLO's
-  fusion count."""
+  decoder layers (`adapted`: 'qkvo' or 'qv', as in `model.TARGETS`; `scan_layers`: each stack
+  one `nn.scan`), and the optimized HLO's fusion count."""
   cfg = dataclasses.replace(model.t5_small(adapter, adapted, small=small),
-                            num_encoder_layers=layers, num_decoder_layers=layers)
+                            num_encoder_layers=layers, num_decoder_layers=layers,
+                            scan_layers=scan_layers)
   step, args = model.jitted_train_step(cfg, model.batch(cfg, batch_size, inputs, targets))
   with persistent_cache_off():
     traced, trace_s = common.timed(lambda: step.trace(*args))
@@ -52,16 +62,24 @@ def stage_times(adapter: AdapterConfig, adapted: str, layers: int, *, small: boo
 
 
 def run(variants: dict[str, tuple[AdapterConfig, str]], depths: list[int], *, small: bool,
-        batch_size: int, inputs: int, targets: int, progress=print) -> dict:
-  """Rows name -> depth -> stage times, compiled depth by depth (all variants at one depth, then
-  the next) so that a change in load touches every variant alike."""
-  rows = {name: {} for name in variants}
+        batch_size: int, inputs: int, targets: int, layouts: tuple[str, ...] = ('unscanned',),
+        progress=print) -> dict:
+  """Rows `row_name(variant, layout)` -> depth -> stage times, compiled depth by depth (all
+  variants and layouts at one depth, then the next) so that a change in load touches every row
+  alike."""
+  unknown = sorted(set(layouts) - set(LAYOUTS))
+  if unknown:
+    raise ValueError(f'compile layouts {unknown}: known {LAYOUTS}')
+  rows = {row_name(n, lay): {} for lay in layouts for n in variants}
   for layers in depths:
-    for name, (adapter, adapted) in variants.items():
-      progress(f'compile: {name}, {layers}+{layers} layers: trace, lower, compile (cache off)')
-      rows[name][layers] = stage_times(adapter, adapted, layers, small=small,
-                                       batch_size=batch_size, inputs=inputs, targets=targets)
-  return dict(rows=rows, depths=list(depths))
+    for layout in layouts:
+      for name, (adapter, adapted) in variants.items():
+        row = row_name(name, layout)
+        progress(f'compile: {row}, {layers}+{layers} layers: trace, lower, compile (cache off)')
+        rows[row][layers] = stage_times(adapter, adapted, layers, small=small,
+                                        batch_size=batch_size, inputs=inputs, targets=targets,
+                                        scan_layers=layout == 'scanned')
+  return dict(rows=rows, depths=list(depths), layouts=list(layouts))
 
 
 def per_layer_pair(by_depth: dict, key: str) -> float | None:
@@ -75,20 +93,22 @@ def per_layer_pair(by_depth: dict, key: str) -> float | None:
 
 
 def markdown(res: dict, reference: str = 'lora') -> list[str]:
+  """Tables by depth; each row's ratio is to `reference` in the same layout."""
   rows, depths = res['rows'], res['depths']
   out = ['| variant | layers | trace s | lower s | XLA compile s | total s | / ' + reference +
-         ' (total) | fusions |', '|---|---|---|---|---|---|---|---|']
+         ' (total, same layout) | fusions |', '|---|---|---|---|---|---|---|---|']
   for layers in depths:
     for name, by_depth in rows.items():
       r = by_depth[layers]
-      ratio = (f'{r["total_s"] / rows[reference][layers]["total_s"]:.2f}'
-               if reference in rows else '')
+      ref = row_name(reference, name.split('/', 1)[1]) if '/' in name else reference
+      ratio = (f'{r["total_s"] / rows[ref][layers]["total_s"]:.2f}' if ref in rows else '')
       out.append(f'| {name} | {layers}+{layers} | {r["trace_s"]:.1f} | {r["lower_s"]:.1f} | '
                  f'{r["compile_s"]:.1f} | {r["total_s"]:.1f} | {ratio} | {r["fusions"]} |')
   if len(depths) >= 2:
-    out += ['', '| variant | XLA compile s per extra layer pair | fusions per extra layer pair |',
-            '|---|---|---|']
+    out += ['', '| variant | XLA compile s per extra layer pair | total s per extra layer pair | '
+            'fusions per extra layer pair |', '|---|---|---|---|']
     for name, by_depth in rows.items():
       out.append(f'| {name} | {per_layer_pair(by_depth, "compile_s"):.2f} | '
+                 f'{per_layer_pair(by_depth, "total_s"):.2f} | '
                  f'{per_layer_pair(by_depth, "fusions"):.0f} |')
   return out
