@@ -129,9 +129,9 @@ def test_list_runs_lists_a_candidates_runs(tmp_path):
   assert any(ln.endswith('lora r32-lrtuned-s5') for ln in lines)
 
 
-# Tiny sizes for the candidates' runs and bases; 20 steps: a checkpoint every 2 steps.
+# Tiny sizes for the candidates' runs and bases; 10 steps: a checkpoint at every step.
 TINY = ('EMBED_DIM=16', 'MLP_DIM=32', 'NUM_HEADS=2', 'HEAD_DIM=8', 'NUM_ENCODER_LAYERS=1',
-        'NUM_DECODER_LAYERS=1', 'BATCH_SIZE=8', 'train.tensorboard=False', 'TRAIN_STEPS=20')
+        'NUM_DECODER_LAYERS=1', 'BATCH_SIZE=8', 'train.tensorboard=False', 'TRAIN_STEPS=10')
 
 
 @pytest.mark.slow
@@ -149,7 +149,7 @@ def test_tiny_candidate_runs_end_to_end_with_checkpoint_selection(tmp_path):
     res = runner.load_result(results, run)
     sel = res['checkpoint_selection']
     curve = {int(s): v for s, v in sel['curve'].items()}
-    assert sorted(curve) == list(range(2, 21, 2)) and sel['interval'] == 2
+    assert sorted(curve) == list(range(1, 11)) and sel['interval'] == 1
     assert sel['chosen_step'] == selection_lib.best_step(curve)
     assert curve[sel['chosen_step']] == max(curve.values())
     assert not any(v == max(curve.values()) for s, v in curve.items() if s < sel['chosen_step'])
@@ -162,15 +162,15 @@ def test_tiny_candidate_runs_end_to_end_with_checkpoint_selection(tmp_path):
     # last step gives others (a trained model's cross-entropy moves).
     model_dir = os.path.join(work, 'runs', run.key)
     scored = {}
-    for step in (sel['chosen_step'], 20):
+    for step in (sel['chosen_step'], 10):
       from sira_jax import restore
       model, variables, _, _ = restore.load_trained(model_dir, step=step)
       scored[step] = evaluation.evaluate_split(
           model, variables, res['mixture'], res['task_feature_lengths'], 'test', num_examples=2,
           batch_size=sweep.eval_batch_size, output_dir=str(tmp_path / 'eval'))
     assert scored[sel['chosen_step']] == res['metrics']['test']
-    if sel['chosen_step'] != 20:
-      assert scored[20]['summary']['cross_entropy'] != res['metrics']['test']['summary'][
+    if sel['chosen_step'] != 10:
+      assert scored[10]['summary']['cross_entropy'] != res['metrics']['test']['summary'][
           'cross_entropy']
   # near_base: its own base pretrained on offline_pretrain_near_mix, scored on the 15 held-out
   # tasks (the floor: the base as is, no training).
