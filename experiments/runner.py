@@ -593,13 +593,13 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   if not todo:
     bar.close()
     return outcome
-  if require_clean_tree:
-    try:
+  try:
+    check_extra_bindings(sweep)
+    if require_clean_tree:
       check_clean_tree()
-    except UsageError:
-      bar.close()
-      raise
-  check_extra_bindings(sweep)
+  except UsageError:
+    bar.close()
+    raise
   if user_initial_checkpoint(sweep):
     base_dir, prov = None, {}
   else:
