@@ -40,6 +40,8 @@ TINY = {
                            '--work_dir=/tmp/exp/work'] + [f'--binding={b}' for b in _TINY_MODEL],
     'experiments.report': ['--eval_examples=2', '--results_dir=/tmp/exp/results',
                            '--out_dir=/tmp/exp/report'] + [f'--binding={b}' for b in _TINY_MODEL],
+    # The rule over the (here unrun) regime sweeps: says what to run first.
+    'experiments.regime_selection': ['--results_dir=/tmp/exp/results'],
     # The README's T5X commands are tiny already (20 steps, batch 8).
     't5x.train': [], 't5x.eval': [], 't5x.infer': [],
 }
