@@ -27,7 +27,8 @@ regime sweeps) keeps each run's checkpoints at every tenth of its steps, scores 
 and the best on test (`experiments.checkpoint_selection`).
 
 A user error (an unknown sweep, run or flag, a refused `--binding`, an unreadable result file, a
-modified tree) prints one line, `error: ...` naming the flag as typed, on stderr and exits with status 2.
+modified tree) prints one line, `error: ...` naming the flag as typed, on stderr and exits with
+status 2.
 """
 from __future__ import annotations
 
@@ -468,7 +469,7 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | Non
   import gin
   config_str = gin.config_str()
   start = _train_arg('initial_checkpoint_path') or base_dir
-  train_steps = _train_arg('train_steps')
+  train_steps = _train_arg('train_steps') if run.kind == 'finetune' else None
   train_info: dict = {}
   if run.kind == 'floor':
     model, variables, cfg = evaluation.load_base(start)
