@@ -20,8 +20,15 @@ directory, seed and rate). So `--binding=INITIAL_CHECKPOINT_PATH="'/path/to/ckpt
 MODEL_DIR, SEED or LEARNING_RATE is refused: those are the runs' own. Every `--binding` must be
 used by the base's or some run's gin config (a typo is refused, with the closest macros).
 
-A user error (an unknown sweep, run or flag, a refused `--binding`, an unreadable result file)
-prints one line, `error: ...` naming the flag as typed, on stderr and exits with status 2.
+Running (or `--build_base`) is refused while a tracked file of the repository is modified, since
+a result must name the commit that produced it; `--allow_dirty` runs anyway and the results record
+the commit with '+dirty'. A sweep with checkpoint selection (`Sweep.select_checkpoint_every`, the
+regime sweeps) keeps each run's checkpoints at every tenth of its steps, scores them on validation
+and the best on test (`experiments.checkpoint_selection`).
+
+A user error (an unknown sweep, run or flag, a refused `--binding`, an unreadable result file, a
+modified tree) prints one line, `error: ...` naming the flag as typed, on stderr and exits with
+status 2.
 """
 from __future__ import annotations
 
@@ -69,15 +76,41 @@ class UnreadableResultError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Provenance
 # ------------------------------------------------------------------------------------------------
-def git_revision() -> str:
+def modified_tracked_files(repo: str | None = None) -> list[str]:
+  """The tracked files of the git checkout `repo` (default: this repository) that differ from its
+  commit (staged or not; untracked files do not count). Raises OSError or CalledProcessError when
+  git cannot read it."""
+  out = subprocess.run(['git', '-C', repo or REPO, 'status', '--porcelain', '--untracked-files=no'],
+                       capture_output=True, text=True, check=True).stdout
+  return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+def git_revision(repo: str | None = None) -> str:
+  """The commit of `repo` (default: this repository), with '+dirty' when a tracked file is
+  modified; 'unknown' outside a git checkout."""
   try:
-    rev = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain', '--untracked-files=no'],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    return rev + ('+dirty' if dirty else '')
+    rev = subprocess.run(['git', '-C', repo or REPO, 'rev-parse', 'HEAD'], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    return rev + ('+dirty' if modified_tracked_files(repo) else '')
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
+
+
+def check_clean_tree(repo: str | None = None) -> None:
+  """Raises UsageError (one line: the problem and the fix) unless `repo` (default: this
+  repository) is a git checkout whose tracked files are as committed: a result must name the
+  commit that produced it."""
+  repo = repo or REPO
+  try:
+    modified = modified_tracked_files(repo)
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise UsageError(f'cannot read the git state of {repo} ({type(e).__name__}), so a result '
+                     'could name no commit: run from a git checkout, or pass --allow_dirty') from None
+  if modified:
+    more = f' and {len(modified) - 3} more' if len(modified) > 3 else ''
+    raise UsageError(f'the git tree {repo} has modified tracked files ({", ".join(modified[:3])}'
+                     f'{more}), so a result would name no commit: commit or stash them, or pass '
+                     '--allow_dirty (results then record the commit with +dirty)')
 
 
 def hardware() -> dict:
@@ -330,10 +363,13 @@ def launch_command(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep) -> str:
                    *(shlex.quote(f'--binding={b}') for b in sweep.extra_bindings)])
 
 
-def trainer_command(run: sweeps_lib.Run, model_dir: str, base_dir: str | None) -> str:
-  """The project trainer's own command for this run (training only; no result file)."""
+def trainer_command(run: sweeps_lib.Run, model_dir: str, base_dir: str | None,
+                    extra: Sequence[str] = ()) -> str:
+  """The project trainer's own command for this run (training only; no result file), with the
+  `extra` bindings last (e.g. `selection_bindings`)."""
   files = ' '.join(f'--gin_file={f}' for f in run.gin_files)
-  binds = ' '.join(f'--gin.{b}' if '=' in b else b for b in run_bindings(run, model_dir, base_dir))
+  binds = ' '.join(f'--gin.{b}' if '=' in b else b
+                   for b in [*run_bindings(run, model_dir, base_dir), *extra])
   return f'python -m sira_jax.train {files} {binds}'
 
 
@@ -397,6 +433,18 @@ def resolved_result(results_dir: str, run: sweeps_lib.Run, sweep: sweeps_lib.Swe
   return (run, None) if r is None else (r, load_result(results_dir, r))
 
 
+def selection_bindings(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep,
+                       bindings: Sequence[str]) -> list[str]:
+  """The checkpoint bindings a fine-tuning run of a sweep with checkpoint selection trains with
+  (`checkpoint_selection.checkpoint_bindings` for its TRAIN_STEPS under `bindings`), else []."""
+  from experiments import checkpoint_selection
+  if run.kind != 'finetune' or sweep.select_checkpoint_every is None:
+    return []
+  parse_gin(run.gin_files, bindings, sweep.extra_bindings)
+  steps = int(_train_arg('train_steps'))
+  return checkpoint_selection.checkpoint_bindings(steps, sweep.checkpoint_interval(steps))
+
+
 def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | None,
             base_prov: Mapping,
             work_dir: str, results_dir: str, progress_bar: bool = False,
@@ -404,18 +452,24 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | Non
   """Trains (kind 'finetune') or just loads (kind 'floor') one run, evaluates it, writes its
   result file; returns the result dict. base_dir: the sweep's base (None: a `--binding` names
   INITIAL_CHECKPOINT_PATH); the run starts from the INITIAL_CHECKPOINT_PATH its config resolves
-  to, recorded in the result's `base`."""
+  to, recorded in the result's `base`. Each split is scored on `sweep.num_examples(split)`
+  examples per task; under `sweep.select_checkpoint_every` on the checkpoint chosen on
+  `sweep.select_split` (`experiments.checkpoint_selection`), else on the last one."""
+  from experiments import checkpoint_selection
   from experiments import evaluation
   from sira_jax import restore
   from sira_jax import run_dir
   from sira_jax.adapters import ROUTED_KINDS
   from sira_jax.t5 import param_count
-  t0 = time.time()
+  t0, cpu0 = time.time(), time.process_time()
   model_dir = os.path.join(os.path.abspath(work_dir), 'runs', run.key)
-  parse_gin(run.gin_files, run_bindings(run, model_dir, base_dir), sweep.extra_bindings)
+  bindings = run_bindings(run, model_dir, base_dir)
+  bindings += selection_bindings(run, sweep, bindings)
+  parse_gin(run.gin_files, bindings, sweep.extra_bindings)
   import gin
   config_str = gin.config_str()
   start = _train_arg('initial_checkpoint_path') or base_dir
+  train_steps = _train_arg('train_steps') if run.kind == 'finetune' else None
   train_info: dict = {}
   if run.kind == 'floor':
     model, variables, cfg = evaluation.load_base(start)
@@ -427,23 +481,41 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | Non
       raise RunInterrupted(f'{run.name} stopped at step {r.step}; re-run the sweep to resume it')
     train_info = dict(steps=r.step, wall_time_s=r.wall_time, final_metrics=r.last_metrics,
                       history=r.history, median_step_time_s=r.median_step_time)
-    model, variables, cfg, _ = restore.load_trained(model_dir)
     fingerprint = run_dir.read_run_config(model_dir)
     mixture, lengths = fingerprint['mixture_or_task_name'], fingerprint['task_feature_lengths']
   gin.clear_config()
+  cpu_train = time.process_time() - cpu0
   t_eval = time.time()
-  metrics = {}
+
+  def score(model, variables, split: str, output_dir: str) -> dict:
+    return evaluation.evaluate_split(
+        model, variables, mixture, lengths, split, num_examples=sweep.num_examples(split),
+        batch_size=sweep.eval_batch_size, output_dir=output_dir)
+
+  metrics, selection = {}, None
+  if run.kind == 'finetune' and sweep.select_checkpoint_every is not None:
+    selection = checkpoint_selection.select(
+        model_dir, train_steps, sweep.checkpoint_interval(train_steps),
+        lambda m, v, step: score(m, v, sweep.select_split,
+                                 os.path.join(model_dir, 'eval', f'step_{step}')),
+        split=sweep.select_split, metric=sweep.metric)
+    metrics[sweep.select_split] = dict(selection.scores[selection.chosen_step])
+    log(f'{run.name}: {sweep.select_split} {sweep.metric} by step '
+        f'{ {s: round(v, 2) for s, v in selection.curve.items()} }: step '
+        f'{selection.chosen_step} chosen')
+  if run.kind == 'finetune':
+    model, variables, cfg, _ = restore.load_trained(
+        model_dir, step=selection.chosen_step if selection else None)
   for split in sweep.eval_splits:
-    metrics[split] = evaluation.evaluate_split(
-        model, variables, mixture, lengths, split, num_examples=sweep.eval_num_examples,
-        batch_size=sweep.eval_batch_size, output_dir=os.path.join(model_dir, 'eval'))
+    if split not in metrics:
+      metrics[split] = score(model, variables, split, os.path.join(model_dir, 'eval'))
   routing = None
   if cfg.adapter.kind in ROUTED_KINDS and run.point in sweep.routing_points:
     # Training-mode statistics on the run's own training batches, eval-mode ones on the
     # evaluation batches (experiments.evaluation's module docstring).
     routing = evaluation.routing_analysis(
         model, variables, mixture, lengths, split=sweep.select_split,
-        num_examples=sweep.eval_num_examples, batch_size=sweep.eval_batch_size,
+        num_examples=sweep.num_examples(sweep.select_split), batch_size=sweep.eval_batch_size,
         training=evaluation.TrainingStream.of_run(fingerprint))
   counts = trained_counts(param_count.count_parameters(cfg).as_dict(), config_str)
   result = dict(
@@ -454,9 +526,14 @@ def execute(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, *, base_dir: str | Non
              if start == base_dir else {})),
       git_revision=git_revision(), hardware=hardware(), params=counts, train=train_info,
       metrics=metrics, routing=routing,
+      eval_num_examples={split: sweep.num_examples(split) for split in sweep.eval_splits},
       wall_time_s=dict(total=time.time() - t0, eval=time.time() - t_eval,
                        train=train_info.get('wall_time_s', 0.0)),
+      cpu_time_s=dict(total=time.process_time() - cpu0, train=cpu_train,
+                      eval=time.process_time() - cpu0 - cpu_train),
       finished=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+  if selection is not None:
+    result['checkpoint_selection'] = selection.as_dict()
   _write_json(result_path(results_dir, run), result)
   s = metrics[sweep.report_split]['summary']
   log(f'{run.name}: {sweep.report_split} sequence accuracy {s["sequence_accuracy"]:.2f}, '
@@ -483,6 +560,7 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
               work_dir: str = DEFAULT_WORK_DIR, only: Sequence[str] | None = None,
               use_shipped_base: bool = True, progress_bar: bool = True,
               keep_going: bool = False, limit: int | None = None,
+              require_clean_tree: bool = False,
               log: Callable[[str], None] | None = None) -> SweepOutcome:
   """Runs every unfinished run of `sweep` in order (or those named in `only`).
 
@@ -491,6 +569,8 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   are finished (they come first in every sweep); with `only` or `limit` it may have to wait for a
   later call. keep_going: a failing run is logged and the next one starts (else the error
   propagates). limit: run at most this many unfinished runs now (a sweep in slices).
+  require_clean_tree: refuse (UsageError, `check_clean_tree`) to run anything while a tracked file
+  of the repository is modified (the command line's default; --allow_dirty lifts it).
   """
   from tqdm import tqdm
   runs = list(sweep.runs)
@@ -514,7 +594,13 @@ def run_sweep(sweep: sweeps_lib.Sweep, *, results_dir: str = DEFAULT_RESULTS_DIR
   if not todo:
     bar.close()
     return outcome
-  check_extra_bindings(sweep)
+  try:
+    check_extra_bindings(sweep)
+    if require_clean_tree:
+      check_clean_tree()
+  except UsageError:
+    bar.close()
+    raise
   if user_initial_checkpoint(sweep):
     base_dir, prov = None, {}
   else:
@@ -577,6 +663,9 @@ def define_flags() -> None:
   flags.DEFINE_bool('build_base', False,
                     'pretrain (or find) the base of --sweep and copy it into experiments/base/')
   flags.DEFINE_bool('keep_going', False, 'log a failing run and continue')
+  flags.DEFINE_bool('allow_dirty', False,
+                    'run (or build a base) although tracked files are modified; results then '
+                    'record the commit with +dirty (default: refuse, a result must name a commit)')
   flags.DEFINE_integer('limit', None, 'run at most this many unfinished runs now (resume later)',
                        lower_bound=0)
   flags.DEFINE_multi_string(
@@ -653,6 +742,8 @@ def _command(sweep: sweeps_lib.Sweep, FLAGS) -> None:
   if FLAGS.build_base or FLAGS.print_commands:
     check_extra_bindings(sweep)  # (run_sweep checks them itself)
   if FLAGS.build_base:
+    if not FLAGS.allow_dirty:
+      check_clean_tree()
     base_dir, prov = ensure_base(sweep, FLAGS.work_dir, use_shipped=False)
     print(ship_base(base_dir, prov, f'base_{prov["config_hash"]}'))
     return
@@ -661,7 +752,7 @@ def _command(sweep: sweeps_lib.Sweep, FLAGS) -> None:
     return
   out = run_sweep(sweep, results_dir=FLAGS.results_dir, work_dir=FLAGS.work_dir, only=FLAGS.run,
                   use_shipped_base=not FLAGS.no_shipped_base, keep_going=FLAGS.keep_going,
-                  limit=FLAGS.limit)
+                  limit=FLAGS.limit, require_clean_tree=not FLAGS.allow_dirty)
   print(f'sweep {sweep.name}: {len(out.done)} run(s) done now, {len(out.skipped)} already '
         f'finished, {len(out.failed)} failed, {len(out.pending)} waiting for tuning runs, '
         f'{len(out.later)} left by --limit; '
@@ -690,7 +781,9 @@ def _print_commands(sweep: sweeps_lib.Sweep, kind: str, results_dir: str, work_d
       print(f'# {r.name}: learning rate chosen by the tuning runs of {r.lr_from!r} once they '
             'are finished')
     elif r.kind == 'finetune':
-      print(trainer_command(r, os.path.join(work_dir, 'runs', r.key), base))
+      model_dir = os.path.join(work_dir, 'runs', r.key)
+      keep = selection_bindings(r, sweep, run_bindings(r, model_dir, base))
+      print(trainer_command(r, model_dir, base, keep))
 
 
 def cli():

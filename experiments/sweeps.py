@@ -57,6 +57,8 @@ class Run:
   LEARNING_RATE and INITIAL_CHECKPOINT_PATH); axes: plot coordinates, e.g. {'method': 'lora',
   'rank': 8}. lr_from: a point of the same sweep whose tuning runs choose this run's learning
   rate (`learning_rate` stays None until the runner resolves it, `with_learning_rate`).
+  evaluation: how the run is scored where its sweep departs from the default (the sweep sets it:
+  `Sweep.evaluation_protocol`); part of the key, so a run scored another way has its own result.
   """
   point: str
   gin_files: tuple[str, ...]
@@ -66,6 +68,7 @@ class Run:
   axes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   kind: str = 'finetune'
   lr_from: str | None = None
+  evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.kind not in ('finetune', 'floor'):
@@ -75,12 +78,16 @@ class Run:
     object.__setattr__(self, 'gin_files', tuple(self.gin_files))
     object.__setattr__(self, 'bindings', tuple(self.bindings))
     object.__setattr__(self, 'axes', dict(self.axes))
+    object.__setattr__(self, 'evaluation', dict(self.evaluation))
 
   @property
   def key(self) -> str:
     """Content hash: the same run in two sweeps has the same key (and one result file)."""
     lr = self.learning_rate if self.resolved else f'tuned by {self.lr_from}'
-    blob = json.dumps([self.kind, self.gin_files, self.bindings, self.seed, lr], sort_keys=True)
+    content = [self.kind, self.gin_files, self.bindings, self.seed, lr]
+    if self.evaluation:  # (absent by default: the keys of runs scored as before stay)
+      content.append(self.evaluation)
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
   @property
@@ -100,9 +107,12 @@ class Run:
     return f'{self.point}{lr}-s{self.seed}'
 
   def as_dict(self) -> dict:
-    return dict(point=self.point, name=self.name, key=self.key, kind=self.kind,
-                gin_files=list(self.gin_files), bindings=list(self.bindings), seed=self.seed,
-                learning_rate=self.learning_rate, lr_from=self.lr_from, axes=dict(self.axes))
+    out = dict(point=self.point, name=self.name, key=self.key, kind=self.kind,
+               gin_files=list(self.gin_files), bindings=list(self.bindings), seed=self.seed,
+               learning_rate=self.learning_rate, lr_from=self.lr_from, axes=dict(self.axes))
+    if self.evaluation:
+      out['evaluation'] = dict(self.evaluation)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +127,13 @@ class Sweep:
   besides `report_split`'s metrics, e.g. TRAIN_CE_LAST_100 (`experiments.report`). extra_bindings:
   the bindings `with_overrides` appended to every run and the base (a command line's `--binding`s;
   each must be used by the base's or some run's gin config).
+  split_num_examples: ((split, examples per task or None for all), ...) where a split departs
+  from `eval_num_examples` (`num_examples`). select_checkpoint_every: None (score the run's last
+  checkpoint), or the fraction of a run's steps between the checkpoints the runner keeps and
+  scores on `select_split` (0.1: every tenth of the run); `report_split` is then scored on the
+  checkpoint with the best `metric` there (ties: the earlier step; `checkpoint_interval`,
+  `experiments.checkpoint_selection`). Either setting is stamped into every run
+  (`Run.evaluation`), so their keys differ from runs scored the default way.
   """
   name: str
   claim: str
@@ -133,8 +150,22 @@ class Sweep:
   routing_points: tuple[str, ...] = ()
   training_evidence: tuple[str, ...] = ()
   extra_bindings: tuple[str, ...] = ()
+  split_num_examples: tuple[tuple[str, int | None], ...] = ()
+  select_checkpoint_every: float | None = None
 
   def __post_init__(self):
+    object.__setattr__(self, 'split_num_examples', tuple(map(tuple, self.split_num_examples)))
+    unknown = [s for s, _ in self.split_num_examples if s not in self.eval_splits]
+    if unknown:
+      raise ValueError(f'sweep {self.name!r}: split_num_examples names {unknown}, which are not '
+                       f'among eval_splits {self.eval_splits}')
+    every = self.select_checkpoint_every
+    if every is not None and not 0 < every <= 1:
+      raise ValueError(f'sweep {self.name!r}: select_checkpoint_every must be a fraction of the '
+                       f'run in (0, 1], e.g. 0.1 for every tenth; got {every!r}')
+    protocol = self.evaluation_protocol()
+    object.__setattr__(self, 'runs', tuple(dataclasses.replace(r, evaluation=protocol)
+                                           for r in self.runs))
     names = [r.name for r in self.runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -150,6 +181,27 @@ class Sweep:
 
   def points(self) -> list[str]:
     return list(dict.fromkeys(r.point for r in self.runs))
+
+  def num_examples(self, split: str) -> int | None:
+    """Examples per task scored on `split` (None: all)."""
+    return dict(self.split_num_examples).get(split, self.eval_num_examples)
+
+  def evaluation_protocol(self) -> dict[str, Any]:
+    """What `Run.evaluation` holds for this sweep's runs: {} when it scores the default way
+    (`eval_num_examples` on every split, the last checkpoint), else the examples per task of each
+    split and the checkpoint selection."""
+    if not self.split_num_examples and self.select_checkpoint_every is None:
+      return {}
+    return dict(num_examples={s: self.num_examples(s) for s in self.eval_splits},
+                select_checkpoint_every=self.select_checkpoint_every,
+                select_on=[self.select_split, self.metric])
+
+  def checkpoint_interval(self, train_steps: int) -> int | None:
+    """Steps between the checkpoints scored on validation for a run of `train_steps` (None: no
+    selection): round(select_checkpoint_every * train_steps), at least 1."""
+    if self.select_checkpoint_every is None:
+      return None
+    return max(1, round(self.select_checkpoint_every * train_steps))
 
   def tuning_runs(self, point: str) -> list[Run]:
     """The runs of `point` that choose its learning rate: tuning seeds, explicit rates."""
@@ -333,6 +385,7 @@ def _sweeps() -> dict[str, Sweep]:
       'c7', 'Experts specialise by task and language without task ids.',
       tuple(base), routing_points=(SIRA,))
   s['sira_defaults'] = sira_defaults_sweep()
+  s.update((sw.name, sw) for sw in regime_sweeps())
   return s
 
 
@@ -396,21 +449,70 @@ def sira_defaults_sweep() -> Sweep:
       routing_points=tuple(dict.fromkeys(r.point for r in runs)))
 
 
+# ------------------------------------------------------------------------------------------------
+# The regime selection (experiments/PREREGISTRATION.md; the rule: experiments/regime_rule.py)
+# ------------------------------------------------------------------------------------------------
+# Seeds of LoRA r4 and r32 (the rule's MIN_SEEDS); r8 and the ceiling run SEEDS.
+REGIME_SEEDS = (0, 1, 2, 3, 4, 5)
+# Validation: the first 50 examples of each task (learning rate and checkpoint choice); test: all.
+REGIME_SPLIT_EXAMPLES = (('validation', 50), ('test', None))
+# The checkpoint scored on test: the best on validation among those at every tenth of the run.
+REGIME_CHECKPOINT_EVERY = 0.1
+# The runs the rule reads: RegimeScores field -> the point of a regime sweep.
+REGIME_POINTS = {'floor': 'floor (frozen base)', 'ceiling': 'ceiling (full fine-tuning)',
+                 'lora_r4': 'lora r4', 'lora_r8': 'lora r8', 'lora_r32': 'lora r32'}
+# candidate -> (what it changes, its bindings (fine-tuning and floor), its base's gin files).
+REGIME_CANDIDATES = {
+    'data_limited': ('the first 64 training examples of each of the 30 tasks, 1,200 steps',
+                     ('TRAIN_EXAMPLES_PER_TASK=64', 'TRAIN_STEPS=1200'), BASE_GIN),
+    'converged': ('all 2,000 training examples of each task, 4,800 steps',
+                  ('TRAIN_STEPS=4800',), BASE_GIN),
+    'near_base': ('a base also pretrained on the 15 tasks of en, de, fr, es, it; fine-tuned on '
+                  'the 15 of pt, ru, pl, tr, fi, 600 steps',
+                  ("MIXTURE_OR_TASK_NAME='offline_bench_held_out'", 'TRAIN_STEPS=600'),
+                  ('benchmark/pretrain_near.gin',)),
+}
+
+
+def regime_sweep(candidate: str) -> Sweep:
+  """The selection runs of one candidate regime (`regime_<candidate>`), as registered: the floor;
+  LoRA r4 and r32 (LR_GRID on TUNE_SEEDS, the other REGIME_SEEDS at the chosen rate) and r8 (SEEDS,
+  the same protocol); the ceiling (FULL_FT_LR_GRID, SEEDS). Every run is scored with the
+  registered protocol: validation on REGIME_SPLIT_EXAMPLES' 50 examples per task at every tenth
+  of the run, test on all examples at the best validation checkpoint."""
+  what, bindings, base_gin = REGIME_CANDIDATES[candidate]
+  runs = floor_run(bindings)
+  for rank, seeds in ((4, REGIME_SEEDS), (32, REGIME_SEEDS), (8, SEEDS)):
+    runs += method_runs('lora', REGIME_POINTS[f'lora_r{rank}'], (*bindings, f'ADAPTER_RANK={rank}'),
+                        axes={'rank': rank}, seeds=seeds)
+  runs += ceiling_runs(SEEDS, bindings)
+  return Sweep(
+      f'regime_{candidate}', f'Regime candidate {candidate!r} ({what}): does LoRA\'s rank '
+      'saturate there (experiments/PREREGISTRATION.md)?', tuple(runs), base_gin=base_gin,
+      split_num_examples=REGIME_SPLIT_EXAMPLES, select_checkpoint_every=REGIME_CHECKPOINT_EVERY,
+      plots=(('rank', 'method'),))
+
+
+def regime_sweeps() -> list[Sweep]:
+  return [regime_sweep(c) for c in REGIME_CANDIDATES]
+
+
 SWEEPS: dict[str, Sweep] = _sweeps()
 
 
 def with_overrides(sweep: Sweep, bindings: Sequence[str] = (),
                    eval_num_examples: int | None = None) -> Sweep:
   """`sweep` with extra gin bindings appended to every run and to its base (e.g. tiny sizes for a
-  smoke run), and optionally fewer evaluation examples per task. The runs get other keys, so
-  their results never mix with the unmodified sweep's."""
+  smoke run), and optionally fewer evaluation examples per task (on every split). The runs get
+  other keys, so their results never mix with the unmodified sweep's."""
   if not bindings and eval_num_examples is None:
     return sweep
   runs = tuple(dataclasses.replace(r, bindings=(*r.bindings, *bindings)) for r in sweep.runs)
+  sizes = {} if eval_num_examples is None else dict(eval_num_examples=eval_num_examples,
+                                                    split_num_examples=())
   return dataclasses.replace(
       sweep, runs=runs, base_bindings=(*sweep.base_bindings, *bindings),
-      extra_bindings=(*sweep.extra_bindings, *bindings),
-      eval_num_examples=sweep.eval_num_examples if eval_num_examples is None else eval_num_examples)
+      extra_bindings=(*sweep.extra_bindings, *bindings), **sizes)
 
 
 def get_sweep(name: str) -> Sweep:

@@ -48,16 +48,20 @@ __all__ = [
 
 
 @gin.configurable
-def register_all(xtreme_up_data_dir: str | None = None) -> list[str]:
+def register_all(xtreme_up_data_dir: str | None = None,
+                 offline_train_examples_per_task: int | None = None) -> list[str]:
   """Re-registers everything with `vocab.get_vocabulary()` (gin-aware).
 
+  The offline suite's generation tasks train on their first
+  `offline_train_examples_per_task` examples (None: all;
+  gin/benchmark/finetune.gin binds it to TRAIN_EXAMPLES_PER_TASK).
   XTREME-UP is registered when `xtreme_up_data_dir`, the gin binding of
   `register_xtreme_up.data_dir`, or $XTREME_UP_DATA_DIR names a directory;
   TFDS tasks and mixtures when gin binds `register_tfds_tasks.tasks`.
   Returns the registered names.
   """
   vocabulary = vocab.get_vocabulary()
-  names = register_offline_suite(vocabulary)
+  names = register_offline_suite(vocabulary, offline_train_examples_per_task)
   data_dir = (xtreme_up_data_dir or _gin_xtreme_up_data_dir() or
               os.environ.get(xtreme_up.ENV_VAR))
   if data_dir:
@@ -150,6 +154,8 @@ def family(name: str) -> str:
 # Optional task families: run_config.json key -> (their registration arguments, or None when
 # none are registered; the function that registers them from those arguments).
 _OPTIONAL_FAMILIES = {
+    'offline': (offline_suite.registration_args,
+                lambda args: register_offline_suite(vocab.get_vocabulary(), **args)),
     'xtreme_up': (xtreme_up.registration_args, lambda args: register_xtreme_up(**args)),
     'tfds': (tfds_tasks.registration_args, lambda args: register_tfds_tasks(**args)),
 }
@@ -157,8 +163,9 @@ _OPTIONAL_FAMILIES = {
 
 def registration() -> dict[str, Any]:
   """How the optional task families were registered (JSON-able): {} when only
-  the bundled suite is, else {'xtreme_up': register_xtreme_up kwargs, 'tfds':
-  register_tfds_tasks kwargs}, for those registered."""
+  the bundled suite is, as it is by default, else {'xtreme_up':
+  register_xtreme_up kwargs, 'tfds': register_tfds_tasks kwargs, 'offline':
+  the offline suite's training-example limit}, for those registered."""
   record = {}
   for key, (args_fn, _) in _OPTIONAL_FAMILIES.items():
     args = args_fn()

@@ -26,12 +26,28 @@ Mixtures (rate 1 per task-language):
 - `offline_suite_xl_train` / `offline_suite_xl_heldout`: cross-lingual split;
   train on the formatting tasks in 8 languages, evaluate on the held-out
   languages fi and tr (parallel inputs, so no test input is seen in training).
+- `offline_bench_in_base` / `offline_bench_held_out`: the benchmark's 15
+  tasks of en, de, fr, es, it / of pt, ru, pl, tr, fi (NEAR_BASE_LANGUAGES
+  and the rest); `offline_pretrain_near_mix`: the base pretraining mix 1:1
+  with `offline_bench_in_base` (a base near the held-out tasks; the regime
+  candidate `regime_near_base` in experiments/sweeps.py fine-tunes it on
+  `offline_bench_held_out`).
 - `offline_span_corruption` (a single Task, not a mixture): pretraining over
   the 15 languages' documents, one input pipeline.
 - `offline_denoise`: the same documents and corruption with the whole chunk
   as target (denoising reconstruction, as in MASS / BART: inputs <= 64 tokens
   give targets <= 71); `offline_pretrain_mix`: span corruption and denoising
   1:1, the benchmark base's pretraining (gin/benchmark/pretrain.gin).
+
+Training-example limit: `register_offline_suite(train_examples_per_task=N)`
+(gin: the macro TRAIN_EXAMPLES_PER_TASK of gin/benchmark/finetune.gin, bound
+to `register_all.offline_train_examples_per_task`) gives every generation
+task's 'train' split only its first N examples, in their generated order (a
+task with fewer keeps all of its own); validation and test are unchanged, the
+task names too. Training repeats them for as many epochs as the steps take
+(data.train_batches reads the training split endlessly). A run records the
+limit in its run_config.json (`registration_args`), so eval, infer and a
+resumed run see the same tasks.
 
 Inputs share the same random draws across languages of a task, and splits are
 disjoint (see offline_data). Example strings are generated on the first
@@ -55,6 +71,9 @@ from tasks import vocab as vocab_lib
 PREFIX = 'offline'
 HELD_OUT_LANGUAGES = ('fi', 'tr')
 BENCH_TASKS = ('date', 'currency', 'unit')
+# The languages whose benchmark tasks the near base (`offline_pretrain_near_mix`) pretrains on; the
+# other FORMAT_LANGUAGES' benchmark tasks (`offline_bench_held_out`) are fine-tuned on.
+NEAR_BASE_LANGUAGES = ('en', 'de', 'fr', 'es', 'it')
 
 GeneratorFn = Callable[[str], dict[str, list[tuple[str, str]]]]
 
@@ -99,10 +118,15 @@ def _maybe_shuffle(ds: tf.data.Dataset, n: int, shuffle: bool,
   return ds
 
 
-def _pairs_dataset_fn(generator: GeneratorFn, lang: str):
+def _pairs_dataset_fn(generator: GeneratorFn, lang: str,
+                      train_examples: int | None = None):
+  """The task's examples of a split; 'train' cut to its first
+  `train_examples` (None: all)."""
   def dataset_fn(split: str, shuffle_files: bool = False,
                  seed: int | None = None) -> tf.data.Dataset:
     pairs = generator(lang)[split]
+    if split == 'train' and train_examples is not None:
+      pairs = pairs[:train_examples]
     ds = tf.data.Dataset.from_tensor_slices({
         'inputs': tf.constant([p[0] for p in pairs], tf.string),
         'targets': tf.constant([p[1] for p in pairs], tf.string)})
@@ -120,13 +144,16 @@ def _text_dataset_fn(langs: tuple[str, ...]):
   return dataset_fn
 
 
-def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
+def register_offline_suite(vocabulary: seqio.Vocabulary | None = None,
+                           train_examples_per_task: int | None = None
                            ) -> list[str]:
   """(Re)registers every offline task and mixture; returns their names.
 
   vocabulary: default `tasks.vocab.get_vocabulary()` (bytes unless gin sets
-  a SentencePiece model path). Calling again with another vocabulary
-  replaces the registrations; with an equal one, while every name still
+  a SentencePiece model path). train_examples_per_task: each generation
+  task's training split is its first N examples (None: all; module
+  docstring). Calling again with another vocabulary or limit replaces the
+  registrations; with equal ones, while every name still
   holds what this module registered, it keeps them: the same task objects,
   so what is cached per task (an evaluator's preprocessed examples, eval
   batches) stays valid across the runs of a sweep, each of which parses gin
@@ -134,21 +161,45 @@ def register_offline_suite(vocabulary: seqio.Vocabulary | None = None
   """
   vocabulary = vocabulary if vocabulary is not None else (
       vocab_lib.get_vocabulary())
-  if _LAST_REGISTRATION and _LAST_REGISTRATION[0] == vocabulary and all(
+  check_train_examples_per_task(train_examples_per_task)
+  settings = (vocabulary, train_examples_per_task)
+  if _LAST_REGISTRATION and _LAST_REGISTRATION[0] == settings and all(
       registry.registered(name) is obj
       for name, obj in _LAST_REGISTRATION[1].items()):
     return list(_LAST_REGISTRATION[1])
-  names = _register_offline_suite(vocabulary)
+  names = _register_offline_suite(vocabulary, train_examples_per_task)
   _LAST_REGISTRATION[:] = [
-      vocabulary, {name: registry.registered(name) for name in names}]
+      settings, {name: registry.registered(name) for name in names}]
   return names
 
 
-# [vocabulary, {name: registered Task or Mixture}] of the last registration.
+# [(vocabulary, train_examples_per_task), {name: registered Task or Mixture}]
+# of the last registration.
 _LAST_REGISTRATION: list = []
 
 
-def _register_offline_suite(vocabulary: seqio.Vocabulary) -> list[str]:
+def check_train_examples_per_task(n) -> None:
+  """Refuses a training-example limit that is not None or an int >= 1."""
+  if n is not None and (isinstance(n, bool) or not isinstance(n, int)
+                        or n < 1):
+    raise ValueError(
+        f'train_examples_per_task must be None (all) or an integer >= 1, got '
+        f'{n!r} (gin: TRAIN_EXAMPLES_PER_TASK)')
+
+
+def registration_args() -> dict[str, int] | None:
+  """{'train_examples_per_task': N} while the suite is registered with a
+  training-example limit, else None: what a training run records
+  (`tasks.registration`) so eval, infer and a resumed run register the same
+  tasks (`register_offline_suite(**args)`)."""
+  if _LAST_REGISTRATION and _LAST_REGISTRATION[0][1] is not None:
+    return {'train_examples_per_task': _LAST_REGISTRATION[0][1]}
+  return None
+
+
+def _register_offline_suite(vocabulary: seqio.Vocabulary,
+                            train_examples_per_task: int | None
+                            ) -> list[str]:
   """Registers every offline task and mixture with `vocabulary`."""
   features = vocab_lib.get_output_features(vocabulary)
   names: list[str] = []
@@ -157,11 +208,14 @@ def _register_offline_suite(vocabulary: seqio.Vocabulary) -> list[str]:
   for task, (generator, languages, metric_fns) in GENERATION_TASKS.items():
     for lang in languages:
       name = task_name(task, lang)
+      sizes = split_sizes(task, lang)
+      if train_examples_per_task is not None:
+        sizes['train'] = min(sizes['train'], train_examples_per_task)
       registry.add_task(
           name,
           source=seqio.FunctionDataSource(
-              _pairs_dataset_fn(generator, lang), splits=data.SPLITS,
-              num_input_examples=split_sizes(task, lang)),
+              _pairs_dataset_fn(generator, lang, train_examples_per_task),
+              splits=data.SPLITS, num_input_examples=sizes),
           preprocessors=[seqio.preprocessors.tokenize,
                          seqio.CacheDatasetPlaceholder(),
                          truncation.append_eos_after_trim],
@@ -201,6 +255,9 @@ def _register_offline_suite(vocabulary: seqio.Vocabulary) -> list[str]:
   every = [n for members in by_task.values() for n in members]
   mixtures[f'{PREFIX}_suite_mix'] = every
   mixtures[f'{PREFIX}_bench'] = bench_task_names()
+  mixtures[f'{PREFIX}_bench_in_base'] = bench_task_names(NEAR_BASE_LANGUAGES)
+  mixtures[f'{PREFIX}_bench_held_out'] = bench_task_names(
+      [l for l in data.FORMAT_LANGUAGES if l not in NEAR_BASE_LANGUAGES])
   formatting = [task_name(t, l) for t in ('num2words', 'date', 'currency',
                                           'unit')
                 for l in data.FORMAT_LANGUAGES]
@@ -210,15 +267,22 @@ def _register_offline_suite(vocabulary: seqio.Vocabulary) -> list[str]:
       n for n in formatting if n.rsplit('_', 1)[1] in HELD_OUT_LANGUAGES]
   # The benchmark base's pretraining: span corruption and denoising reconstruction, 1:1.
   mixtures[f'{PREFIX}_pretrain_mix'] = [f'{PREFIX}_span_corruption', f'{PREFIX}_denoise']
+  # The near base's pretraining: that mix 1:1 with the 15 tasks of `offline_bench_in_base` (each
+  # half of the examples: the two pretraining tasks at rate 7.5 each, the 15 tasks at 1 each).
+  in_base = mixtures[f'{PREFIX}_bench_in_base']
+  mixtures[f'{PREFIX}_pretrain_near_mix'] = [
+      (f'{PREFIX}_span_corruption', len(in_base) / 2), (f'{PREFIX}_denoise', len(in_base) / 2),
+      *((n, 1.0) for n in in_base)]
   for name, members in mixtures.items():
     registry.add_mixture(name, members)
     names.append(name)
   return names
 
 
-def bench_task_names() -> list[str]:
-  """The tasks of `offline_bench`: BENCH_TASKS x FORMAT_LANGUAGES."""
-  return [task_name(t, l) for t in BENCH_TASKS for l in data.FORMAT_LANGUAGES]
+def bench_task_names(languages=data.FORMAT_LANGUAGES) -> list[str]:
+  """The benchmark's tasks in `languages`: BENCH_TASKS x languages (all FORMAT_LANGUAGES:
+  `offline_bench`)."""
+  return [task_name(t, l) for t in BENCH_TASKS for l in languages]
 
 
 @functools.lru_cache(maxsize=None)

@@ -304,3 +304,64 @@ def test_registering_again_keeps_the_same_task_objects_until_something_changed()
         'targets'].vocabulary == vocab.byte_vocabulary(extra_ids=5)
   finally:
     offline_suite.register_offline_suite(vocab.byte_vocabulary())
+
+
+def _decoded(ds, n=None):
+  return [(bytes(ex['inputs_pretokenized']), bytes(ex['targets_pretokenized']))
+          for ex in (ds.take(n) if n else ds).as_numpy_iterator()]
+
+
+def test_a_training_limit_keeps_the_first_n_examples_of_each_task():
+  full = {name: _decoded(seqio.get_mixture_or_task(name).get_dataset(
+      L, split='train', shuffle=False, num_epochs=1))
+      for name in ('offline_date_de', 'offline_unit_fi', 'offline_translit_vai')}
+  held = {s: _decoded(seqio.get_mixture_or_task('offline_date_de').get_dataset(
+      L, split=s, shuffle=False, num_epochs=1)) for s in ('validation', 'test')}
+  try:
+    tasks.register_all(offline_train_examples_per_task=7)
+    assert tasks.registration() == {'offline': {'train_examples_per_task': 7}}
+    for name, examples in full.items():
+      task = seqio.get_mixture_or_task(name)
+      assert task.num_input_examples('train') == 7
+      limited = _decoded(task.get_dataset(L, split='train', shuffle=False, num_epochs=1))
+      assert limited == examples[:7] and len(set(examples)) > 7
+      # Training reads them endlessly (20 epochs here), shuffled, and nothing else.
+      epochs = _decoded(task.get_dataset(L, split='train', shuffle=True, seed=1,
+                                         num_epochs=None), 140)
+      assert len(epochs) == 140 and set(epochs) == set(examples[:7])
+    for s, examples in held.items():  # validation and test are whole
+      assert _decoded(seqio.get_mixture_or_task('offline_date_de').get_dataset(
+          L, split=s, shuffle=False, num_epochs=1)) == examples
+    # More than a task has: all of its own.
+    tasks.register_all(offline_train_examples_per_task=1000)
+    assert seqio.get_mixture_or_task('offline_translit_vai').num_input_examples('train') == 239
+    assert seqio.get_mixture_or_task('offline_date_de').num_input_examples('train') == 1000
+    for bad in (0, -3, 2.5, True, '64'):
+      with pytest.raises(ValueError, match='train_examples_per_task must be None'):
+        offline_suite.register_offline_suite(vocab.byte_vocabulary(), bad)
+  finally:
+    tasks.register_all()
+  assert tasks.registration() == {}
+  assert seqio.get_mixture_or_task('offline_date_de').num_input_examples('train') == 2000
+  # A run's record re-applies the limit (what eval and infer do with run_config.json).
+  try:
+    tasks.apply_registration({'offline': {'train_examples_per_task': 5}})
+    assert seqio.get_mixture_or_task('offline_unit_fi').num_input_examples('train') == 5
+  finally:
+    tasks.register_all()
+
+
+def test_the_near_base_mixtures():
+  names = lambda m: sorted(t.name for t in seqio.get_mixture_or_task(m).tasks)  # noqa: E731
+  in_base, held_out = names('offline_bench_in_base'), names('offline_bench_held_out')
+  assert len(in_base) == len(held_out) == 15
+  assert sorted(in_base + held_out) == names('offline_bench')
+  assert {n.rsplit('_', 1)[1] for n in in_base} == {'en', 'de', 'fr', 'es', 'it'}
+  assert {n.rsplit('_', 1)[1] for n in held_out} == {'pt', 'ru', 'pl', 'tr', 'fi'}
+  near = seqio.get_mixture_or_task('offline_pretrain_near_mix')
+  rates = {t.name: near.get_rate(t) for t in near.tasks}
+  pretrain = seqio.get_mixture_or_task('offline_pretrain_mix')
+  assert set(rates) == set(in_base) | {t.name for t in pretrain.tasks}
+  # 1:1: the pretraining mix's tasks and the 15 benchmark tasks have equal total rates.
+  assert sum(rates[t.name] for t in pretrain.tasks) == sum(rates[n] for n in in_base) == 15
+  assert rates['offline_span_corruption'] == rates['offline_denoise']

@@ -33,11 +33,15 @@ TINY = {
                          '--gin.run_main.progress_bar=False',
                          f'--gin.main_sweep.extra_bindings={_TINY_MODEL}',
                          '--gin.WORK_DIR=/tmp/runs/main'],
-    # One run (the floor: no training) of the sweep, on a tiny 2-step base, 2 examples per task.
-    'experiments.runner': ['--limit=1', '--eval_examples=2', '--results_dir=/tmp/exp/results',
+    # One run (the floor: no training) of the sweep, on a tiny 2-step base, 2 examples per task;
+    # in the checkout as it is (these tiny results are thrown away, so a modified tree is fine).
+    'experiments.runner': ['--limit=1', '--eval_examples=2', '--allow_dirty',
+                           '--results_dir=/tmp/exp/results',
                            '--work_dir=/tmp/exp/work'] + [f'--binding={b}' for b in _TINY_MODEL],
     'experiments.report': ['--eval_examples=2', '--results_dir=/tmp/exp/results',
                            '--out_dir=/tmp/exp/report'] + [f'--binding={b}' for b in _TINY_MODEL],
+    # The rule over the (here unrun) regime sweeps: says what to run first.
+    'experiments.regime_selection': ['--results_dir=/tmp/exp/results'],
     # The README's T5X commands are tiny already (20 steps, batch 8).
     't5x.train': [], 't5x.eval': [], 't5x.infer': [],
 }

@@ -150,3 +150,63 @@ def test_limit_leaves_the_other_unfinished_runs_for_later(tmp_path):
                          log=lambda m: None)
   assert out.done == out.skipped == [] and out.later == [r.name for r in sweep.runs]
   assert not os.path.exists(tmp_path / 'work')
+
+
+def _git_repo(path) -> str:
+  """A git checkout at `path` with one committed file, `tracked.txt`."""
+  path.mkdir()
+  git = lambda *a: subprocess.run(['git', '-C', str(path), *a], check=True,  # noqa: E731
+                                  capture_output=True)
+  git('init', '-q')
+  (path / 'tracked.txt').write_text('a\n')
+  git('add', 'tracked.txt')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'one')
+  return str(path)
+
+
+def test_a_modified_tracked_file_is_refused_and_named(tmp_path):
+  repo = _git_repo(tmp_path / 'repo')
+  (tmp_path / 'repo' / 'untracked.txt').write_text('new\n')  # untracked files do not count
+  runner.check_clean_tree(repo)
+  assert not runner.git_revision(repo).endswith('+dirty')
+  (tmp_path / 'repo' / 'tracked.txt').write_text('b\n')
+  with pytest.raises(runner.UsageError) as e:
+    runner.check_clean_tree(repo)
+  assert str(e.value) == (
+      f'the git tree {repo} has modified tracked files (tracked.txt), so a result would name no '
+      'commit: commit or stash them, or pass --allow_dirty (results then record the commit with '
+      '+dirty)')
+  assert runner.git_revision(repo).endswith('+dirty')
+  with pytest.raises(runner.UsageError, match='cannot read the git state of .*--allow_dirty'):
+    runner.check_clean_tree(str(tmp_path))   # not a git checkout
+  # The command line, with the runner's repository pointed at the modified checkout: refused in
+  # one line before anything runs.
+  proc = _cli_in(repo, '--sweep=c1', '--limit=1', tmp_path=tmp_path)
+  assert _error_line(proc) == f'error: {e.value}'
+  assert not os.path.exists(tmp_path / 'work')
+
+
+def _cli_in(repo, *args, tmp_path):
+  """The runner's command line with its repository (REPO: whose git state it checks and records)
+  the checkout `repo`."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return subprocess.run(
+      [sys.executable, '-c', 'import sys; from experiments import runner; '
+       'runner.REPO = sys.argv.pop(1); runner.cli()', repo, *args,
+       f'--results_dir={tmp_path / "results"}', f'--work_dir={tmp_path / "work"}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_allow_dirty_runs_and_records_the_commit_as_dirty(tmp_path):
+  repo = _git_repo(tmp_path / 'repo')
+  (tmp_path / 'repo' / 'tracked.txt').write_text('b\n')
+  tiny = ['TRAIN_STEPS=1', 'BATCH_SIZE=8', 'EMBED_DIM=16', 'MLP_DIM=32', 'NUM_HEADS=2',
+          'HEAD_DIM=8', 'NUM_ENCODER_LAYERS=1', 'NUM_DECODER_LAYERS=1',
+          "MIXTURE_OR_TASK_NAME='offline_currency_en'"]
+  proc = _cli_in(repo, '--sweep=c1', '--limit=1', '--eval_examples=1', '--allow_dirty',
+                 *(f'--binding={b}' for b in tiny), tmp_path=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sweep = sweeps_lib.with_overrides(sweeps_lib.get_sweep('c1'), tiny, eval_num_examples=1)
+  res = runner.load_result(str(tmp_path / 'results'), sweep.runs[0])
+  assert res['git_revision'] == runner.git_revision(repo) and res['git_revision'].endswith('+dirty')
