@@ -1,0 +1,112 @@
+"""A tiny XTREME-UP pod sweep through real T5X on CPU, as the README documents it: fixture data in
+the release's JSONL format (translation, sw and yo), a tiny byte-level base pretrained by
+`python -m t5x.train`, then three runs of sweep c3 (the floor and SiRA at two learning rates of its
+grid) through `python -m experiments.runner --backend=t5x`, collected into result files, then
+`python -m experiments.report`. Used by tests/test_t5x_pod_sweep.py (end to end) and, run as a
+script with the T5X environment's python, regenerates the collector's fixture files:
+
+  ~/.cache/t5x-venv/bin/python tests/t5x_pod_sweep.py --fixture_dir=tests/fixtures/t5x_pod_sweep
+
+(copies what T5X wrote for each run, checkpoint data aside: config.gin, model-info.txt, the train
+event files, each checkpoint's commit_success.txt, and per split config.gin, model-info.txt and
+the inference_eval metrics files; about 200 KB).
+"""
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from test_xtreme_up import write_release  # noqa: E402
+
+SWEEP = 'c3'
+RUNS = ('floor (frozen base)-s0', 'sira E8 k2-lr0.01-s0', 'sira E8 k2-lr0.03-s0')
+BASE_STEPS = 10
+FINETUNE_STEPS = 10
+# Tiny sizes for every run (the sweep's --binding): short rows, small batches, no training-time
+# eval (train.* bindings reach t5x.train only).
+BINDINGS = ('BATCH_SIZE=8', "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+            'train.train_eval_dataset_cfg=None')
+
+
+def env() -> dict:
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+              XLA_FLAGS='', JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+
+
+def run(argv, log_path):
+  with open(log_path, 'w') as f:
+    rc = subprocess.run(argv, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT,
+                        check=False).returncode
+  if rc:
+    with open(log_path) as f:
+      raise RuntimeError(f'{argv[:3]} exited {rc}:\n' + ''.join(f.readlines()[-40:]))
+
+
+def sweep_flags(root: str) -> list[str]:
+  """The runner's and report's flags of the tiny sweep under `root`."""
+  return [f'--sweep={SWEEP}', '--backend=t5x', '--benchmark=xtreme_up_translation',
+          '--model_size=t5_tiny', f'--base_checkpoint={root}/base/checkpoint_{BASE_STEPS}',
+          f'--data_dir={root}/xtreme-up-v1.1.jsonl', f'--output_root={root}/out',
+          f'--finetune_steps={FINETUNE_STEPS}', '--eval_examples=2',
+          *(f'--binding={b}' for b in BINDINGS)]
+
+
+def results_dir(root: str) -> str:
+  return os.path.join(root, 'out', 'xtreme_up_translation', 't5_tiny', 'results')
+
+
+def run_sweep(root: str, python: str = sys.executable) -> str:
+  """Data, base, the three runs, the report; returns the report's path."""
+  write_release(os.path.join(root, 'xtreme-up-v1.1.jsonl'), families=('translation',),
+                languages=['sw', 'yo'])
+  run([python, '-m', 't5x.train', '--gin_search_paths=gin',
+       '--gin_file=t5x/models/t5_tiny.gin', '--gin_file=t5x/runs/pretrain.gin',
+       f"--gin.MODEL_DIR='{root}/base'", "--gin.MIXTURE_OR_TASK_NAME='offline_span_corruption'",
+       f'--gin.TRAIN_STEPS={BASE_STEPS}', '--gin.BATCH_SIZE=8',
+       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+       '--gin.train.train_eval_dataset_cfg=None'], os.path.join(root, 'base.log'))
+  run([python, '-m', 'experiments.runner', *sweep_flags(root), *(f'--run={r}' for r in RUNS)],
+      os.path.join(root, 'sweep.log'))
+  out_dir = os.path.join(root, 'report')
+  run([python, '-m', 'experiments.report', f'--results_dir={results_dir(root)}',
+       f'--sweep={SWEEP}', f'--out_dir={out_dir}'], os.path.join(root, 'report.log'))
+  return os.path.join(out_dir, 'REPORT.md')
+
+
+def copy_fixture(root: str, fixture_dir: str) -> None:
+  """Copies what T5X wrote for each run (module docstring) to `fixture_dir/<run key>/`."""
+  runs = os.path.join(root, 'out', 'xtreme_up_translation', 't5_tiny', 'runs')
+  patterns = ('config.gin', 'model-info.txt', 'train/events.out.tfevents.*',
+              'checkpoint_*/commit_success.txt', 'eval_*/config.gin', 'eval_*/model-info.txt',
+              'eval_*/inference_eval/*-metrics.jsonl')
+  if os.path.exists(fixture_dir):
+    shutil.rmtree(fixture_dir)
+  for key in sorted(os.listdir(runs)):
+    for pattern in patterns:
+      for path in glob.glob(os.path.join(runs, key, pattern)):
+        dest = os.path.join(fixture_dir, key, os.path.relpath(path, os.path.join(runs, key)))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copy(path, dest)
+  shutil.copy(os.path.join(results_dir(root), 'spec.json'), os.path.join(fixture_dir, 'spec.json'))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--fixture_dir', required=True)
+  parser.add_argument('--keep', help='run here instead of a temporary directory')
+  args = parser.parse_args()
+  root = args.keep or tempfile.mkdtemp(prefix='t5x_pod_sweep_')
+  os.makedirs(root, exist_ok=True)
+  print(run_sweep(root))
+  copy_fixture(root, os.path.abspath(args.fixture_dir))
+
+
+if __name__ == '__main__':
+  main()
