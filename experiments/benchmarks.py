@@ -312,3 +312,37 @@ def read_spec(results_dir: str) -> PodSpec | None:
     return PodSpec.from_dict(json.load(f))
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost of a sweep (the README's table)
+# ------------------------------------------------------------------------------------------------
+def train_flops_per_example(cfg, input_length: int, target_length: int, full: bool) -> float:
+  """Training FLOPs of one example (`cfg` a `T5Config`): forward 2 x (encoder weights x input
+  tokens + decoder weights and the logits projection x target tokens); the backward pass doubles
+  it for the activation gradients and, in full fine-tuning only, again for the weight gradients
+  (adapters: a frozen base, their own work is under 1% and left out). Attention scores and the
+  embedding lookup are left out."""
+  attn = 4 * cfg.d_model * cfg.num_heads * cfg.d_kv
+  mlp = (len(cfg.mlp_activations) + 1) * cfg.d_model * cfg.d_ff
+  encoder = cfg.num_encoder_layers * (attn + mlp)
+  decoder = cfg.num_decoder_layers * (2 * attn + mlp) + cfg.d_model * cfg.vocab_size
+  forward = 2 * (encoder * input_length + decoder * target_length)
+  return forward * (3 if full else 2)
+
+
+def sweep_device_hours(sweep: sweeps_lib.Sweep, cfg, *, batch_size: int, input_length: int,
+                       target_length: int, finetune_steps: int,
+                       flops_per_s: float, utilization: float) -> float:
+  """Device-hours of a sweep's training runs (`train_flops_per_example` x batch x steps per run,
+  full fine-tuning for the ceiling's runs; floor runs and evaluation not counted) at
+  `utilization` x `flops_per_s` per device."""
+  total = 0.0
+  for run in sweep.runs:
+    if run.kind != 'finetune':
+      continue
+    full = any(f in (sweeps_lib.FULL_FINETUNE_GIN[0], T5X_RUN_GIN[sweeps_lib.FULL_FINETUNE_GIN])
+               for f in run.gin_files)
+    total += (train_flops_per_example(cfg, input_length, target_length, full) * batch_size *
+              finetune_steps)
+  return total / (flops_per_s * utilization) / 3600.0

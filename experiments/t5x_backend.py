@@ -159,7 +159,7 @@ class Launch:
                f'--process_count={self.process_count}']
       # Each host sets PROCESS_INDEX (0 .. process_count-1); unset, the shell stops with a message.
       return (command_line([*argv, *flags]) +
-              ' --process_index="${PROCESS_INDEX:?set PROCESS_INDEX to this host\'s index}"')
+              ' --process_index="${PROCESS_INDEX:?set PROCESS_INDEX to the index of this host}"')
     return command_line(argv)
 
   def eval(self, argv: Sequence[str]) -> str:

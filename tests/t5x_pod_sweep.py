@@ -21,7 +21,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, REPO]
 
 from test_xtreme_up import write_release  # noqa: E402
 
@@ -62,22 +62,29 @@ def results_dir(root: str) -> str:
   return os.path.join(root, 'out', 'xtreme_up_translation', 't5_tiny', 'results')
 
 
+def commands(root: str, python: str = 'python') -> list[list[str]]:
+  """The sweep's commands (README, "Reproducing the paper at scale", the block run here): the
+  base, the three runs through the T5X backend, the report."""
+  base = [python, '-m', 't5x.train', '--gin_search_paths=gin',
+          '--gin_file=t5x/models/t5_tiny.gin', '--gin_file=t5x/runs/pretrain.gin',
+          f"--gin.MODEL_DIR='{root}/base'",
+          "--gin.MIXTURE_OR_TASK_NAME='offline_span_corruption'",
+          f'--gin.TRAIN_STEPS={BASE_STEPS}', '--gin.BATCH_SIZE=8',
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+          '--gin.train.train_eval_dataset_cfg=None']
+  sweep = [python, '-m', 'experiments.runner', *sweep_flags(root), *(f'--run={r}' for r in RUNS)]
+  report = [python, '-m', 'experiments.report', f'--results_dir={results_dir(root)}',
+            f'--sweep={SWEEP}', f'--out_dir={root}/report']
+  return [base, sweep, report]
+
+
 def run_sweep(root: str, python: str = sys.executable) -> str:
-  """Data, base, the three runs, the report; returns the report's path."""
+  """Data, then `commands`; returns the report's path."""
   write_release(os.path.join(root, 'xtreme-up-v1.1.jsonl'), families=('translation',),
                 languages=['sw', 'yo'])
-  run([python, '-m', 't5x.train', '--gin_search_paths=gin',
-       '--gin_file=t5x/models/t5_tiny.gin', '--gin_file=t5x/runs/pretrain.gin',
-       f"--gin.MODEL_DIR='{root}/base'", "--gin.MIXTURE_OR_TASK_NAME='offline_span_corruption'",
-       f'--gin.TRAIN_STEPS={BASE_STEPS}', '--gin.BATCH_SIZE=8',
-       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
-       '--gin.train.train_eval_dataset_cfg=None'], os.path.join(root, 'base.log'))
-  run([python, '-m', 'experiments.runner', *sweep_flags(root), *(f'--run={r}' for r in RUNS)],
-      os.path.join(root, 'sweep.log'))
-  out_dir = os.path.join(root, 'report')
-  run([python, '-m', 'experiments.report', f'--results_dir={results_dir(root)}',
-       f'--sweep={SWEEP}', f'--out_dir={out_dir}'], os.path.join(root, 'report.log'))
-  return os.path.join(out_dir, 'REPORT.md')
+  for argv, log in zip(commands(root, python), ('base', 'sweep', 'report')):
+    run(argv, os.path.join(root, f'{log}.log'))
+  return os.path.join(root, 'report', 'REPORT.md')
 
 
 def copy_fixture(root: str, fixture_dir: str) -> None:
