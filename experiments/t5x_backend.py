@@ -18,8 +18,8 @@ Launch wrappers (`Launch`): 'local' (as is), 'tpu_vm' (every worker of a TPU VM 
 same command: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command='cd REPO && ...'`; the
 output root must be storage every worker shares) and 'multiprocess_gpu' (T5X's
 `--multiprocess_gpu --coordinator_address --process_count --process_index` on t5x.train, one
-process per host, each with its own PROCESS_INDEX; t5x.eval has no such flags and runs on one
-host). There is no scheduler: the printed lines go to whatever queue the user has.
+process per host, each with its own PROCESS_INDEX; t5x.eval has no such flags: host 0 runs it
+while the others go on to the next run's training, which waits for host 0). There is no scheduler: the printed lines go to whatever queue the user has.
 
 `run_sweep` executes the same argv here (subprocesses, in order, resumable: a run with its last
 checkpoint is not trained again, a split with its metrics is not evaluated again) and collects
@@ -123,6 +123,10 @@ def eval_argv(run: sweeps_lib.Run, spec: benchmarks.PodSpec, split: str,
   return [python, '-m', 't5x.eval', *_gin_args(files, bindings), *_tfds_flag(spec)]
 
 
+# Each GPU host sets PROCESS_INDEX (0 .. process_count-1); unset, the shell stops with a message.
+PROCESS_INDEX = '${PROCESS_INDEX:?set PROCESS_INDEX to the index of this host}'
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
   """How a command reaches the hardware (module docstring): kind 'local', 'tpu_vm' (tpu_name,
@@ -148,7 +152,9 @@ class Launch:
   def _tpu_vm(self, argv: Sequence[str]) -> str:
     ssh = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', self.tpu_name]
     ssh += [f'--{k}={v}' for k, v in (('zone', self.zone), ('project', self.project)) if v]
-    remote = f'cd {shlex.quote(self.remote_repo)} && {command_line(argv)}'
+    repo = self.remote_repo  # '~/x': the worker's home, so the tilde stays unquoted
+    repo = '~/' + shlex.quote(repo[2:]) if repo.startswith('~/') else shlex.quote(repo)
+    remote = f'cd {repo} && {command_line(argv)}'
     return command_line([*ssh, '--worker=all']) + ' ' + shlex.quote(f'--command={remote}')
 
   def train(self, argv: Sequence[str]) -> str:
@@ -157,13 +163,15 @@ class Launch:
     if self.kind == 'multiprocess_gpu':
       flags = ['--multiprocess_gpu', f'--coordinator_address={self.coordinator_address}',
                f'--process_count={self.process_count}']
-      # Each host sets PROCESS_INDEX (0 .. process_count-1); unset, the shell stops with a message.
-      return (command_line([*argv, *flags]) +
-              ' --process_index="${PROCESS_INDEX:?set PROCESS_INDEX to the index of this host}"')
+      return command_line([*argv, *flags]) + f' --process_index="{PROCESS_INDEX}"'
     return command_line(argv)
 
   def eval(self, argv: Sequence[str]) -> str:
-    return self._tpu_vm(argv) if self.kind == 'tpu_vm' else command_line(argv)
+    if self.kind == 'tpu_vm':
+      return self._tpu_vm(argv)
+    if self.kind == 'multiprocess_gpu':  # host 0 alone; the others go on to the next line
+      return f'[ "{PROCESS_INDEX}" != 0 ] || {command_line(argv)}'
+    return command_line(argv)
 
 
 def run_commands(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep, spec: benchmarks.PodSpec,
@@ -315,6 +323,14 @@ def main(FLAGS) -> None:
   launch = Launch(FLAGS.launch, FLAGS.tpu_name, FLAGS.tpu_zone, FLAGS.tpu_project,
                   FLAGS.remote_repo, FLAGS.coordinator_address, FLAGS.process_count)
   sweeps = [benchmarks.pod_sweep(name, spec) for name in FLAGS.sweep]
+  if FLAGS.list_runs:
+    from experiments import runner
+    for sweep in sweeps:
+      for pending in sweep.runs:
+        r, res = runner.resolved_result(spec.results_dir, pending, sweep)
+        print(f'{"done" if res is not None else "todo"}  {r.key if r.resolved else "-" * 12}  '
+              f'{sweep.name} / {r.name}')
+    return
   if FLAGS.print_commands:
     benchmarks.write_spec(spec)
     for sweep in sweeps:
@@ -332,7 +348,11 @@ def main(FLAGS) -> None:
     raise benchmarks.SpecError(f'--launch={launch.kind} only prints commands: add '
                                '--print_commands (runs here use --launch=local)')
   for sweep in sweeps:
-    out = run_sweep(sweep, spec, only=FLAGS.run)
+    try:
+      out = run_sweep(sweep, spec, only=FLAGS.run)
+    except T5XCommandError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
     print(f'sweep {sweep.name} ({spec.benchmark}, {spec.model_size}): {len(out["done"])} run(s) '
           f'done now, {len(out["skipped"])} already collected, {len(out["pending"])} waiting; '
           f'report: python -m experiments.report --results_dir={spec.results_dir} '

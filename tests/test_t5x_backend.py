@@ -159,14 +159,15 @@ def test_launch_wrappers():
   sweep = benchmarks.pod_sweep('c1', spec)
   run = _run(sweep, 'lora r4-lr0.001-s0')
   argv = t5x_backend.train_argv(run, spec)
-  tpu = t5x_backend.Launch('tpu_vm', tpu_name='v4-64', zone='us-central2-b', remote_repo='~/sira')
+  tpu = t5x_backend.Launch('tpu_vm', tpu_name='v4-64', zone='us-central2-b',
+                           remote_repo='/home/me/sira')
   line = tpu.train(argv)
   words = shlex.split(line)
   assert words[:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'v4-64',
                        '--zone=us-central2-b', '--worker=all']
   assert words[8].startswith('--command=') and len(words) == 9
   remote = shlex.split(words[8][len('--command='):])
-  assert remote[:3] == ['cd', '~/sira', '&&'] and remote[3:] == argv
+  assert remote[:3] == ['cd', '/home/me/sira', '&&'] and remote[3:] == argv
   gpu = t5x_backend.Launch('multiprocess_gpu', coordinator_address='10.0.0.1:1234',
                            process_count=4)
   line = gpu.train(argv)
@@ -179,7 +180,13 @@ def test_launch_wrappers():
   unset = subprocess.run(['bash', '-c', f'printf "%s\\n" {line}'], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != 'PROCESS_INDEX'})
   assert unset.returncode != 0 and 'set PROCESS_INDEX' in unset.stderr
-  assert gpu.eval(['python', '-m', 't5x.eval']) == 'python -m t5x.eval'
+  for index, ran in (('0', 'python -m t5x.eval'), ('2', '')):
+    out = subprocess.run(['bash', '-c', gpu.eval(['echo', 'python', '-m', 't5x.eval'])],
+                         capture_output=True, text=True, env=dict(os.environ, PROCESS_INDEX=index))
+    assert out.returncode == 0 and out.stdout.strip() == ran
+  home = shlex.split(t5x_backend.Launch('tpu_vm', tpu_name='t', remote_repo='~/my repo')
+                     .eval(['python']))[-1]
+  assert home == "--command=cd ~/'my repo' && python"
   with pytest.raises(benchmarks.SpecError, match='--tpu_name'):
     t5x_backend.Launch('tpu_vm')
 
