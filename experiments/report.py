@@ -2,6 +2,10 @@ r"""Turn sweeps' result files into a markdown report with tables, plots and a ve
 
   python -m experiments.report                # every sweep -> experiments/results/REPORT.md
   python -m experiments.report --sweep=c1 --sweep=c3 --out_dir=/tmp/report
+  python -m experiments.report --results_dir=<output_root>/<benchmark>/<model_size>/results
+
+A results dir of T5X runs (`experiments.t5x_backend`) holds the spec its sweeps are rebuilt from
+(`benchmarks.read_spec`); its `--sweep`s are the claims c1-c7.
 
 For each sweep: per point (a compared configuration) the learning rate is the one its tuning runs
 chose (best mean validation metric over the tuning seeds, `sweeps.choose_learning_rate`, as the

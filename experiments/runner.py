@@ -4,6 +4,7 @@ r"""Run a sweep locally, in sequence, resumably; or print its launch commands.
   python -m experiments.runner --sweep=c1 --print_commands     # one launch command per run
   python -m experiments.runner --sweep=c1 --run='lora r8-lr0.01-s1'  # one run of the sweep
   python -m experiments.runner --list                          # sweeps and their run counts
+  python -m experiments.runner --sweep=c3 --backend=t5x ...    # T5X runs (experiments/t5x_backend.py)
 
 Every run writes `<results_dir>/runs/<run key>/result.json` (config, seed, git revision, hardware,
 wall times, parameter counts, metrics per split and task, routing analysis) once it is complete;

@@ -27,8 +27,8 @@ from test_xtreme_up import write_release  # noqa: E402
 
 SWEEP = 'c3'
 RUNS = ('floor (frozen base)-s0', 'sira E8 k2-lr0.01-s0', 'sira E8 k2-lr0.03-s0')
-BASE_STEPS = 10
-FINETUNE_STEPS = 10
+BASE_STEPS = 30
+FINETUNE_STEPS = 100
 # Tiny sizes for every run (the sweep's --binding): short rows, small batches, no training-time
 # eval (train.* bindings reach t5x.train only).
 BINDINGS = ('BATCH_SIZE=8', "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
