@@ -100,11 +100,14 @@ def gin_macros(config_gin: str) -> dict[str, Any]:
 
 
 def gin_bindings(config_gin: str, selector: str) -> dict[str, Any]:
-  """{parameter: value} of `selector`'s bindings in an operative config, macros resolved
-  (values that are neither a literal nor a literal macro are left out)."""
+  """{parameter: value} of `selector`'s bindings ('scope/Name') in an operative config, whose
+  configurable names may carry their module ('adapter/sira_jax.adapters.AdapterConfig'), macros
+  resolved (values that are neither a literal nor a literal macro are left out)."""
+  scope, _, name = selector.rpartition('/')
+  pattern = rf'^{re.escape(scope + "/" if scope else "")}(?:[\w.]+\.)?{re.escape(name)}\.(\w+) = (.+)$'
   macros = gin_macros(config_gin)
   out = {}
-  for param, value in re.findall(rf'^{re.escape(selector)}\.(\w+) = (.+)$', config_gin, re.M):
+  for param, value in re.findall(pattern, config_gin, re.M):
     if value.startswith('%'):
       if value[1:] in macros:
         out[param] = macros[value[1:]]

@@ -72,8 +72,8 @@ def test_train_summaries_checkpoints_config_and_params(pod):
   run = runs['sira E8 k2-lr0.03-s0']
   res = t5x_collect.collect_run(run, sweep, spec, write=False)
   train = res['train']
-  assert train['steps'] == spec.train_steps == 130 and train['start_step'] == spec.base_step == 30
-  assert train['history'][-1]['step'] == 130
+  assert train['steps'] == spec.train_steps == 230 and train['start_step'] == spec.base_step == 30
+  assert train['history'][-1]['step'] == 230
   for name in ('loss', 'cross_entropy', 'aux_loss', 'dropped_fraction', 'gate_entropy',
                'router_confidence', 'expert_usage_min', 'expert_usage_max'):
     assert np.isfinite(train['history'][-1][name]), name
@@ -82,8 +82,8 @@ def test_train_summaries_checkpoints_config_and_params(pod):
   prov = res['provenance']
   steps = sorted(int(d.split('_')[1]) for d in os.listdir(spec.model_dir(run))
                  if d.startswith('checkpoint_'))
-  assert prov['checkpoint_steps'] == steps and steps[0] == 30 and steps[-1] == 130
-  assert prov['evaluated_step'] == 130
+  assert prov['checkpoint_steps'] == steps and steps[0] == 30 and steps[-1] == 230
+  assert prov['evaluated_step'] == 230
   assert prov['seed'] == 0 and prov['learning_rate'] == 0.03
   with open(os.path.join(spec.model_dir(run), 'config.gin')) as f:
     assert res['gin_config'] == f.read()
@@ -130,7 +130,7 @@ def test_missing_outputs_are_named(pod):
   run = runs['sira E8 k2-lr0.01-s0']
   shutil.rmtree(os.path.join(t5x_backend.eval_dir(spec, run, 'test'), 'inference_eval'))
   with pytest.raises(t5x_collect.MissingOutputError, match='eval_test/inference_eval/ has no '
-                     'metrics for step 130'):
+                     'metrics for step 230'):
     t5x_collect.collect_run(run, sweep, spec)
   assert run.name in t5x_collect.collect_sweep(sweep, spec)['missing']
 
