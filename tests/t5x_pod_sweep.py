@@ -7,9 +7,9 @@ script with the T5X environment's python, regenerates the collector's fixture fi
 
   ~/.cache/t5x-venv/bin/python tests/t5x_pod_sweep.py --fixture_dir=tests/fixtures/t5x_pod_sweep
 
-(copies what T5X wrote for each run, checkpoint data aside: config.gin, model-info.txt, the train
-event files, each checkpoint's commit_success.txt, and per split config.gin, model-info.txt and
-the inference_eval metrics files; about 200 KB).
+(copies what T5X wrote for each run, checkpoint data aside: config.gin, model-info.txt (t5x.eval's
+for the floor), the train event files, each checkpoint's commit_success.txt and per split the
+inference_eval metrics files; about 250 KB).
 """
 import argparse
 import glob
@@ -94,12 +94,14 @@ def copy_fixture(root: str, fixture_dir: str) -> None:
   """Copies what T5X wrote for each run (module docstring) to `fixture_dir/<run key>/`."""
   runs = os.path.join(root, 'out', 'xtreme_up_translation', 't5_tiny', 'runs')
   patterns = ('config.gin', 'model-info.txt', 'train/events.out.tfevents.*',
-              'checkpoint_*/commit_success.txt', 'eval_*/config.gin', 'eval_*/model-info.txt',
-              'eval_*/inference_eval/*-metrics.jsonl')
+              'checkpoint_*/commit_success.txt', 'eval_*/inference_eval/*-metrics.jsonl')
+  # The floor trains nothing: its config and model info are t5x.eval's (the first split's).
+  floor = ('eval_validation/config.gin', 'eval_validation/model-info.txt')
   if os.path.exists(fixture_dir):
     shutil.rmtree(fixture_dir)
   for key in sorted(os.listdir(runs)):
-    for pattern in patterns:
+    trained = os.path.exists(os.path.join(runs, key, 'config.gin'))
+    for pattern in patterns + (() if trained else floor):
       for path in glob.glob(os.path.join(runs, key, pattern)):
         dest = os.path.join(fixture_dir, key, os.path.relpath(path, os.path.join(runs, key)))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
