@@ -2,6 +2,10 @@ r"""Turn sweeps' result files into a markdown report with tables, plots and a ve
 
   python -m experiments.report                # every sweep -> experiments/results/REPORT.md
   python -m experiments.report --sweep=c1 --sweep=c3 --out_dir=/tmp/report
+  python -m experiments.report --results_dir=<output_root>/<benchmark>/<model_size>/results
+
+A results dir of T5X runs (`experiments.t5x_backend`) holds the spec its sweeps are rebuilt from
+(`benchmarks.read_spec`); its `--sweep`s are the claims c1-c7.
 
 For each sweep: per point (a compared configuration) the learning rate is the one its tuning runs
 chose (best mean validation metric over the tuning seeds, `sweeps.choose_learning_rate`, as the
@@ -41,9 +45,14 @@ import tasks as tasks_lib
 from experiments import runner
 from experiments import sweeps as sweeps_lib
 
-METRICS = ('sequence_accuracy', 'chrf', 'cer', 'token_accuracy')
+# The bundled benchmark's metrics, then those only T5X runs on XTREME-UP report
+# (`experiments.benchmarks`).
+METRICS = ('sequence_accuracy', 'chrf', 'cer', 'token_accuracy', 'span_f1', 'f1', 'accuracy_at_1',
+           'xtreme_up_score')
 LABELS = {'sequence_accuracy': 'sequence accuracy', 'chrf': 'chrF', 'cer': 'CER',
-          'token_accuracy': 'token accuracy (teacher-forced)',
+          'token_accuracy': 'token accuracy (teacher-forced)', 'span_f1': 'span F1',
+          'f1': 'F1', 'accuracy_at_1': 'accuracy@1',
+          'xtreme_up_score': 'XTREME-UP score (official metrics, CER as 100 - CER)',
           sweeps_lib.TRAIN_CE_LAST_100: 'training cross-entropy, last 100 steps (nats/token)'}
 
 
@@ -723,12 +732,17 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     runner.usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
+  from experiments import benchmarks
+  spec = benchmarks.read_spec(FLAGS.results_dir)  # a T5X sweep's results: its spec
   try:
-    chosen = runner.chosen_sweeps(FLAGS.sweep or list(sweeps_lib.SWEEPS), FLAGS.binding,
-                                  FLAGS.eval_examples)
-  except runner.UsageError as e:
+    chosen = ([benchmarks.pod_sweep(n, spec) for n in FLAGS.sweep or benchmarks.CLAIMS] if spec
+              else runner.chosen_sweeps(FLAGS.sweep or list(sweeps_lib.SWEEPS), FLAGS.binding,
+                                        FLAGS.eval_examples))
+  except (runner.UsageError, benchmarks.SpecError) as e:
     runner.usage_error(str(e))
-  print(write_report(chosen, results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir))
+  title = (f'SiRA reproduction with T5X: {spec.benchmark}, {spec.model_size}' if spec else
+           'SiRA reproduction on the bundled benchmark')
+  print(write_report(chosen, results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir, title=title))
   return 0
 
 

@@ -4,6 +4,7 @@ r"""Run a sweep locally, in sequence, resumably; or print its launch commands.
   python -m experiments.runner --sweep=c1 --print_commands     # one launch command per run
   python -m experiments.runner --sweep=c1 --run='lora r8-lr0.01-s1'  # one run of the sweep
   python -m experiments.runner --list                          # sweeps and their run counts
+  python -m experiments.runner --sweep=c3 --backend=t5x ...    # T5X runs (experiments/t5x_backend.py)
 
 Every run writes `<results_dir>/runs/<run key>/result.json` (config, seed, git revision, hardware,
 wall times, parameter counts, metrics per split and task, routing analysis) once it is complete;
@@ -676,6 +677,11 @@ def define_flags() -> None:
   flags.DEFINE_integer('eval_examples', None,
                        "evaluate at most this many examples per task (default: the sweep's)",
                        lower_bound=1)
+  flags.DEFINE_enum('backend', 'cpu', ('cpu', 't5x'),
+                    "'cpu': the project's trainer on the bundled benchmark; 't5x': T5X runs of "
+                    'the sweep on --benchmark and --model_size (experiments/t5x_backend.py)')
+  from experiments import t5x_backend
+  t5x_backend.define_flags()
 
 
 def usage_error(message: str) -> None:
@@ -715,6 +721,13 @@ def main(argv):
   if len(argv) > 1:
     usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
   gin_utils.quiet_logs()
+  if FLAGS.backend == 't5x':
+    from experiments import benchmarks, t5x_backend
+    try:
+      t5x_backend.main(FLAGS)
+    except (benchmarks.SpecError, UsageError) as e:
+      usage_error(str(e))
+    return 0
   try:
     if FLAGS.list:
       for name, sw in sweeps_lib.SWEEPS.items():

@@ -61,7 +61,8 @@ def _required(macro) -> bool:
 def test_layout_and_no_remote_paths():
   for sub, names in {'models': ['t5_tiny', 'flan_t5_xxl', 'mt5_xxl', 't5_1_1_xxl'],
                      'adapters': ['lora', 'sira', 'molora', 'adamix', 'smoe_dropout'],
-                     'runs': ['pretrain', 'finetune', 'eval', 'infer', 'moe_partitioning'],
+                     'runs': ['pretrain', 'finetune', 'full_finetune', 'eval', 'infer',
+                              'moe_partitioning'],
                      'tasks': ['offline_suite', 'xtreme_up', 'multitask']}.items():
     for name in names:
       assert f't5x/{sub}/{name}.gin' in T5X_FILES, (sub, name)
@@ -93,13 +94,16 @@ def test_adapter_files_bind_the_adapter(path):
 
 @pytest.mark.parametrize('run,freeze', [('t5x/runs/pretrain.gin', False),
                                         ('t5x/runs/finetune.gin', True),
+                                        ('t5x/runs/full_finetune.gin', False),
                                         ('t5x/runs/eval.gin', True), ('t5x/runs/infer.gin', True)])
 def test_run_files(run, freeze):
-  adapters = [] if 'pretrain' in run else ['t5x/adapters/sira.gin']
+  adapters = [] if 'pretrain' in run or 'full_finetune' in run else ['t5x/adapters/sira.gin']
   _parse(['t5x/models/t5_tiny.gin'] + adapters + [run, 't5x/tasks/offline_suite.gin'])
   assert T5Config().freeze_base is freeze
   required = {'t5x/runs/pretrain.gin': ['MODEL_DIR', 'TRAIN_STEPS'],
               't5x/runs/finetune.gin': ['MODEL_DIR', 'TRAIN_STEPS', 'INITIAL_CHECKPOINT_PATH'],
+              't5x/runs/full_finetune.gin': ['MODEL_DIR', 'TRAIN_STEPS',
+                                             'INITIAL_CHECKPOINT_PATH'],
               't5x/runs/eval.gin': ['CHECKPOINT_PATH', 'EVAL_OUTPUT_DIR'],
               't5x/runs/infer.gin': ['CHECKPOINT_PATH', 'INFER_OUTPUT_DIR']}[run]
   for macro in required:
