@@ -255,12 +255,16 @@ def main(argv):
       mem_shapes['batch_size'] = FLAGS.memory_batch_size
     if smoke:
       mem_shapes = dict(inputs=8, targets=4, batch_size=2)
+    def save_rows(partial):  # results.json holds every finished row while later ones compile
+      results['memory'] = dict(partial, partial=True)
+      save()
+
     res = memory.run(['tiny'] if smoke else FLAGS.memory_models,
                      ['sira8'] if smoke else FLAGS.memory_adapters,
                      ['1x2'] if smoke else FLAGS.memory_meshes,
                      ['default', 'scan/remat=full'] if smoke else FLAGS.memory_variants,
                      shapes=mem_shapes, bindings=FLAGS.memory_bindings,
-                     timeout_s=FLAGS.memory_timeout, progress=log)
+                     timeout_s=FLAGS.memory_timeout, progress=log, on_row=save_rows)
     results['memory'] = res
     md += ['', '## Real sizes on simulated meshes: per-device memory and compile time', '',
            memory.__doc__.strip(), ''] + memory.markdown(res)

@@ -170,9 +170,10 @@ def run_one(spec: dict, timeout_s: float) -> dict:
 
 
 def run(models, adapters, meshes, variants, *, shapes: dict, bindings=(), timeout_s=3600,
-        progress=print) -> dict:
+        progress=print, on_row=None) -> dict:
   """Rows for every model x adapter x mesh x variant (a variant whose T5Config fields are
-  missing is a row with a `skipped` note), and the shapes used."""
+  missing is a row with a `skipped` note), and the shapes used. `on_row(partial result)` is
+  called after every row (rows take minutes to hours: the caller saves them as they come)."""
   rows = []
   for model in models:
     for adapter in adapters:
@@ -191,6 +192,8 @@ def run(models, adapters, meshes, variants, *, shapes: dict, bindings=(), timeou
                         bindings=list(bindings), **shapes)
             row.update(run_one(spec, timeout_s))
           rows.append(row)
+          if on_row is not None:
+            on_row(dict(rows=list(rows), shapes=shapes, bindings=list(bindings)))
   return dict(rows=rows, shapes=shapes, bindings=list(bindings))
 
 
