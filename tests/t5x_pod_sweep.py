@@ -66,7 +66,7 @@ def results_dir(root: str) -> str:
 
 
 def commands(root: str, python: str = 'python') -> list[list[str]]:
-  """The sweep's commands (README, "Reproducing the paper at scale", the block run here): the
+  """The sweep's commands (docs/scale.md, "Reproducing the paper at scale", the block run here): the
   base, the three runs through the T5X backend, the report."""
   base = [python, '-m', 't5x.train', '--gin_search_paths=gin',
           '--gin_file=t5x/models/t5_tiny.gin', '--gin_file=t5x/runs/pretrain.gin',

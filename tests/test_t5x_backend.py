@@ -251,11 +251,11 @@ def test_cli_names_a_missing_flag():
 
 
 def test_readme_block_run_here_is_the_tested_sweep():
-  """README's "Reproducing the paper at scale" commands that ran here are the ones
+  """docs/scale.md's "Reproducing the paper at scale" commands that ran here are the ones
   tests/t5x_pod_sweep.py runs (with /tmp/pod as its root)."""
   import re
   import t5x_pod_sweep
   from readme_blocks import sh_block
-  block = re.sub(r'\\\n\s*', ' ', sh_block('README.md', 'xtreme_up_translation'))
+  block = re.sub(r'\\\n\s*', ' ', sh_block('docs/scale.md', 'xtreme_up_translation'))
   assert [shlex.split(line) for line in block.splitlines() if line.strip()] == (
       t5x_pod_sweep.commands('/tmp/pod'))
