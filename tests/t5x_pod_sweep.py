@@ -32,7 +32,8 @@ FINETUNE_STEPS = 200
 # Tiny sizes for every run (the sweep's --binding): short rows, small batches, no training-time
 # eval (train.* bindings reach t5x.train only); adapters on the FFN too, and Adafactor's updates
 # not scaled by each parameter's size (LoRA B starts at 0: scaled, it would barely move in 200
-# steps), so the runs learn enough to score above 0.
+# steps), so the runs learn enough to score above 0. (t5x/runs/finetune.gin now sets the latter
+# itself; the binding stays, as it is part of the committed fixtures' run keys.)
 BINDINGS = ('BATCH_SIZE=8', "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
             'train.train_eval_dataset_cfg=None', "ADAPTER_TARGETS=('*/query', '*/value', '*/mlp/*')",
             'adafactor.Adafactor.multiply_by_parameter_scale=False')

@@ -88,6 +88,17 @@ def test_finetune_keeps_base_bit_identical_without_optimizer_state(runs):
   assert int(tuned['state/step']) == 40
 
 
+def test_adapters_move_at_the_adapter_learning_rate(runs):
+  """finetune.gin's Adafactor does not scale updates by the parameter's RMS. LoRA's B starts at
+  zero, where T5X's default (max(RMS, 1e-3)) would give it a thousandth of the learning rate: at
+  most 20 steps x 1e-3 x 1e-3 = 2e-5 after these 20 fine-tuning steps at 1e-3."""
+  tuned = _state(runs / 'sira' / 'checkpoint_40')
+  b = [np.asarray(v).ravel() for k, v in tuned.items()
+       if k.startswith('target/') and k.rsplit('/', 1)[-1] == 'lora_b']
+  assert b
+  assert np.sqrt(np.mean(np.concatenate(b) ** 2)) > 1e-3
+
+
 def test_train_summaries_carry_routing_metrics_in_the_loss(runs):
   s = _summaries(runs / 'sira')
   step = max(s['loss'])
