@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 
 from sira_jax import model_init
 from sira_jax.t5.config import T5Config
@@ -85,28 +86,43 @@ def check_dir_path(path: str, what: str, holds: str = 'it is written to'):
 def check_model_dir(model_dir: str, fingerprint: Mapping[str, Any], overwrite: bool) -> bool:
   """Refuses a MODEL_DIR that holds a run with another config (unless overwrite, which clears it).
 
-  Returns True when the directory holds this same run (resume).
+  Returns True when the directory holds this same run (resume). With several processes, every
+  process reads the directory before any clears it, and process 0 alone clears it (the others wait).
   """
+  resume, clear = _model_dir_decision(model_dir, fingerprint, overwrite)
+  if clear:
+    multi = jax.process_count() > 1
+    if multi:
+      multihost_utils.sync_global_devices('sira_jax.run_dir: MODEL_DIR read before clearing')
+    if jax.process_index() == 0:
+      _clear_run(model_dir)
+    if multi:
+      multihost_utils.sync_global_devices('sira_jax.run_dir: MODEL_DIR cleared')
+  return resume
+
+
+def _model_dir_decision(model_dir: str, fingerprint: Mapping[str, Any], overwrite: bool
+                        ) -> tuple[bool, bool]:
+  """(resume, clear) for MODEL_DIR; reads only. ConfigError for another run without overwrite."""
   path = os.path.join(model_dir, RUN_CONFIG)
   if not os.path.exists(path):
-    if os.path.isdir(os.path.join(model_dir, 'checkpoints')) and os.listdir(
-        os.path.join(model_dir, 'checkpoints')):
+    ckpt_dir = os.path.join(model_dir, 'checkpoints')
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
       if not overwrite:
         raise ConfigError(f'MODEL_DIR {model_dir} holds checkpoints but no {RUN_CONFIG}; refusing '
                           'to mix runs. Use another MODEL_DIR or pass --overwrite.')
-      _clear_run(model_dir)
-    return False
+      return False, True
+    return False, False
   with open(path) as f:
     old = _with_new_config_fields(json.load(f))
   if old == json.loads(json.dumps(fingerprint)):
-    return True
+    return True, False
   if not overwrite:
     diff = dict_diff(old, json.loads(json.dumps(fingerprint)))
     raise ConfigError(
         f'MODEL_DIR {model_dir} holds a run with another config ({diff}); refusing to overwrite '
         'it. Use another MODEL_DIR or pass --overwrite to replace that run.')
-  _clear_run(model_dir)
-  return False
+  return False, True
 
 
 def _with_new_config_fields(recorded: dict) -> dict:

@@ -13,6 +13,12 @@ MODEL_DIR holds run_config.json (the run's fingerprint), config.gin, checkpoints
 TensorBoard events in train/ (`run_dir`). Re-running the same command resumes from the latest
 checkpoint; a MODEL_DIR holding a run with another config is refused unless --overwrite.
 
+Several processes (one per host of a pod): the same command on every host. The CLI joins them
+with `partitioning.initialize_distributed` (JAX's cluster detection on TPU pods and SLURM, or
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); each reads its shard of every
+batch, process 0 alone writes MODEL_DIR's files (and clears it for --overwrite), and a SIGTERM to
+any one stops all of them after the same step (`preemption`).
+
 Exit codes: 0 done, or stopped by SIGTERM after saving the step reached; 2 a user error (one line
 `error: ...` on stderr, nothing written); 3 training diverged (a non-finite loss or state; the
 message names the newest checkpoint, every checkpoint being finite); 130 Ctrl-C/SIGINT (the step
@@ -443,6 +449,9 @@ def main(argv):
   from sira_jax import gin_utils
   gin_utils.quiet_logs()
   FLAGS = flags.FLAGS
+  # Several processes (pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set):
+  # join them before any device is used; one process with nothing set: nothing happens.
+  partitioning.initialize_distributed()
   try:
     result = train_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, overwrite=FLAGS.overwrite,
                             search_paths=FLAGS.gin_search_paths)
@@ -462,7 +471,9 @@ def main(argv):
   print(f'{result.stopped_by}: step {result.step} in {result.wall_time:.1f}s; '
         f'loss {result.last_metrics.get("loss", float("nan")):.4f}; '
         + (f'median step {1000 * step_ms:.0f} ms (compile excluded); ' if step_ms else '')
-        + f'model_dir {result.model_dir}', flush=True)
+        + f'model_dir {result.model_dir}'
+        + (f'; process {jax.process_index()} of {jax.process_count()}'
+           if jax.process_count() > 1 else ''), flush=True)
 
 
 def cli():

@@ -121,3 +121,41 @@ def test_sigterm_taken_by_jax_before_the_loop_stops_both_at_the_sync_point(tmp_p
     assert (r['stopped_by'], r['step']) == ('sigterm', stop)
     # Every step was offered to save_fn, then the stop step once more with force=True.
     assert r['saves'] == [[s, False] for s in range(1, stop + 1)] + [[stop, True]]
+
+
+@pytest.mark.slow
+def test_cli_on_two_processes_joins_them_and_overwrites_another_run_once(tmp_path):
+  """The training CLI on two processes (JAX_* environment, as a pod's hosts would get): both join
+  one run (`process i of 2`), and --overwrite of a MODEL_DIR holding another run clears it once
+  (process 0; two processes clearing at once race) after both have read it."""
+  model_dir = tmp_path / 'run'
+  (model_dir / 'checkpoints' / '7').mkdir(parents=True)
+  (model_dir / 'checkpoints' / '7' / 'state').write_text('another run')
+  (model_dir / 'run_config.json').write_text(json.dumps({'another': 'run'}))
+  port = _free_port()
+  cmd = [sys.executable, '-m', 'sira_jax.train', '--overwrite'] + [
+      f'--gin_file={f}' for f in ('models/t5_tiny.gin', 'adapters/lora.gin', 'runs/finetune.gin')
+  ] + [f'--gin.MODEL_DIR={model_dir}', '--gin.MIXTURE_OR_TASK_NAME=offline_currency_en',
+       '--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=4', '--gin.INITIAL_CHECKPOINT_PATH=None',
+       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+       "--gin.train.mesh_shape={'data': 2}", '--gin.train.progress_bar=False',
+       '--gin.train.tensorboard=False']
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu', PYTHONPATH=os.path.dirname(HERE),
+               XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    procs.append(subprocess.Popen(cmd, cwd=os.path.dirname(HERE), env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for pid, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, log[-3000:]
+    assert 'done: step 2 ' in log and f'process {pid} of 2' in log, log[-3000:]
+  assert sorted(os.listdir(model_dir / 'checkpoints')) == ['2']  # the other run's step 7 is gone
+  config = json.loads((model_dir / 'run_config.json').read_text())
+  assert config['mixture_or_task_name'] == 'offline_currency_en'
