@@ -330,7 +330,10 @@ def _comparison(extra: Sequence[str] = (), seeds: Sequence[int] = SEEDS,
   LoRA r4, r8 and r32 runs the selection trained are the same runs (same keys, reused); and LoRA
   at SiRA's active rank (`ACTIVE_RANK` = k·r) joins the matched-rank comparison."""
   e = f'NUM_EXPERTS={SIRA_E}'
-  lora = lambda rank: (*extra, f'ADAPTER_RANK={rank}') if in_regime or rank != RANK else extra  # noqa: E731
+
+  def lora(rank):
+    return (*extra, f'ADAPTER_RANK={rank}') if in_regime or rank != RANK else tuple(extra)
+
   # In the order a partial sweep is most useful in: the floor, LoRA and SiRA first.
   runs = floor_run(extra)
   runs += method_runs('lora', f'lora r{RANK}', lora(RANK), axes={'rank': RANK}, seeds=seeds)
@@ -404,14 +407,14 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
   base = _sira(SIRA, extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
                                   'expert_dropout_rate': 0.1, 'top_k': 2, 'aux_factor': 0.01},
                seeds=headline)
-  params_of_e = lambda rank: f' (params of E={SIRA_E})' if rank == RANK * SIRA_E else ''  # noqa: E731
   c1 = floor_run(extra)
   for rank in C1_RANKS:
     if in_regime:  # the selection's point names and bindings
       c1 += method_runs('lora', f'lora r{rank}', (*extra, f'ADAPTER_RANK={rank}'),
                         axes={'rank': rank}, seeds=c1_seeds)
     else:
-      c1 += method_runs('lora', f'lora r{rank}{params_of_e(rank)}',
+      params = f' (params of E={SIRA_E})' if rank == RANK * SIRA_E else ''
+      c1 += method_runs('lora', f'lora r{rank}{params}',
                         () if rank == RANK else (f'ADAPTER_RANK={rank}',), axes={'rank': rank})
   c4 = list(base)
   for e in (2, 4, 16):

@@ -1,0 +1,147 @@
+"""The claims c1-c7 in each regime candidate ('c3@data_limited', ...): names, sizes, the candidate's
+bindings, base and scoring on every run, and the selection's runs reused by key (no training)."""
+import pytest
+
+from experiments import runner
+from experiments import sweeps as sweeps_lib
+from tests.test_regime_selection import REGISTERED, _config
+
+CLAIMS = ('c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7')
+CANDIDATES = tuple(sweeps_lib.REGIME_CANDIDATES)
+
+
+def _sweep(claim, candidate):
+  return sweeps_lib.get_sweep(f'{claim}@{candidate}')
+
+
+def _runs(sweep, point):
+  return [r for r in sweep.runs if r.point == point]
+
+
+def test_every_claim_has_a_sweep_in_every_candidate_listed_after_the_others():
+  names = list(sweeps_lib.SWEEPS)
+  claimed = [f'{c}@{x}' for x in CANDIDATES for c in CLAIMS]
+  assert names[-len(claimed):] == claimed
+  assert names[:7] == list(CLAIMS)   # `--sweep=nope` lists c1, c2, ... first
+  for name in claimed:
+    sweep = sweeps_lib.get_sweep(name)
+    claim, candidate = name.split('@')
+    assert sweep.claim_id == claim and sweep.claim.startswith(sweeps_lib.CLAIMS[claim])
+    assert f'regime {candidate!r}' in sweep.claim
+  assert sweeps_lib.get_sweep('c3').claim_id == 'c3'
+  assert sweeps_lib.get_sweep('regime_converged').claim_id == 'regime_converged'
+
+
+@pytest.mark.parametrize('candidate', CANDIDATES)
+def test_every_run_carries_the_candidates_bindings_base_and_scoring(candidate):
+  what, bindings, base_gin = sweeps_lib.REGIME_CANDIDATES[candidate]
+  selection = sweeps_lib.get_sweep(f'regime_{candidate}')
+  for claim in CLAIMS:
+    sweep = _sweep(claim, candidate)
+    assert sweep.base_gin == base_gin and sweep.base_bindings == ()
+    assert runner.base_config_hash(sweep)[0] == runner.base_config_hash(selection)[0]
+    assert sweep.split_num_examples == sweeps_lib.REGIME_SPLIT_EXAMPLES
+    assert sweep.select_checkpoint_every == sweeps_lib.REGIME_CHECKPOINT_EVERY
+    assert (sweep.select_split, sweep.report_split, sweep.metric) == (
+        selection.select_split, selection.report_split, selection.metric)
+    protocol = selection.evaluation_protocol()
+    for run in sweep.runs:
+      assert run.evaluation == protocol, (sweep.name, run.name)
+      mixture = [b for b in run.bindings if b.startswith('MIXTURE_OR_TASK_NAME')]
+      if claim == 'c2':  # c2's task instead of the candidate's mixture, its other bindings
+        own = {b for b in bindings if not b.startswith('MIXTURE_OR_TASK_NAME')}
+        assert own <= set(run.bindings), (sweep.name, run.name)
+        assert mixture == list(sweeps_lib.single_task(sweeps_lib.C2_TASK))
+      else:
+        assert set(bindings) <= set(run.bindings), (sweep.name, run.name)
+        assert mixture == [b for b in bindings if b.startswith('MIXTURE_OR_TASK_NAME')]
+
+
+def test_the_runs_train_and_score_what_the_candidate_registers():
+  for candidate in CANDIDATES:
+    examples, steps, _, mixture = REGISTERED[f'regime_{candidate}']
+    for claim, task in (('c3', mixture), ('c2', sweeps_lib.C2_TASK), ('c6', mixture)):
+      sweep = _sweep(claim, candidate)
+      for run in (sweep.runs[0], sweep.runs[-1]):
+        assert _config(run, sweep) == (steps, examples, task), (sweep.name, run.name)
+
+
+def _resolved(runs, lr):
+  return {r.seed: (r.with_learning_rate(lr) if not r.resolved else r) for r in runs
+          if not r.resolved or r.learning_rate == lr}
+
+
+@pytest.mark.parametrize('candidate', CANDIDATES)
+def test_a_run_equal_to_a_selection_run_has_its_key(candidate):
+  selection = sweeps_lib.get_sweep(f'regime_{candidate}')
+  c1, c3 = _sweep('c1', candidate), _sweep('c3', candidate)
+  by_name = lambda sweep: {r.name: r for r in sweep.runs}  # noqa: E731
+  # LoRA r4 seed 0 at 1e-3: one run, one result file.
+  assert by_name(c1)['lora r4-lr0.001-s0'].key == by_name(selection)['lora r4-lr0.001-s0'].key
+  assert by_name(c3)['lora r4-lr0.001-s0'].key == by_name(selection)['lora r4-lr0.001-s0'].key
+  # Every point the selection trained, at any rate its tuning may choose: the floor, LoRA r4, r8
+  # and r32 (c3's 'params of E=8' and 'k·r' points included), the ceiling.
+  pairs = [(c1, 'lora r4', 'lora r4'), (c1, 'lora r8', 'lora r8'), (c1, 'lora r32', 'lora r32'),
+           (c3, 'lora r4', 'lora r4'), (c3, sweeps_lib.ACTIVE_RANK_POINT, 'lora r8'),
+           (c3, f'lora r32 (params of E={sweeps_lib.SIRA_E})', 'lora r32'),
+           (c3, 'ceiling (full fine-tuning)', 'ceiling (full fine-tuning)')]
+  for sweep, point, sel_point in pairs:
+    for lr in {r.learning_rate for r in selection.tuning_runs(sel_point)}:
+      ours, theirs = _resolved(_runs(sweep, point), lr), _resolved(_runs(selection, sel_point), lr)
+      # Every seed both run (c1: the selection's REGIME_SEEDS, c3: HEADLINE_SEEDS, SEEDS of r8
+      # and the ceiling), at every rate.
+      shared = set(ours) & set(theirs)
+      assert len(shared) >= len(sweeps_lib.SEEDS), (sweep.name, point)
+      assert all(ours[s].key == theirs[s].key for s in shared), (sweep.name, point, lr)
+  assert c3.runs[0].key == c1.runs[0].key == selection.runs[0].key   # the floor
+  # The same SiRA runs answer c3 and are the default point of the ablations and c7.
+  sira = {r.key for r in _runs(c3, sweeps_lib.SIRA)}
+  for claim in ('c4', 'c5', 'c6', 'c7'):
+    assert {r.key for r in _runs(_sweep(claim, candidate), sweeps_lib.SIRA)} == sira
+  # Nothing is shared with the sweeps as first run (another regime, another scoring).
+  first = {r.key for c in CLAIMS for r in sweeps_lib.get_sweep(c).runs}
+  assert first.isdisjoint(r.key for c in CLAIMS for r in _sweep(c, candidate).runs)
+
+
+def test_lora_at_sira_active_rank_joins_the_headline_comparisons_with_five_seeds():
+  assert sweeps_lib.ACTIVE_RANK == sweeps_lib.SIRA_TOP_K * sweeps_lib.RANK == 8
+  headline = {'floor (frozen base)', 'lora r4', sweeps_lib.SIRA, sweeps_lib.ACTIVE_RANK_POINT,
+              'lora r32 (params of E=8)', 'molora E8', 'adamix E8', 'ceiling (full fine-tuning)'}
+  for candidate in CANDIDATES:
+    for claim in ('c2', 'c3'):
+      sweep = _sweep(claim, candidate)
+      assert set(sweep.points()) == headline
+      kr = _runs(sweep, sweeps_lib.ACTIVE_RANK_POINT)
+      assert all('ADAPTER_RANK=8' in r.bindings and r.axes == {'method': 'lora', 'rank': 8}
+                 for r in kr)
+      for point in headline - {'floor (frozen base)'}:
+        runs = _runs(sweep, point)
+        assert {r.seed for r in runs} == set(sweeps_lib.HEADLINE_SEEDS) == set(range(5))
+        grid = (sweeps_lib.FULL_FT_LR_GRID if point.startswith('ceiling') else
+                sweeps_lib.LR_GRID)
+        assert sorted((r.seed, r.learning_rate) for r in sweep.tuning_runs(point)) == [
+            (0, lr) for lr in sorted(grid)]
+        assert len(runs) == len(grid) + 4
+    # Ablations: 3 seeds, each at SiRA's chosen rate (SMoE-Dropout tuned, a method of its own).
+    for claim in ('c4', 'c5', 'c6'):
+      sweep = _sweep(claim, candidate)
+      for point in sweep.points():
+        if point == sweeps_lib.SIRA:
+          continue
+        runs = _runs(sweep, point)
+        assert {r.seed for r in runs} == set(sweeps_lib.ABLATION_SEEDS) == {0, 1, 2}
+        assert all(r.lr_from == (point if point.startswith('smoe') else sweeps_lib.SIRA)
+                   for r in runs if r.learning_rate is None)
+
+
+def test_sweep_sizes():
+  # (runs, distinct points) per claim, the same in every candidate: c1 5 ranks x (4 rates + 5
+  # seeds) + the floor; c2/c3 7 points x (grid + 4 seeds) (the ceiling's grid has 3 rates) +
+  # the floor; c4-c6 SiRA's 8 runs + 3 seeds per ablation (SMoE-Dropout: 4 rates + 2 seeds).
+  sizes = {'c1': (46, 6), 'c2': (56, 8), 'c3': (56, 8), 'c4': (17, 4), 'c5': (20, 5),
+           'c6': (44, 12), 'c7': (8, 1)}
+  for candidate in CANDIDATES:
+    for claim, (runs, points) in sizes.items():
+      sweep = _sweep(claim, candidate)
+      assert (len(sweep.runs), len(sweep.points())) == (runs, points), sweep.name
+      assert len({r.key for r in sweep.runs}) == runs
