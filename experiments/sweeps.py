@@ -390,7 +390,7 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
     extra, single, suffix, scoring = (), single_task(), '', {}
     headline = ablation = c1_seeds = SEEDS
   else:
-    what, extra, base_gin = REGIME_CANDIDATES[candidate]
+    _, extra, base_gin = REGIME_CANDIDATES[candidate]
     # c2's task replaces the candidate's mixture (near_base's held-out 15 include ru).
     single = (*(b for b in extra if not b.startswith('MIXTURE_OR_TASK_NAME')),
               *single_task(C2_TASK))
@@ -401,7 +401,8 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
   in_regime = candidate is not None
 
   def sweep(claim, runs, **kw):
-    text = CLAIMS[claim] + (f' In regime {candidate!r} ({what}).' if in_regime else '')
+    text = CLAIMS[claim] + (f' [regime {candidate!r}: the data, steps, base and scoring of '
+                            f'regime_{candidate}]' if in_regime else '')
     return Sweep(claim + suffix, text, tuple(runs), claim_id=claim, **scoring, **kw)
 
   base = _sira(SIRA, extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
@@ -538,8 +539,9 @@ REGIME_CHECKPOINT_EVERY = 0.1
 # c3), and of the ablations (c4-c6); each point's learning-rate grid runs on TUNE_SEEDS as ever.
 HEADLINE_SEEDS = (0, 1, 2, 3, 4)
 ABLATION_SEEDS = SEEDS
-# c2's single task in a regime.
-C2_TASK = 'offline_unit_ru'
+# c2's single task in a regime: c2's task as first run ('offline_unit_ru') with 500 test examples
+# (its 200 and 300 more; train and validation its own; tasks/offline_suite.py).
+C2_TASK = 'offline_unit_ru_test500'
 # The runs the rule reads: RegimeScores field -> the point of a regime sweep.
 REGIME_POINTS = {'floor': 'floor (frozen base)', 'ceiling': 'ceiling (full fine-tuning)',
                  'lora_r4': 'lora r4', 'lora_r8': 'lora r8', 'lora_r32': 'lora r32'}

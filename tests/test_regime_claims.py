@@ -58,6 +58,10 @@ def test_every_run_carries_the_candidates_bindings_base_and_scoring(candidate):
 
 
 def test_the_runs_train_and_score_what_the_candidate_registers():
+  import seqio
+  # c2 scores every test example of its task: 500 (the unit task's 200 and 300 more).
+  assert seqio.get_mixture_or_task(sweeps_lib.C2_TASK).num_input_examples('test') == 500
+  assert _sweep('c2', 'converged').num_examples('test') is None
   for candidate in CANDIDATES:
     examples, steps, _, mixture = REGISTERED[f'regime_{candidate}']
     for claim, task in (('c3', mixture), ('c2', sweeps_lib.C2_TASK), ('c6', mixture)):
