@@ -141,11 +141,21 @@ def test_lora_at_sira_active_rank_joins_the_headline_comparisons_with_five_seeds
 def test_sweep_sizes():
   # (runs, distinct points) per claim, the same in every candidate: c1 5 ranks x (4 rates + 5
   # seeds) + the floor; c2/c3 7 points x (grid + 4 seeds) (the ceiling's grid has 3 rates) +
-  # the floor; c4-c6 SiRA's 8 runs + 3 seeds per ablation (SMoE-Dropout: 4 rates + 2 seeds).
-  sizes = {'c1': (46, 6), 'c2': (56, 8), 'c3': (56, 8), 'c4': (17, 4), 'c5': (20, 5),
-           'c6': (44, 12), 'c7': (8, 1)}
+  # the floor; c4-c6 SiRA's 8 runs + 3 seeds per ablation (SMoE-Dropout: 4 rates + 2 seeds),
+  # c5 and c6 without the points the budget leaves out.
+  sizes = {'c1': (46, 6), 'c2': (56, 8), 'c3': (56, 8), 'c4': (17, 4), 'c5': (17, 4),
+           'c6': (32, 8), 'c7': (8, 1)}
   for candidate in CANDIDATES:
     for claim, (runs, points) in sizes.items():
       sweep = _sweep(claim, candidate)
       assert (len(sweep.runs), len(sweep.points())) == (runs, points), sweep.name
       assert len({r.key for r in sweep.runs}) == runs
+      assert not set(sweep.points()) & sweeps_lib.REGIME_DROPPED_POINTS
+  # Left out in a regime only, and every one a point of c5 or c6 as first run.
+  first = {p for c in ('c5', 'c6') for p in sweeps_lib.get_sweep(c).points()}
+  assert sweeps_lib.REGIME_DROPPED_POINTS < first
+  # What the report compares stays: c5's cf4 and c6's claim pairs, k, renormalised gates.
+  for candidate in CANDIDATES:
+    assert {'sira cf4', 'sira cf0.5'} <= set(_sweep('c5', candidate).points())
+    assert {'sira no expert dropout', 'smoe_dropout E8', 'sira E8 k1', 'sira E8 k4',
+            'sira renormalised gates'} <= set(_sweep('c6', candidate).points())
