@@ -159,3 +159,89 @@ def test_sweep_sizes():
     assert {'sira cf4', 'sira cf0.5'} <= set(_sweep('c5', candidate).points())
     assert {'sira no expert dropout', 'smoe_dropout E8', 'sira E8 k1', 'sira E8 k4',
             'sira renormalised gates'} <= set(_sweep('c6', candidate).points())
+
+
+# ------------------------------------------------------------------------------------------------
+# The cost estimate (experiments/claims_cost.py)
+# ------------------------------------------------------------------------------------------------
+def _write_reference_results(results_dir, wall):
+  """Result files of c3's reference runs (and its first AdaMix runs) with the wall times
+  `wall` = {cost class: (train s, eval s)}; seed 0 at 1e-3 wins the tuning; one file records
+  CPU time (twice its wall time)."""
+  from experiments import claims_cost
+  for sweep in (sweeps_lib.get_sweep('c3'), claims_cost.first_adamix_runs()):
+    for run in sweep.runs:
+      if run.lr_from is not None and run.learning_rate is None:
+        run = run.with_learning_rate(1e-3)
+      if run.point == 'adamix E8' and sweep.name == 'c3':
+        continue   # the sweep's own AdaMix runs: another machine, never read
+      train, ev = wall[claims_cost.cost_class(run)]
+      res = dict(run=run.as_dict(), wall_time_s=dict(train=train, eval=ev, total=train + ev),
+                 metrics={'validation': {'summary': {'sequence_accuracy': float(
+                     run.learning_rate in (None, 1e-3))}}})
+      if run.kind == 'floor':
+        res['cpu_time_s'] = dict(total=2.0 * (train + ev))
+      runner._write_json(runner.result_path(results_dir, run), res)
+
+
+def test_the_rates_are_measured_from_c3s_result_files(tmp_path):
+  from experiments import claims_cost
+  wall = {'floor': (0.0, 90.0), 'lora r4': (60.0, 60.0), 'lora': (66.0, 60.0),
+          'sira': (90.0, 90.0), 'molora': (120.0, 60.0), 'adamix': (100.0, 80.0),
+          'full_ft': (60.0, 66.0)}
+  _write_reference_results(str(tmp_path), wall)
+  rates = claims_cost.measured_rates(str(tmp_path))
+  total = {c: sum(v) for c, v in wall.items()}
+  assert rates.factors == pytest.approx({c: t / 120.0 for c, t in total.items()})
+  assert rates.train_s_per_step == pytest.approx(60.0 / 600)
+  assert rates.eval_s_per_example == pytest.approx(60.0 / (30 * 2 * 50))
+  assert rates.cpu_per_wall == pytest.approx(2.0)
+  assert rates.measured_on == dict(floor=1, lora=6, sira=6, molora=6, adamix=6, full_ft=5,
+                                   cpu_per_wall=1, **{'lora r4': 6})
+  # The estimate, calibrated to a measured LoRA r4 cost: one selection r4 run costs exactly that,
+  # and every run in proportion.
+  cheap = claims_cost.estimate('near_base', rates, 500.0)
+  dear = claims_cost.estimate('near_base', rates, 1000.0)
+  assert cheap.lora_r4_cpu_s == pytest.approx(500.0)
+  assert dear.cpu_s == pytest.approx(2 * cheap.cpu_s) and dear.wall_s == pytest.approx(
+      dear.cpu_s / 2.0)
+  # Without a measured cost: the model's own prediction of one r4 run (600 steps; 15 tasks x
+  # (50 validation examples x 10 checkpoints + 200 test examples)), in CPU seconds.
+  modelled = claims_cost.estimate('near_base', rates)
+  assert modelled.lora_r4_cpu_s == pytest.approx(2.0 * (600 * 0.1 + 15 * 700 * 0.02))
+  with pytest.raises(ValueError, match='no finished c3 runs'):
+    claims_cost.measured_rates(str(tmp_path / 'empty'))
+
+
+def test_the_estimate_counts_each_new_run_once_and_prices_what_it_scores():
+  from experiments import claims_cost
+  rates = claims_cost.Rates(factors={c: 1.0 for c in claims_cost.COST_CLASSES},
+                            train_s_per_step=0.1, eval_s_per_example=0.01, cpu_per_wall=1.0,
+                            measured_on={})
+  for candidate in CANDIDATES:
+    e = claims_cost.estimate(candidate, rates)
+    new = {s.name.split('@')[0]: s.new_runs for s in e.sweeps}
+    # c1: r16, r64 (4 rates + 5 seeds each) and r8's seeds 3-5; c3: SiRA, MoLoRA, AdaMix (8 each)
+    # and the ceiling's seeds 3, 4 (LoRA r8's are c1's); c4-c6 the ablations; c7: c3's SiRA.
+    assert new == {'c1': 21, 'c2': 56, 'c3': 26, 'c4': 9, 'c5': 9, 'c6': 24, 'c7': 0}
+    assert e.distinct_new_runs == 145
+  data_limited = sweeps_lib.get_sweep('regime_data_limited')
+  r4 = next(r for r in data_limited.runs if r.point == 'lora r4')
+  assert claims_cost.examples_scored(r4, data_limited) == 30 * (50 * 10 + 200)
+  assert claims_cost.examples_scored(data_limited.runs[0], data_limited) == 30 * (50 + 200)
+  c2 = _sweep('c2', 'near_base')
+  assert claims_cost.examples_scored(c2.runs[1], c2) == 50 * 10 + 500
+  assert claims_cost.run_cpu_s(c2.runs[1], c2, rates) == pytest.approx(600 * 0.1 + 1000 * 0.01)
+  # The macros a run does not bind are finetune.gin's.
+  c3 = sweeps_lib.get_sweep('c3')
+  run = c3.runs[1]
+  assert _config(run, c3) == (int(claims_cost._macro(run.bindings, 'TRAIN_STEPS')), None,
+                              claims_cost._macro(run.bindings, 'MIXTURE_OR_TASK_NAME').strip("'"))
+
+
+def test_the_committed_results_give_every_factor():
+  from experiments import claims_cost
+  rates = claims_cost.measured_rates()
+  assert rates.factors['lora r4'] == 1.0 and set(rates.factors) == set(claims_cost.COST_CLASSES)
+  assert all(n >= 5 for c, n in rates.measured_on.items() if c != 'floor')
+  assert rates.cpu_per_wall > 1.0   # a run keeps both cores of the machine busy
