@@ -46,12 +46,14 @@ FINETUNE_DEFAULTS = {'TRAIN_STEPS': '600', 'MIXTURE_OR_TASK_NAME': "'offline_ben
 # c3 as first run: what the factors and the per-step and per-example costs are measured on.
 REFERENCE_SWEEP = 'c3'
 REFERENCE_STEPS = 600
-COST_CLASSES = ('floor', 'lora r4', 'lora', 'sira', 'molora', 'adamix', 'full_ft')
-# cost class -> c3's point it is measured on.
-REFERENCE_POINTS = {'floor': 'floor (frozen base)', 'lora r4': 'lora r4',
-                    'lora': f'lora r{sweeps_lib.RANK * sweeps_lib.SIRA_E} (params of E=8)',
-                    'sira': sweeps_lib.SIRA, 'molora': 'molora E8', 'adamix': 'adamix E8',
+# cost class -> c3's point it is measured on (`cost_class`).
+REFERENCE_POINTS = {'floor': 'floor (frozen base)', 'lora r4': f'lora r{sweeps_lib.RANK}',
+                    'lora': f'lora r{sweeps_lib.RANK * sweeps_lib.SIRA_E} '
+                            f'(params of E={sweeps_lib.SIRA_E})',
+                    'sira': sweeps_lib.SIRA, 'molora': f'molora E{sweeps_lib.SIRA_E}',
+                    'adamix': f'adamix E{sweeps_lib.SIRA_E}',
                     'full_ft': 'ceiling (full fine-tuning)'}
+COST_CLASSES = tuple(REFERENCE_POINTS)
 
 
 def cost_class(run: sweeps_lib.Run) -> str:
@@ -87,25 +89,33 @@ def _finished(sweep: sweeps_lib.Sweep, results_dir: str) -> list[tuple[sweeps_li
   return out
 
 
-def measured_rates(results_dir: str = runner.DEFAULT_RESULTS_DIR) -> Rates:
-  """`Rates` from the result files of REFERENCE_SWEEP (and, for cpu_per_wall, every result file
-  in `results_dir` that records CPU time)."""
-  sweep = sweeps_lib.get_sweep(REFERENCE_SWEEP)
-  by_point: dict[str, list[dict]] = {}
-  for run, res in _finished(sweep, results_dir) + _finished(first_adamix_runs(), results_dir):
-    if run.point != REFERENCE_POINTS['adamix'] or 'IDENTICAL_EXPERT_INIT=True' not in run.bindings:
-      by_point.setdefault(run.point, []).append(res)
+def reference_results(results_dir: str) -> dict[str, list[tuple[sweeps_lib.Run, dict]]]:
+  """The finished runs the rates are measured on, per cost class: REFERENCE_SWEEP's points of
+  REFERENCE_POINTS, AdaMix's first runs (`first_adamix_runs`) in place of the sweep's own."""
+  by_point: dict[str, list] = {}
+  found = [(r, res) for r, res in _finished(sweeps_lib.get_sweep(REFERENCE_SWEEP), results_dir)
+           if r.point != REFERENCE_POINTS['adamix']]
+  for run, res in found + _finished(first_adamix_runs(), results_dir):
+    by_point.setdefault(run.point, []).append((run, res))
   missing = [p for p in REFERENCE_POINTS.values() if p not in by_point]
   if missing:
     raise ValueError(f'{results_dir}: no finished {REFERENCE_SWEEP} runs of {missing}: the cost '
                      'factors are measured on them')
-  wall = lambda point, part: float(np.median(  # noqa: E731
-      [r['wall_time_s'][part] for r in by_point[point]]))
-  r4 = REFERENCE_POINTS['lora r4']
-  factors = {c: wall(p, 'total') / wall(r4, 'total') for c, p in REFERENCE_POINTS.items()}
-  examples = sum(sweep.num_examples(s) * len(_tasks(_macro(by_point[r4][0]['run']['bindings'],
-                                                           'MIXTURE_OR_TASK_NAME')))
-                 for s in sweep.eval_splits)
+  return {c: by_point[p] for c, p in REFERENCE_POINTS.items()}
+
+
+def measured_rates(results_dir: str = runner.DEFAULT_RESULTS_DIR) -> Rates:
+  """`Rates` from the result files of REFERENCE_SWEEP (`reference_results`) and, for
+  cpu_per_wall, every result file in `results_dir` that records CPU time."""
+  found = reference_results(results_dir)
+
+  def wall(cost_class: str, part: str) -> float:
+    return float(np.median([res['wall_time_s'][part] for _, res in found[cost_class]]))
+
+  factors = {c: wall(c, 'total') / wall('lora r4', 'total') for c in COST_CLASSES}
+  sweep = sweeps_lib.get_sweep(REFERENCE_SWEEP)
+  r4_run = found['lora r4'][0][0]
+  examples = sum(examples_scored(r4_run, sweep, splits=(s,)) for s in sweep.eval_splits)
   ratios = []
   for name in sorted(os.listdir(os.path.join(results_dir, 'runs'))):
     path = os.path.join(results_dir, 'runs', name, runner.RESULT)
@@ -115,11 +125,10 @@ def measured_rates(results_dir: str = runner.DEFAULT_RESULTS_DIR) -> Rates:
         ratios.append(res['cpu_time_s']['total'] / res['wall_time_s']['total'])
   if not ratios:
     raise ValueError(f'{results_dir}: no result file records cpu_time_s (CPU per wall second)')
-  return Rates(factors=factors, train_s_per_step=wall(r4, 'train') / REFERENCE_STEPS,
-               eval_s_per_example=wall(r4, 'eval') / examples,
+  return Rates(factors=factors, train_s_per_step=wall('lora r4', 'train') / REFERENCE_STEPS,
+               eval_s_per_example=wall('lora r4', 'eval') / examples,
                cpu_per_wall=float(np.median(ratios)),
-               measured_on=dict({c: len(by_point[p]) for c, p in REFERENCE_POINTS.items()},
-                                cpu_per_wall=len(ratios)))
+               measured_on=dict({c: len(v) for c, v in found.items()}, cpu_per_wall=len(ratios)))
 
 
 def first_adamix_runs() -> sweeps_lib.Sweep:
@@ -145,13 +154,15 @@ def _tasks(mixture: str) -> list:
   return list(getattr(task, 'tasks', [task]))   # a mixture's tasks, or the task itself
 
 
-def examples_scored(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep) -> int:
-  """Examples a run decodes and scores: per task, validation at each scored checkpoint (once for
-  the floor and without checkpoint choice) and test once."""
+def examples_scored(run: sweeps_lib.Run, sweep: sweeps_lib.Sweep,
+                    splits: Sequence[str] | None = None) -> int:
+  """Examples a run decodes and scores on `splits` (default: the sweep's eval_splits): per task,
+  validation at each scored checkpoint (once for the floor and without checkpoint choice), test
+  once."""
   steps = int(_macro(run.bindings, 'TRAIN_STEPS'))
   interval = sweep.checkpoint_interval(steps)
-  times = {s: 1 for s in sweep.eval_splits}
-  if interval is not None and run.kind == 'finetune':
+  times = {s: 1 for s in (sweep.eval_splits if splits is None else splits)}
+  if interval is not None and run.kind == 'finetune' and sweep.select_split in times:
     times[sweep.select_split] = len(checkpoint_selection.scored_steps(steps, interval))
   total = 0
   for task in _tasks(_macro(run.bindings, 'MIXTURE_OR_TASK_NAME')):
@@ -192,7 +203,7 @@ class SweepCost:
 class Estimate:
   candidate: str
   lora_r4_cpu_s: float            # the calibrated cost of one selection LoRA r4 run
-  lora_r4_source: str             # 'measured (n runs)', 'given' or 'modelled'
+  lora_r4_source: str             # 'measured, <n> runs', 'given' or 'modelled'
   sweeps: tuple[SweepCost, ...]
   distinct_new_runs: int
   cpu_s: float                    # every distinct new run once
