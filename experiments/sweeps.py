@@ -134,6 +134,9 @@ class Sweep:
   checkpoint with the best `metric` there (ties: the earlier step; `checkpoint_interval`,
   `experiments.checkpoint_selection`). Either setting is stamped into every run
   (`Run.evaluation`), so their keys differ from runs scored the default way.
+  claim_id: which claim's comparisons and verdict the sweep's results answer (`experiments.report`
+  reads it): 'c1' .. 'c7' for the claim sweeps, also in a regime ('c3' for 'c3@data_limited');
+  default: the sweep's name.
   """
   name: str
   claim: str
@@ -152,8 +155,11 @@ class Sweep:
   extra_bindings: tuple[str, ...] = ()
   split_num_examples: tuple[tuple[str, int | None], ...] = ()
   select_checkpoint_every: float | None = None
+  claim_id: str = ''
 
   def __post_init__(self):
+    if not self.claim_id:
+      object.__setattr__(self, 'claim_id', self.name)
     object.__setattr__(self, 'split_num_examples', tuple(map(tuple, self.split_num_examples)))
     unknown = [s for s, _ in self.split_num_examples if s not in self.eval_splits]
     if unknown:
@@ -295,6 +301,12 @@ def ceiling_runs(seeds: Sequence[int] = SEEDS, bindings: Sequence[str] = ()) -> 
 SIRA_E = 8
 RANK = 4
 SIRA = f'sira E{SIRA_E} k2'
+# SiRA's active rank: the k=2 experts of rank RANK a token goes through (k·r); LoRA at this rank is
+# the matched-rank comparison of the claims in a regime (`claim_sweeps`).
+SIRA_TOP_K = 2
+ACTIVE_RANK = SIRA_TOP_K * RANK
+ACTIVE_RANK_POINT = f'lora r{ACTIVE_RANK} (SiRA active rank k·r)'
+C1_RANKS = (4, 8, 16, 32, 64)
 
 
 def _sira(point: str, extra: Sequence[str] = (), axes=None, **kw) -> list[Run]:
@@ -309,83 +321,151 @@ def single_task(mixture: str = 'offline_unit_ru') -> tuple[str, ...]:
   return (f"MIXTURE_OR_TASK_NAME='{mixture}'",)
 
 
-def _comparison(extra: Sequence[str] = ()) -> list[Run]:
-  """c2/c3: LoRA vs AdaMix vs MoLoRA vs SiRA at matched rank and at matched trainable params."""
+def _comparison(extra: Sequence[str] = (), seeds: Sequence[int] = SEEDS,
+                in_regime: bool = False) -> list[Run]:
+  """c2/c3: LoRA vs AdaMix vs MoLoRA vs SiRA at matched rank and at matched trainable params.
+
+  in_regime (the claims in a regime candidate, `claim_sweeps`): every LoRA binds its rank
+  explicitly, after `extra`, as the candidate's selection sweep does (`regime_sweep`), so the
+  LoRA r4, r8 and r32 runs the selection trained are the same runs (same keys, reused); and LoRA
+  at SiRA's active rank (`ACTIVE_RANK` = k·r) joins the matched-rank comparison."""
   e = f'NUM_EXPERTS={SIRA_E}'
+
+  def lora(rank):
+    return (*extra, f'ADAPTER_RANK={rank}') if in_regime or rank != RANK else tuple(extra)
+
   # In the order a partial sweep is most useful in: the floor, LoRA and SiRA first.
   runs = floor_run(extra)
-  runs += method_runs('lora', f'lora r{RANK}', extra, axes={'rank': RANK})
-  runs += method_runs('sira', SIRA, (e, *extra))
-  runs += method_runs('lora', f'lora r{RANK * SIRA_E} (params of E={SIRA_E})',
-                      (*extra, f'ADAPTER_RANK={RANK * SIRA_E}'), axes={'rank': RANK * SIRA_E})
-  runs += method_runs('molora', f'molora E{SIRA_E}', (*extra, e))
+  runs += method_runs('lora', f'lora r{RANK}', lora(RANK), axes={'rank': RANK}, seeds=seeds)
+  runs += method_runs('sira', SIRA, (e, *extra), seeds=seeds)
+  if in_regime:
+    runs += method_runs('lora', ACTIVE_RANK_POINT, lora(ACTIVE_RANK), axes={'rank': ACTIVE_RANK},
+                        seeds=seeds)
+  runs += method_runs('lora', f'lora r{RANK * SIRA_E} (params of E={SIRA_E})', lora(RANK * SIRA_E),
+                      axes={'rank': RANK * SIRA_E}, seeds=seeds)
+  runs += method_runs('molora', f'molora E{SIRA_E}', (*extra, e), seeds=seeds)
   # IDENTICAL_EXPERT_INIT is adamix.gin's default; binding it here keys these runs apart from the
   # first AdaMix runs (independent draws per expert; their result files stay in results/runs/,
   # outside the sweep, and the README compares the two).
-  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e, 'IDENTICAL_EXPERT_INIT=True'))
-  runs += ceiling_runs(bindings=extra)
+  runs += method_runs('adamix', f'adamix E{SIRA_E}', (*extra, e, 'IDENTICAL_EXPERT_INIT=True'),
+                      seeds=seeds)
+  runs += ceiling_runs(seeds, extra)
   return runs
 
 
-def _sweeps() -> dict[str, Sweep]:
-  s = {}
-  base = _sira(SIRA, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
-                           'expert_dropout_rate': 0.1, 'top_k': 2, 'aux_factor': 0.01})
-  s['c1'] = Sweep(
-      'c1', 'Raising LoRA\'s rank does not help (rank 4 to 64).',
-      tuple(floor_run() + [r for rank in (4, 8, 16, 32, 64) for r in method_runs(
-          'lora', f'lora r{rank}' if rank != RANK * SIRA_E else
-          f'lora r{rank} (params of E={SIRA_E})',
-          () if rank == RANK else (f'ADAPTER_RANK={rank}',), axes={'rank': rank})]),
-      plots=(('rank', 'method'),))
-  s['c2'] = Sweep(
-      'c2', 'Single task: SiRA beats LoRA, AdaMix and MoLoRA at matched rank and at matched '
-      'trainable parameters.', tuple(_comparison(single_task())), routing_points=(SIRA,))
-  s['c3'] = Sweep(
-      'c3', 'Multitask (30 tasks, 10 languages, no task ids): SiRA beats LoRA, AdaMix and MoLoRA '
-      'at matched rank and at matched trainable parameters.', tuple(_comparison()),
-      routing_points=(SIRA,))
+# The paper's claims, c1-c7 (README): what each claim sweep tests.
+CLAIMS = {
+    'c1': 'Raising LoRA\'s rank does not help (rank 4 to 64).',
+    'c2': 'Single task: SiRA beats LoRA, AdaMix and MoLoRA at matched rank and at matched '
+          'trainable parameters.',
+    'c3': 'Multitask (30 tasks, 10 languages, no task ids): SiRA beats LoRA, AdaMix and MoLoRA '
+          'at matched rank and at matched trainable parameters.',
+    'c4': 'More experts help SiRA (E = 2 to 16, k=2).',
+    'c5': 'Capacity matters: a capacity limit (cf) trades dropped tokens against accuracy.',
+    'c6': 'SiRA\'s expert dropout beats no dropout and SMoE-Dropout; its rate and placement, k, '
+          'the aux-loss factor and gate renormalisation.',
+    'c7': 'Experts specialise by task and language without task ids.',
+}
+
+
+def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
+  """Sweeps c1-c7: as first run (candidate None: 600 steps on the whole benchmark, 50 examples per
+  task on validation and test, the last checkpoint; names 'c1' .. 'c7'), or in the regime
+  candidate `candidate` of `REGIME_CANDIDATES` (names 'c1@<candidate>' ..).
+
+  In a candidate every run (floor included) binds the candidate's bindings, starts from its base
+  (base gin) and is scored as its selection runs are (`regime_sweep`: REGIME_SPLIT_EXAMPLES,
+  checkpoint choice on validation every REGIME_CHECKPOINT_EVERY of the run; one rule for every
+  method), so a run equal to a selection run (point bindings, seed, rate) has its key and its
+  result. There:
+    - c1: LoRA r4, r8, r16, r32, r64, each at REGIME_SEEDS (the selection's power for r4 and r32,
+      extended to every rank; r4 and r32 are the selection's runs, r8's first SEEDS too);
+    - c2 and c3, the headline comparisons: every point at HEADLINE_SEEDS, LoRA at SiRA's active
+      rank k·r added (`_comparison`); c2 on `C2_TASK` (its test split: every example of it);
+    - c4-c6, ablations: ABLATION_SEEDS, each inheriting SiRA's rate (`_sira`; SMoE-Dropout, a
+      method of its own, is tuned); SiRA's default point at HEADLINE_SEEDS (c3's runs); the
+      points of REGIME_DROPPED_POINTS left out (the CPU budget);
+    - c7: c3's SiRA runs.
+  """
+  if candidate is None:
+    extra, single, suffix, scoring = (), single_task(), '', {}
+    headline = ablation = c1_seeds = SEEDS
+  else:
+    _, extra, base_gin = REGIME_CANDIDATES[candidate]
+    # c2's task replaces the candidate's mixture (near_base's held-out 15 include ru).
+    single = (*(b for b in extra if not b.startswith('MIXTURE_OR_TASK_NAME')),
+              *single_task(C2_TASK))
+    suffix = f'@{candidate}'
+    scoring = dict(base_gin=base_gin, split_num_examples=REGIME_SPLIT_EXAMPLES,
+                   select_checkpoint_every=REGIME_CHECKPOINT_EVERY)
+    headline, ablation, c1_seeds = HEADLINE_SEEDS, ABLATION_SEEDS, REGIME_SEEDS
+  in_regime = candidate is not None
+
+  def sweep(claim, runs, **kw):
+    if in_regime:
+      runs = [r for r in runs if r.point not in REGIME_DROPPED_POINTS]
+    text = CLAIMS[claim] + (f' [regime {candidate!r}: the data, steps, base and scoring of '
+                            f'regime_{candidate}]' if in_regime else '')
+    return Sweep(claim + suffix, text, tuple(runs), claim_id=claim, **scoring, **kw)
+
+  base = _sira(SIRA, extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
+                                  'expert_dropout_rate': 0.1, 'top_k': 2, 'aux_factor': 0.01},
+               seeds=headline)
+  c1 = floor_run(extra)
+  for rank in C1_RANKS:
+    if in_regime:  # the selection's point names and bindings
+      c1 += method_runs('lora', f'lora r{rank}', (*extra, f'ADAPTER_RANK={rank}'),
+                        axes={'rank': rank}, seeds=c1_seeds)
+    else:
+      params = f' (params of E={SIRA_E})' if rank == RANK * SIRA_E else ''
+      c1 += method_runs('lora', f'lora r{rank}{params}',
+                        () if rank == RANK else (f'ADAPTER_RANK={rank}',), axes={'rank': rank})
   c4 = list(base)
   for e in (2, 4, 16):
-    c4 += method_runs('sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}',), axes={'experts': e},
-                      lr_from=SIRA)
-  s['c4'] = Sweep(
-      'c4', 'More experts help SiRA (E = 2 to 16, k=2).', tuple(c4),
-      plots=(('experts', 'method'),), routing_points=('sira E16 k2',))
+    c4 += method_runs('sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}', *extra), axes={'experts': e},
+                      lr_from=SIRA, seeds=ablation)
   c5 = list(base)
   for cf in (0.5, 1.0, 2.0, 4.0):
-    c5 += _sira(f'sira cf{cf:g}', (f'CAPACITY_FACTOR={cf}',), axes={'capacity_factor': cf})
-  s['c5'] = Sweep(
-      'c5', 'Capacity matters: a capacity limit (cf) trades dropped tokens against accuracy.',
-      tuple(c5), plots=(('capacity_factor', 'method'),), routing_points=('sira cf0.5', SIRA))
+    c5 += _sira(f'sira cf{cf:g}', (*extra, f'CAPACITY_FACTOR={cf}'), axes={'capacity_factor': cf},
+                seeds=ablation)
   c6 = list(base)
-  c6 += _sira('sira no expert dropout', ('EXPERT_DROPOUT_RATE=0.0',),
-              axes={'dropout': 'none', 'expert_dropout_rate': 0.0})
-  c6 += method_runs('smoe_dropout', f'smoe_dropout E{SIRA_E}', (f'NUM_EXPERTS={SIRA_E}',),
-                    axes={'dropout': 'smoe_dropout'})
+  c6 += _sira('sira no expert dropout', (*extra, 'EXPERT_DROPOUT_RATE=0.0'),
+              axes={'dropout': 'none', 'expert_dropout_rate': 0.0}, seeds=ablation)
+  c6 += method_runs('smoe_dropout', f'smoe_dropout E{SIRA_E}', (f'NUM_EXPERTS={SIRA_E}', *extra),
+                    axes={'dropout': 'smoe_dropout'}, seeds=ablation)
   for rate in (0.05, 0.2, 0.3):
-    c6 += _sira(f'sira expert dropout {rate:g}', (f'EXPERT_DROPOUT_RATE={rate}',),
-                axes={'dropout': 'sira', 'expert_dropout_rate': rate})
+    c6 += _sira(f'sira expert dropout {rate:g}', (*extra, f'EXPERT_DROPOUT_RATE={rate}'),
+                axes={'dropout': 'sira', 'expert_dropout_rate': rate}, seeds=ablation)
   c6 += _sira('sira expert dropout 0.1 on logits',
-              ("adapter/AdapterConfig.expert_dropout_placement='logits'",),
-              axes={'dropout': 'sira_logits'})
+              (*extra, "adapter/AdapterConfig.expert_dropout_placement='logits'"),
+              axes={'dropout': 'sira_logits'}, seeds=ablation)
   for k in (1, 4):
-    c6 += _sira(f'sira E{SIRA_E} k{k}', (f'TOP_K={k}',), axes={'top_k': k})
+    c6 += _sira(f'sira E{SIRA_E} k{k}', (*extra, f'TOP_K={k}'), axes={'top_k': k}, seeds=ablation)
   for aux in (0.0, 0.1):
-    c6 += _sira(f'sira aux {aux:g}', (f'LossConfig.aux_factor={aux}',), axes={'aux_factor': aux})
+    c6 += _sira(f'sira aux {aux:g}', (*extra, f'LossConfig.aux_factor={aux}'),
+                axes={'aux_factor': aux}, seeds=ablation)
   # The paper does not state its gate normalisation (docs/design.md): the default keeps the
   # flaxformer convention (top-k softmax probabilities as they are); this point rescales them to 1.
-  c6 += _sira('sira renormalised gates', ('adapter/AdapterConfig.renormalize_gates=True',),
-              axes={'gates': 'renormalised'})
-  s['c6'] = Sweep(
-      'c6', 'SiRA\'s expert dropout beats no dropout and SMoE-Dropout; its rate and placement, k, '
-      'the aux-loss factor and gate renormalisation.', tuple(c6),
-      plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'), ('aux_factor', 'method')))
-  s['c7'] = Sweep(
-      'c7', 'Experts specialise by task and language without task ids.',
-      tuple(base), routing_points=(SIRA,))
+  c6 += _sira('sira renormalised gates', (*extra, 'adapter/AdapterConfig.renormalize_gates=True'),
+              axes={'gates': 'renormalised'}, seeds=ablation)
+  return [
+      sweep('c1', c1, plots=(('rank', 'method'),)),
+      sweep('c2', _comparison(single, headline, in_regime), routing_points=(SIRA,)),
+      sweep('c3', _comparison(extra, headline, in_regime), routing_points=(SIRA,)),
+      sweep('c4', c4, plots=(('experts', 'method'),), routing_points=('sira E16 k2',)),
+      sweep('c5', c5, plots=(('capacity_factor', 'method'),), routing_points=('sira cf0.5', SIRA)),
+      sweep('c6', c6, plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'),
+                             ('aux_factor', 'method'))),
+      sweep('c7', base, routing_points=(SIRA,)),
+  ]
+
+
+def _sweeps() -> dict[str, Sweep]:
+  s = {sw.name: sw for sw in claim_sweeps()}
   s['sira_defaults'] = sira_defaults_sweep()
   s.update((sw.name, sw) for sw in regime_sweeps())
+  for candidate in REGIME_CANDIDATES:
+    s.update((sw.name, sw) for sw in claim_sweeps(candidate))
   return s
 
 
@@ -458,6 +538,21 @@ REGIME_SEEDS = (0, 1, 2, 3, 4, 5)
 REGIME_SPLIT_EXAMPLES = (('validation', 50), ('test', None))
 # The checkpoint scored on test: the best on validation among those at every tenth of the run.
 REGIME_CHECKPOINT_EVERY = 0.1
+# The claims in a regime (`claim_sweeps`): seeds of every point of the headline comparisons (c2,
+# c3), and of the ablations (c4-c6); each point's learning-rate grid runs on TUNE_SEEDS as ever.
+HEADLINE_SEEDS = (0, 1, 2, 3, 4)
+ABLATION_SEEDS = SEEDS
+# Ablation points the claims in a regime leave out, to fit the CPU budget (experiments/REGIME.md,
+# "The claims in the chosen regime"; `experiments.claims_cost`): in c5 cf 2 (0.5, 1, the default
+# 1.25 and 4 stay); in c6 the expert-dropout rates 0.05 and 0.3 (0.2 and none stay, beside the
+# default 0.1), the placement on the router logits and aux factor 0.1 (0 stays). c6's claim
+# (no expert dropout, SMoE-Dropout), k and gate renormalisation stay.
+REGIME_DROPPED_POINTS = frozenset({
+    'sira cf2', 'sira expert dropout 0.05', 'sira expert dropout 0.3',
+    'sira expert dropout 0.1 on logits', 'sira aux 0.1'})
+# c2's single task in a regime: c2's task as first run ('offline_unit_ru') with 500 test examples
+# (its 200 and 300 more; train and validation its own; tasks/offline_suite.py).
+C2_TASK = 'offline_unit_ru_test500'
 # The runs the rule reads: RegimeScores field -> the point of a regime sweep.
 REGIME_POINTS = {'floor': 'floor (frozen base)', 'ceiling': 'ceiling (full fine-tuning)',
                  'lora_r4': 'lora r4', 'lora_r8': 'lora r8', 'lora_r32': 'lora r32'}

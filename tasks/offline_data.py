@@ -140,17 +140,29 @@ def currency_inputs(sizes: SplitSizes = FORMAT_SIZES
                 sizes)
 
 
+def _unit_draw(rng: random.Random) -> tuple[str, str]:
+  """One (value as a string: integer or one decimal, CLDR unit id) pair."""
+  if rng.random() < 0.75:
+    value = str(int(10 ** rng.uniform(0, 4)) - 1)  # 0 .. 9998
+  else:
+    value = f'{rng.randrange(0, 1000)}.{rng.randrange(1, 10)}'
+  return (value, rng.choice(UNITS))
+
+
 @functools.lru_cache(maxsize=None)
 def unit_inputs(sizes: SplitSizes = FORMAT_SIZES
                 ) -> dict[str, list[tuple[str, str]]]:
   """(value as a string: integer or one decimal, CLDR unit id) pairs."""
-  def draw(rng):
-    if rng.random() < 0.75:
-      value = str(int(10 ** rng.uniform(0, 4)) - 1)  # 0 .. 9998
-    else:
-      value = f'{rng.randrange(0, 1000)}.{rng.randrange(1, 10)}'
-    return (value, rng.choice(UNITS))
-  return _split(_unique_draws(draw, sizes.total, stable_seed('unit')), sizes)
+  return _split(_unique_draws(_unit_draw, sizes.total, stable_seed('unit')), sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def unit_extra_test_inputs(n: int) -> list[tuple[str, str]]:
+  """The n unit inputs drawn after the FORMAT_SIZES.total of `unit_inputs`, from the same seeded
+  stream of distinct draws: disjoint from every split of the unit task, whose draws (a prefix of
+  the same stream) stay as they are."""
+  total = FORMAT_SIZES.total
+  return _unique_draws(_unit_draw, total + n, stable_seed('unit'))[total:]
 
 
 # ---------------------------------------------------------------------------
@@ -184,14 +196,30 @@ def currency_examples(lang: str) -> dict[str, list[tuple[str, str]]]:
           for split, items in currency_inputs().items()}
 
 
+def _unit_example(lang: str, value: str, unit: str) -> tuple[str, str]:
+  return (f'unit {lang}: {value} {unit}',
+          babel.units.format_unit(decimal.Decimal(value), unit, length='long',
+                                  locale=lang))
+
+
 @functools.lru_cache(maxsize=None)
 def unit_examples(lang: str) -> dict[str, list[tuple[str, str]]]:
   """'unit ru: 21 length-kilometer' -> '21 километр' (CLDR plural rules)."""
-  return {split: [(f'unit {lang}: {value} {unit}',
-                   babel.units.format_unit(decimal.Decimal(value), unit,
-                                           length='long', locale=lang))
-                  for value, unit in items]
+  return {split: [_unit_example(lang, value, unit) for value, unit in items]
           for split, items in unit_inputs().items()}
+
+
+# Test examples of the unit task's large-test variant (`unit_large_test_examples`).
+UNIT_LARGE_TEST = 500
+
+
+@functools.lru_cache(maxsize=None)
+def unit_large_test_examples(lang: str) -> dict[str, list[tuple[str, str]]]:
+  """The unit task with UNIT_LARGE_TEST test examples: its train and validation splits, its 200
+  test examples, then the next draws of its input stream (`unit_extra_test_inputs`)."""
+  examples = unit_examples(lang)
+  extra = unit_extra_test_inputs(UNIT_LARGE_TEST - FORMAT_SIZES.test)
+  return dict(examples, test=examples['test'] + [_unit_example(lang, v, u) for v, u in extra])
 
 
 def _in_script(text: str, script: str) -> bool:

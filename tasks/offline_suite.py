@@ -32,6 +32,11 @@ Mixtures (rate 1 per task-language):
   with `offline_bench_in_base` (a base near the held-out tasks; the regime
   candidate `regime_near_base` in experiments/sweeps.py fine-tunes it on
   `offline_bench_held_out`).
+- `offline_unit_L_test500` (Tasks, in no mixture): `offline_unit_L` with 500
+  test examples: its 200, then the next 300 draws of the unit task's input
+  stream (disjoint from its splits, which stay as they are); train and
+  validation are offline_unit_L's. More test power for one task (c2 in a
+  regime, experiments/sweeps.py `C2_TASK`).
 - `offline_span_corruption` (a single Task, not a mixture): pretraining over
   the 15 languages' documents, one input pipeline.
 - `offline_denoise`: the same documents and corruption with the whole chunk
@@ -94,6 +99,12 @@ GENERATION_TASKS: dict[str, tuple[GeneratorFn, tuple[str, ...], list]] = {
 
 def task_name(task: str, lang: str) -> str:
   return f'{PREFIX}_{task}_{lang}'
+
+
+def large_test_task_name(lang: str) -> str:
+  """`offline_unit_<lang>_test500`: the unit task of `lang` with UNIT_LARGE_TEST test examples
+  (its 200, then 300 more draws of its inputs; train and validation its own)."""
+  return f'{task_name("unit", lang)}_test{data.UNIT_LARGE_TEST}'
 
 
 def split_sizes(task: str, lang: str) -> dict[str, int]:
@@ -205,26 +216,34 @@ def _register_offline_suite(vocabulary: seqio.Vocabulary,
   names: list[str] = []
   by_task: dict[str, list[str]] = {}
   by_lang: dict[str, list[str]] = {}
+
+  def add_pairs_task(name, generator, lang, sizes, metric_fns):
+    if train_examples_per_task is not None:
+      sizes = dict(sizes, train=min(sizes['train'], train_examples_per_task))
+    registry.add_task(
+        name,
+        source=seqio.FunctionDataSource(
+            _pairs_dataset_fn(generator, lang, train_examples_per_task),
+            splits=data.SPLITS, num_input_examples=sizes),
+        preprocessors=[seqio.preprocessors.tokenize,
+                       seqio.CacheDatasetPlaceholder(),
+                       truncation.append_eos_after_trim],
+        output_features=features,
+        metric_fns=list(metric_fns),
+        shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+    names.append(name)
+
   for task, (generator, languages, metric_fns) in GENERATION_TASKS.items():
     for lang in languages:
       name = task_name(task, lang)
-      sizes = split_sizes(task, lang)
-      if train_examples_per_task is not None:
-        sizes['train'] = min(sizes['train'], train_examples_per_task)
-      registry.add_task(
-          name,
-          source=seqio.FunctionDataSource(
-              _pairs_dataset_fn(generator, lang, train_examples_per_task),
-              splits=data.SPLITS, num_input_examples=sizes),
-          preprocessors=[seqio.preprocessors.tokenize,
-                         seqio.CacheDatasetPlaceholder(),
-                         truncation.append_eos_after_trim],
-          output_features=features,
-          metric_fns=list(metric_fns),
-          shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
-      names.append(name)
+      add_pairs_task(name, generator, lang, split_sizes(task, lang), metric_fns)
       by_task.setdefault(task, []).append(name)
       by_lang.setdefault(lang, []).append(name)
+  # The unit task with a larger test split (in no mixture).
+  _, unit_languages, unit_metrics = GENERATION_TASKS['unit']
+  for lang in unit_languages:
+    add_pairs_task(large_test_task_name(lang), data.unit_large_test_examples, lang,
+                   dict(split_sizes('unit', lang), test=data.UNIT_LARGE_TEST), unit_metrics)
 
   # Per-language span corruption tasks, and `offline_span_corruption`: one
   # task over all languages' documents (equal counts per language, so the

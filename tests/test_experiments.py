@@ -132,9 +132,11 @@ def test_sweep_definitions():
       runs = [r for r in sweep.runs if r.point == point]
       if runs[0].kind == 'floor':
         continue
-      # The regime selection runs more seeds of LoRA r4 and r32 (the rule's power).
+      # The regime selection runs more seeds of LoRA r4 and r32 (the rule's power); the claims in
+      # a regime more on their headline points (tests/test_regime_claims.py).
       seeds = (sweeps_lib.REGIME_SEEDS if sweep.name.startswith('regime_')
-               and point in ('lora r4', 'lora r32') else sweeps_lib.SEEDS)
+               and point in ('lora r4', 'lora r32') else
+               _claim_in_regime_seeds(sweep, point) if '@' in sweep.name else sweeps_lib.SEEDS)
       assert {r.seed for r in runs} == set(seeds), (sweep.name, point)
       tuning = sweep.tuning_runs(point)
       grid = (sweeps_lib.FULL_FT_LR_GRID if runs[0].axes['method'] == 'full_ft'
@@ -149,7 +151,8 @@ def test_sweep_definitions():
         src, = {r.lr_from for r in runs}
         assert sweep.tuning_runs(src) and src.split()[0] == point.split()[0], (sweep.name, point)
   # Every method of the comparisons is tuned itself (never inherits another method's rate).
-  for name in ('c2', 'c3'):
+  in_regimes = [f'{c}@{x}' for c in ('c2', 'c3') for x in sweeps_lib.REGIME_CANDIDATES]
+  for name in ('c2', 'c3', *in_regimes):
     sweep = sweeps_lib.get_sweep(name)
     assert all(sweep.tuning_runs(p) for p in sweep.points() if not p.startswith('floor'))
   c3 = sweeps_lib.get_sweep('c3')
@@ -157,6 +160,16 @@ def test_sweep_definitions():
                                                   'full_ft'}
   with pytest.raises(ValueError, match='unknown sweep'):
     sweeps_lib.get_sweep('c9')
+
+
+def _claim_in_regime_seeds(sweep, point):
+  """The seeds of a point of a claim in a regime ('c3@data_limited'): c1's ranks the selection's
+  REGIME_SEEDS; c2, c3 and SiRA's default point HEADLINE_SEEDS; the ablations ABLATION_SEEDS."""
+  if sweep.claim_id == 'c1':
+    return sweeps_lib.REGIME_SEEDS
+  if sweep.claim_id in ('c2', 'c3') or point == sweeps_lib.SIRA:
+    return sweeps_lib.HEADLINE_SEEDS
+  return sweeps_lib.ABLATION_SEEDS
 
 
 def test_c6_lists_every_ablation_against_the_default_outside_the_verdict():

@@ -1,5 +1,7 @@
 """The bundled offline suite: registration, determinism, datasets, metrics, SPM."""
+import hashlib
 import importlib
+import json
 import os
 
 import numpy as np
@@ -84,7 +86,8 @@ def test_known_examples_and_determinism():
 def test_every_offline_task_gives_datasets():
   names = [n for n in offline_suite.OFFLINE_NAMES
            if n in seqio.TaskRegistry.names()]
-  assert len(names) == 45 + 15 + 2  # + offline_span_corruption, offline_denoise
+  # + offline_span_corruption, offline_denoise; + offline_unit_<L>_test500
+  assert len(names) == 45 + 15 + 2 + 10
   assert seqio.get_mixture_or_task('offline_span_corruption').num_input_examples(
       'train') == 15 * data.PRETRAIN_SIZES.train
   for name in names:
@@ -365,3 +368,43 @@ def test_the_near_base_mixtures():
   # 1:1: the pretraining mix's tasks and the 15 benchmark tasks have equal total rates.
   assert sum(rates[t.name] for t in pretrain.tasks) == sum(rates[n] for n in in_base) == 15
   assert rates['offline_span_corruption'] == rates['offline_denoise']
+
+
+def test_the_unit_task_with_500_test_examples_leaves_the_unit_task_as_it_was():
+  # The unit task's inputs and Russian examples as generated before the variant existed (sha256
+  # of their JSON): the results trained and scored on them stay valid.
+  def digest(x):
+    return hashlib.sha256(json.dumps(x, ensure_ascii=False).encode()).hexdigest()
+  assert digest(data.unit_inputs()) == (
+      'a3f261472648b15bd8ec849b70d346fa33851e0d6b20ca0802b4da37a2456e91')
+  assert digest(data.unit_examples('ru')) == (
+      '1054f082d75ea6f375a95c8521b2925f155a12affec62fd3618deb98b6bb9694')
+  for lang in ('ru', 'fi'):
+    unit, large = data.unit_examples(lang), data.unit_large_test_examples(lang)
+    assert large['train'] == unit['train'] and large['validation'] == unit['validation']
+    assert large['test'][:200] == unit['test'] and len(large['test']) == data.UNIT_LARGE_TEST
+    # The 300 more are new inputs: distinct, in no split of the unit task.
+    seen = {i for s in data.SPLITS for i, _ in unit[s]}
+    extra = {i for i, _ in large['test'][200:]}
+    assert len(extra) == 300 and not extra & seen
+  # Parallel across languages, as every split of the suite.
+  payload = lambda lang: [i.split(': ', 1)[1]  # noqa: E731
+                          for i, _ in data.unit_large_test_examples(lang)['test']]
+  assert payload('ru') == payload('fi')
+  task = seqio.get_mixture_or_task('offline_unit_ru_test500')
+  assert offline_suite.large_test_task_name('ru') == task.name
+  assert [task.num_input_examples(s) for s in data.SPLITS] == [2000, 200, 500]
+  assert tasks.family_and_language(task.name) == ('unit', 'ru')
+  test = _decoded(task.get_dataset(L, split='test', shuffle=False, num_epochs=1))
+  assert test == [(i.encode(), t.encode()) for i, t in data.unit_large_test_examples('ru')['test']]
+  # In no mixture: the benchmark and the suite mixtures are as they were.
+  for mixture in ('offline_bench', 'offline_suite_mix', 'offline_unit', 'offline_lang_ru'):
+    assert not any(t.name.endswith('_test500')
+                   for t in seqio.get_mixture_or_task(mixture).tasks), mixture
+  # A training limit applies to it as to the unit task.
+  try:
+    tasks.register_all(offline_train_examples_per_task=64)
+    assert seqio.get_mixture_or_task(task.name).num_input_examples('train') == 64
+    assert seqio.get_mixture_or_task(task.name).num_input_examples('test') == 500
+  finally:
+    tasks.register_all()
