@@ -10,7 +10,8 @@ same run in two sweeps is trained once and its result file is shared.
 
 Tuning budget, the same for every method (`tuned`): the learning-rate grid `LR_GRID` is run with the
 tuning seeds `TUNE_SEEDS`; the rate with the best mean validation sequence accuracy over them is
-chosen (`choose_learning_rate`), and the remaining seeds run at that rate only. Test numbers are
+chosen (`choose_learning_rate`; ties: the better validation token accuracy, then the lower rate),
+and the remaining seeds run at that rate only. Test numbers are
 reported at the chosen rate over all seeds. An ablation of one knob of a tuned method (c4-c6: SiRA's
 experts, capacity, dropout, k, aux factor) inherits that method's chosen rate (`inheriting`,
 `Run.lr_from`) instead of being tuned again. Full fine-tuning (the ceiling) gets its own grid
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -215,12 +217,24 @@ class Sweep:
             and r.learning_rate is not None and r.seed in TUNE_SEEDS]
 
 
-def choose_learning_rate(scores: Mapping[float, Sequence[float]]) -> float:
-  """The rate with the best mean score (validation metric of the tuning seeds); ties go to the
-  smaller rate."""
+# Breaks a tie of the validation metric between rates (e.g. every rate at 0 sequence accuracy):
+# the same split's teacher-forced token accuracy, then the smaller rate.
+TIE_BREAK_METRIC = 'token_accuracy'
+
+
+def choose_learning_rate(scores: Mapping[float, Sequence[float]],
+                         tie_break: Mapping[float, Sequence[float]] | None = None) -> float:
+  """The rate with the best mean score (validation metric of the tuning seeds); a tie goes to the
+  best mean `tie_break` score (validation token accuracy), then to the smaller rate."""
   if not scores:
     raise ValueError('no tuning results to choose a learning rate from')
-  return max(sorted(scores), key=lambda lr: float(np.mean(scores[lr])))
+  tie_break = tie_break or {}
+
+  def rank(lr):
+    tb = tie_break.get(lr)
+    return float(np.mean(scores[lr])), float(np.mean(tb)) if tb else -math.inf
+
+  return max(sorted(scores), key=rank)
 
 
 def chosen_learning_rate(sweep: 'Sweep', point: str,
@@ -228,14 +242,21 @@ def chosen_learning_rate(sweep: 'Sweep', point: str,
                          ) -> tuple[float, dict[float, list[float]]]:
   """(rate, {rate: scores}) of `point`, the one choice the runner and the report make:
   `choose_learning_rate` over the validation metric (`sweep.select_split` summary's
-  `sweep.metric`) of the point's tuning runs among `results` ({rate: [(run, result dict)]}), or
-  of every given run where none is a tuning run (e.g. one fixed rate)."""
+  `sweep.metric`, ties broken by its TIE_BREAK_METRIC) of the point's tuning runs among `results`
+  ({rate: [(run, result dict)]}), or of every given run where none is a tuning run (e.g. one
+  fixed rate)."""
   tuning = {r.key for r in sweep.tuning_runs(point)}
-  val = lambda res: res['metrics'][sweep.select_split]['summary'][sweep.metric]  # noqa: E731
-  scores = {lr: [val(res) for r, res in v if r.key in tuning] for lr, v in results.items()}
-  scores = {lr: v for lr, v in scores.items() if v} or {
-      lr: [val(res) for _, res in v] for lr, v in results.items()}
-  return choose_learning_rate(scores), scores
+  summary = lambda res: res['metrics'][sweep.select_split]['summary']  # noqa: E731
+
+  def per_rate(metric, only_tuning):
+    out = {lr: [summary(res)[metric] for r, res in v
+                if (r.key in tuning or not only_tuning) and metric in summary(res)]
+           for lr, v in results.items()}
+    return {lr: v for lr, v in out.items() if v}
+
+  only_tuning = bool(per_rate(sweep.metric, True))
+  scores = per_rate(sweep.metric, only_tuning)
+  return choose_learning_rate(scores, per_rate(TIE_BREAK_METRIC, only_tuning)), scores
 
 
 # ------------------------------------------------------------------------------------------------

@@ -106,6 +106,13 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
 def test_choose_learning_rate():
   assert sweeps_lib.choose_learning_rate({1e-3: [10.0, 20.0], 3e-3: [14.0]}) == 1e-3
   assert sweeps_lib.choose_learning_rate({3e-3: [5.0], 1e-3: [5.0]}) == 1e-3   # tie: smaller
+  # A tie (c2's AdaMix: 0 at every rate) goes to the better token accuracy, then the smaller rate.
+  tied = {1e-3: [0.0], 3e-3: [0.0], 1e-2: [0.0]}
+  assert sweeps_lib.choose_learning_rate(tied, {1e-3: [85.0], 3e-3: [89.4], 1e-2: [58.9]}) == 3e-3
+  assert sweeps_lib.choose_learning_rate(tied, {1e-3: [85.0], 3e-3: [85.0], 1e-2: [60.0]}) == 1e-3
+  # The tie-break never overrides a better main score.
+  assert sweeps_lib.choose_learning_rate({1e-3: [1.0], 3e-3: [0.0]}, {1e-3: [50.0], 3e-3: [99.0]}
+                                         ) == 1e-3
   with pytest.raises(ValueError, match='no tuning results'):
     sweeps_lib.choose_learning_rate({})
 
@@ -119,6 +126,11 @@ def test_chosen_learning_rate_is_one_rule_for_runner_and_report():
   results = {1e-3: [(runs[0], res(10.0)), (other, res(90.0))], 1e-2: [(runs[1], res(20.0))]}
   lr, scores = sweeps_lib.chosen_learning_rate(sweep, 'p', results)
   assert lr == 1e-2 and scores == {1e-3: [10.0], 1e-2: [20.0]}
+  # Tied on sequence accuracy: validation token accuracy decides.
+  tok = lambda v, t: {'metrics': {'validation': {'summary': {'sequence_accuracy': v,  # noqa: E731
+                                                             'token_accuracy': t}}}}
+  assert sweeps_lib.chosen_learning_rate(
+      sweep, 'p', {1e-3: [(runs[0], tok(0.0, 85.0))], 1e-2: [(runs[1], tok(0.0, 89.0))]})[0] == 1e-2
   # A point without tuning runs (one fixed rate) is scored on every given run.
   fixed = sweeps_lib.Sweep('f', 'test', (other,))
   assert sweeps_lib.chosen_learning_rate(fixed, 'p', {1e-3: [(other, res(5.0))]}) == (
