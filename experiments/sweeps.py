@@ -328,6 +328,12 @@ SIRA_TOP_K = 2
 ACTIVE_RANK = SIRA_TOP_K * RANK
 ACTIVE_RANK_POINT = f'lora r{ACTIVE_RANK} (SiRA active rank k·r)'
 C1_RANKS = (4, 8, 16, 32, 64)
+# SiRA's defaults for the claims in a regime, frozen from the training-evidence study
+# (experiments/SIRA_DEFAULTS.md, the `sira_defaults` sweep): each token's kept top-k gates
+# renormalised to sum to 1, as MoLoRA's and SMoE-Dropout's gates already do. gin/adapters/sira.gin
+# keeps the flaxformer convention (not renormalised), and so do the first regime's runs (c1-c7):
+# a run's key names its bindings, not the gin files' contents.
+SIRA_FROZEN_BINDINGS = ('adapter/AdapterConfig.renormalize_gates=True',)
 
 
 def _sira(point: str, extra: Sequence[str] = (), axes=None, **kw) -> list[Run]:
@@ -343,13 +349,14 @@ def single_task(mixture: str = 'offline_unit_ru') -> tuple[str, ...]:
 
 
 def _comparison(extra: Sequence[str] = (), seeds: Sequence[int] = SEEDS,
-                in_regime: bool = False) -> list[Run]:
+                in_regime: bool = False, sira_bindings: Sequence[str] = ()) -> list[Run]:
   """c2/c3: LoRA vs AdaMix vs MoLoRA vs SiRA at matched rank and at matched trainable params.
 
   in_regime (the claims in a regime candidate, `claim_sweeps`): every LoRA binds its rank
   explicitly, after `extra`, as the candidate's selection sweep does (`regime_sweep`), so the
   LoRA r4, r8 and r32 runs the selection trained are the same runs (same keys, reused); and LoRA
-  at SiRA's active rank (`ACTIVE_RANK` = k·r) joins the matched-rank comparison."""
+  at SiRA's active rank (`ACTIVE_RANK` = k·r) joins the matched-rank comparison. sira_bindings:
+  SiRA's own, after `extra` (SIRA_FROZEN_BINDINGS in a regime)."""
   e = f'NUM_EXPERTS={SIRA_E}'
 
   def lora(rank):
@@ -358,7 +365,7 @@ def _comparison(extra: Sequence[str] = (), seeds: Sequence[int] = SEEDS,
   # In the order a partial sweep is most useful in: the floor, LoRA and SiRA first.
   runs = floor_run(extra)
   runs += method_runs('lora', f'lora r{RANK}', lora(RANK), axes={'rank': RANK}, seeds=seeds)
-  runs += method_runs('sira', SIRA, (e, *extra), seeds=seeds)
+  runs += method_runs('sira', SIRA, (e, *extra, *sira_bindings), seeds=seeds)
   if in_regime:
     runs += method_runs('lora', ACTIVE_RANK_POINT, lora(ACTIVE_RANK), axes={'rank': ACTIVE_RANK},
                         seeds=seeds)
@@ -421,6 +428,9 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
                    select_checkpoint_every=REGIME_CHECKPOINT_EVERY)
     headline, ablation, c1_seeds = HEADLINE_SEEDS, ABLATION_SEEDS, REGIME_SEEDS
   in_regime = candidate is not None
+  # SiRA's runs: the candidate's bindings, then SiRA's frozen defaults (in a regime).
+  sira_frozen = SIRA_FROZEN_BINDINGS if in_regime else ()
+  sira_extra = (*extra, *sira_frozen)
 
   def sweep(claim, runs, **kw):
     if in_regime:
@@ -429,7 +439,7 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
                             f'regime_{candidate}]' if in_regime else '')
     return Sweep(claim + suffix, text, tuple(runs), claim_id=claim, **scoring, **kw)
 
-  base = _sira(SIRA, extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
+  base = _sira(SIRA, sira_extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
                                   'expert_dropout_rate': 0.1, 'top_k': 2, 'aux_factor': 0.01},
                seeds=headline)
   c1 = floor_run(extra)
@@ -443,36 +453,44 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
                         () if rank == RANK else (f'ADAPTER_RANK={rank}',), axes={'rank': rank})
   c4 = list(base)
   for e in (2, 4, 16):
-    c4 += method_runs('sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}', *extra), axes={'experts': e},
+    c4 += method_runs('sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}', *sira_extra),
+                      axes={'experts': e},
                       lr_from=SIRA, seeds=ablation)
   c5 = list(base)
   for cf in (0.5, 1.0, 2.0, 4.0):
-    c5 += _sira(f'sira cf{cf:g}', (*extra, f'CAPACITY_FACTOR={cf}'), axes={'capacity_factor': cf},
+    c5 += _sira(f'sira cf{cf:g}', (*sira_extra, f'CAPACITY_FACTOR={cf}'), axes={'capacity_factor': cf},
                 seeds=ablation)
   c6 = list(base)
-  c6 += _sira('sira no expert dropout', (*extra, 'EXPERT_DROPOUT_RATE=0.0'),
+  c6 += _sira('sira no expert dropout', (*sira_extra, 'EXPERT_DROPOUT_RATE=0.0'),
               axes={'dropout': 'none', 'expert_dropout_rate': 0.0}, seeds=ablation)
   c6 += method_runs('smoe_dropout', f'smoe_dropout E{SIRA_E}', (f'NUM_EXPERTS={SIRA_E}', *extra),
                     axes={'dropout': 'smoe_dropout'}, seeds=ablation)
   for rate in (0.05, 0.2, 0.3):
-    c6 += _sira(f'sira expert dropout {rate:g}', (*extra, f'EXPERT_DROPOUT_RATE={rate}'),
+    c6 += _sira(f'sira expert dropout {rate:g}', (*sira_extra, f'EXPERT_DROPOUT_RATE={rate}'),
                 axes={'dropout': 'sira', 'expert_dropout_rate': rate}, seeds=ablation)
   c6 += _sira('sira expert dropout 0.1 on logits',
-              (*extra, "adapter/AdapterConfig.expert_dropout_placement='logits'"),
+              (*sira_extra, "adapter/AdapterConfig.expert_dropout_placement='logits'"),
               axes={'dropout': 'sira_logits'}, seeds=ablation)
   for k in (1, 4):
-    c6 += _sira(f'sira E{SIRA_E} k{k}', (*extra, f'TOP_K={k}'), axes={'top_k': k}, seeds=ablation)
+    c6 += _sira(f'sira E{SIRA_E} k{k}', (*sira_extra, f'TOP_K={k}'), axes={'top_k': k},
+                seeds=ablation)
   for aux in (0.0, 0.1):
-    c6 += _sira(f'sira aux {aux:g}', (*extra, f'LossConfig.aux_factor={aux}'),
+    c6 += _sira(f'sira aux {aux:g}', (*sira_extra, f'LossConfig.aux_factor={aux}'),
                 axes={'aux_factor': aux}, seeds=ablation)
-  # The paper does not state its gate normalisation (docs/design.md): the default keeps the
-  # flaxformer convention (top-k softmax probabilities as they are); this point rescales them to 1.
-  c6 += _sira('sira renormalised gates', (*extra, 'adapter/AdapterConfig.renormalize_gates=True'),
-              axes={'gates': 'renormalised'}, seeds=ablation)
+  # The paper does not state its gate normalisation (docs/design.md). The first regime's SiRA
+  # keeps the flaxformer convention (top-k softmax probabilities as they are) and this point
+  # rescales them to 1; in a regime SiRA's frozen default renormalises and this point does not.
+  if in_regime:
+    c6 += _sira('sira gates not renormalised',
+                (*extra, 'adapter/AdapterConfig.renormalize_gates=False'),
+                axes={'gates': 'not renormalised'}, seeds=ablation)
+  else:
+    c6 += _sira('sira renormalised gates', (*extra, 'adapter/AdapterConfig.renormalize_gates=True'),
+                axes={'gates': 'renormalised'}, seeds=ablation)
   return [
       sweep('c1', c1, plots=(('rank', 'method'),)),
-      sweep('c2', _comparison(single, headline, in_regime), routing_points=(SIRA,)),
-      sweep('c3', _comparison(extra, headline, in_regime), routing_points=(SIRA,)),
+      sweep('c2', _comparison(single, headline, in_regime, sira_frozen), routing_points=(SIRA,)),
+      sweep('c3', _comparison(extra, headline, in_regime, sira_frozen), routing_points=(SIRA,)),
       sweep('c4', c4, plots=(('experts', 'method'),), routing_points=('sira E16 k2',)),
       sweep('c5', c5, plots=(('capacity_factor', 'method'),), routing_points=('sira cf0.5', SIRA)),
       sweep('c6', c6, plots=(('expert_dropout_rate', 'method'), ('top_k', 'method'),

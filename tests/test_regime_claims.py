@@ -154,11 +154,31 @@ def test_sweep_sizes():
   # Left out in a regime only, and every one a point of c5 or c6 as first run.
   first = {p for c in ('c5', 'c6') for p in sweeps_lib.get_sweep(c).points()}
   assert sweeps_lib.REGIME_DROPPED_POINTS < first
-  # What the report compares stays: c5's cf4 and c6's claim pairs, k, renormalised gates.
+  # What the report compares stays: c5's cf4 and c6's claim pairs, k, the gate normalisation
+  # (in a regime the ablation is the unrenormalised gates: SiRA's frozen default renormalises).
   for candidate in CANDIDATES:
     assert {'sira cf4', 'sira cf0.5'} <= set(_sweep('c5', candidate).points())
     assert {'sira no expert dropout', 'smoe_dropout E8', 'sira E8 k1', 'sira E8 k4',
-            'sira renormalised gates'} <= set(_sweep('c6', candidate).points())
+            'sira gates not renormalised'} <= set(_sweep('c6', candidate).points())
+
+
+@pytest.mark.parametrize('candidate', CANDIDATES)
+def test_sira_runs_in_a_regime_carry_the_frozen_defaults_and_the_first_regime_keeps_its_own(
+    candidate):
+  frozen = sweeps_lib.SIRA_FROZEN_BINDINGS
+  assert frozen == ('adapter/AdapterConfig.renormalize_gates=True',)  # experiments/SIRA_DEFAULTS.md
+  for claim in ('c2', 'c3', 'c4', 'c5', 'c6', 'c7'):
+    for run in _sweep(claim, candidate).runs:
+      method = run.axes.get('method')
+      if method == 'sira' and run.point != 'sira gates not renormalised':
+        assert set(frozen) <= set(run.bindings), (claim, run.name)
+      elif method == 'sira':  # the ablation: the old convention, and only it
+        assert 'adapter/AdapterConfig.renormalize_gates=False' in run.bindings
+        assert not set(frozen) & set(run.bindings)
+      else:  # the rivals and LoRA are untouched by SiRA's defaults
+        assert not set(frozen) & set(run.bindings), (claim, run.name)
+  for claim in ('c2', 'c3', 'c4', 'c5', 'c7'):  # as first run: the flaxformer convention
+    assert not any(set(frozen) & set(r.bindings) for r in sweeps_lib.get_sweep(claim).runs)
 
 
 # ------------------------------------------------------------------------------------------------
