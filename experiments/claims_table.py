@@ -51,10 +51,10 @@ def chosen_regime(selection: Mapping[str, Any] | None) -> tuple[str | None, str]
   return None, f'regime not chosen yet (undecided: {selection["why"]})'
 
 
-def underfit_description(analyses: Mapping[str, Mapping]) -> str:
+def underfit_description(analyses: Mapping[str, Mapping | None]) -> str:
   """'full training data, <steps> steps': the training steps of the claims' runs as their
-  analyses record them (`report.aggregate`'s 'train_steps')."""
-  steps = sorted({s for c in report.CLAIMS if c in analyses
+  analyses record them (`report.aggregate`'s 'train_steps'; None: a claim not analysed)."""
+  steps = sorted({s for c in report.CLAIMS if analyses.get(c)
                   for e in analyses[c]['points'].values() for s in e['train_steps'] if s})
   return f'full training data, {"/".join(f"{s:,}" for s in steps) or "?"} steps'
 
@@ -158,6 +158,6 @@ def current_block(text: str) -> str:
 def write_readme(path: str, block: str) -> None:
   """Rewrites the reproduction summary of the README at `path` (`replace_block`)."""
   with open(path) as f:
-    text = f.read()
+    text = replace_block(f.read(), block)
   with open(path, 'w') as f:
-    f.write(replace_block(text, block))
+    f.write(text)
