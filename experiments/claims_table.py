@@ -142,11 +142,16 @@ def readme_block(analyses: Mapping[str, Mapping], sweeps: Mapping[str, sweeps_li
   return '\n'.join([*lines, END])
 
 
-def replace_block(text: str, block: str) -> str:
-  """`text` with its one `BEGIN`..`END` block (markers included) replaced by `block`."""
+def check_markers(text: str) -> None:
+  """ValueError unless `text` holds `BEGIN` and then `END`, once each."""
   if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
     raise ValueError(f'expected the markers {BEGIN!r} and {END!r} once each, in this order '
                      '(add them where the reproduction summary goes)')
+
+
+def replace_block(text: str, block: str) -> str:
+  """`text` with its one `BEGIN`..`END` block (markers included) replaced by `block`."""
+  check_markers(text)
   return text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
 
 

@@ -8,6 +8,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,6 +108,24 @@ def test_readme_is_rewritten_only_by_the_default_report():
     assert report_lib.default_readme(**dict(default, **change)) == ''
   with pytest.raises(ValueError, match=r"lacks \['c2'"):
     report_lib.write_report(['c1'], readme=README)
+
+
+@pytest.mark.parametrize('args,readme,expected', [
+    (['--sweep=c1'], 'markers', "the README summary needs every claim; the report lacks ['c2'"),
+    ([], 'no markers', 'expected the markers'),
+])
+def test_readme_flag_errors_name_the_problem(tmp_path, args, readme, expected):
+  path = tmp_path / 'README.md'
+  path.write_text(f'{claims_table.BEGIN}\n{claims_table.END}\n' if readme == 'markers' else '#\n')
+  before = path.read_text()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.report', *args, f'--readme={path}',
+       f'--results_dir={tmp_path}', f'--out_dir={tmp_path / "report"}'], cwd=ROOT,
+      capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: --readme={path}: {expected}')
+  assert path.read_text() == before and not (tmp_path / 'report').exists()
 
 
 # ------------------------------------------------------------------------------------------------
