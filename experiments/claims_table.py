@@ -110,7 +110,7 @@ def regimes_section(sweeps: Mapping[str, sweeps_lib.Sweep], analyses: dict[str, 
                  f'{report.CLAIMS[0]}@{regime} to {report.CLAIMS[-1]}@{regime}.')
   md = ['## The claims in both regimes', '',
         f'**Under-fit regime** ({underfit_description(under)}): sweeps {report.CLAIMS[0]} to '
-        f'{report.CLAIMS[-1]}, each in its section below. ' + described, '',
+        f'{report.CLAIMS[-1]}. ' + described, '',
         'Numbers: ' + HEADLINE.format(metric=metric) + '.', '',
         f'| claim | {UNDERFIT}: verdict | {UNDERFIT}: numbers | {chosen_head}: verdict | '
         f'{chosen_head}: numbers |', '|---|---|---|---|---|']
