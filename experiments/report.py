@@ -7,6 +7,13 @@ r"""Turn sweeps' result files into a markdown report with tables, plots and a ve
 A results dir of T5X runs (`experiments.t5x_backend`) holds the spec its sweeps are rebuilt from
 (`benchmarks.read_spec`); its `--sweep`s are the claims c1-c7.
 
+On the bundled benchmark REPORT.md opens with the claims of both regimes side by side
+(`claims_table.regimes_section`): per claim c1-c7 the verdict and headline numbers (`headline`)
+in the under-fit regime (sweeps c1-c7) and in the regime `experiments.regime_selection` chose
+(sweeps f'{claim}@{regime}'). Writing the default REPORT.md of every claim also rewrites
+README.md's reproduction summary from the same numbers (`--readme`, `claims_table.readme_block`;
+`--readme=''`: not).
+
 For each sweep: per point (a compared configuration) the learning rate is the one its tuning runs
 chose (best mean validation metric over the tuning seeds, `sweeps.choose_learning_rate`, as the
 runner chose it), and the test metrics at that rate are reported as mean +- standard deviation over
@@ -16,10 +23,12 @@ the routing of the sweep's routing points (`plot_routing`: NMI(expert; family / 
 adapted site as bars, the expert load per task of the most specialised sites as heatmaps), with a
 table per site of the evaluation-mode statistics and the training-mode ones measured on the run's
 own training batches (`experiments.evaluation`; older result files' drops, measured in training
-mode on padded evaluation batches, are labelled as that old measurement). A diagnostic sweep
-(`Sweep.training_evidence`, e.g. sira_defaults) adds a table of its training evidence. Every number comes from the
-`result.json` files of the sweep's runs; `<out_dir>/<sweep>.json` holds the aggregated numbers the
-tables and plots show.
+mode on padded evaluation batches, are labelled as that old measurement). A sweep with
+checkpoint selection (`Sweep.select_checkpoint_every`) shows per point the step chosen on
+validation for each seed and a plot of the validation curves (`checkpoint_selection_section`). A
+diagnostic sweep (`Sweep.training_evidence`, e.g. sira_defaults) adds a table of its training
+evidence. Every number comes from the `result.json` files of the sweep's runs;
+`<out_dir>/<sweep>.json` holds the aggregated numbers the tables and plots show.
 
 Comparisons use Welch's t interval (95%, scipy's `ttest_ind` with unequal variances) of the
 difference of per-seed test metrics; each sweep's verdict (`claim_verdict`) is reproduced / not
@@ -138,6 +147,7 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
         validation_by_lr={str(k): float(np.mean(v)) for k, v in scores.items()},
         params=_params(items[0][1]),
         train_time_s=float(np.mean([res['wall_time_s']['train'] for _, res in items])),
+        train_steps=[(res.get('train') or {}).get('steps') for _, res in items],
         per_seed={m: [s['summary'].get(m) for s in rep] for m in METRICS
                   if any(m in s['summary'] for s in rep)})
     for evidence in sweep.training_evidence:
@@ -147,6 +157,9 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
     tasks = sorted(rep[0]['tasks'])
     entry['per_task'] = {t: {m: float(np.mean([s['tasks'][t][m] for s in rep]))
                              for m in rep[0]['tasks'][t]} for t in tasks}
+    selections = [res.get('checkpoint_selection') for _, res in items]
+    if any(selections):
+      entry['checkpoint_selection'] = checkpoint_choices(selections)
     routing = [res['routing'] for _, res in items if res.get('routing')]
     if routing:
       entry['routing'] = routing[0]
@@ -154,6 +167,17 @@ def aggregate(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
     points[point] = entry
   return dict(points=points, missing=missing, unreadable=files.errors, unreadable_runs=skipped,
               finished=len(sweep.runs) - len(missing) - len(skipped), total=len(sweep.runs))
+
+
+def checkpoint_choices(selections: Sequence[Mapping | None]) -> dict[str, Any]:
+  """A point's checkpoint selections (`checkpoint_selection.Selection.as_dict` of each seed's
+  result, None where a run has none) as {'split', 'metric', 'chosen_step': [per seed],
+  'curves': [{step: score} per seed]}, in the seeds' order."""
+  first = next(s for s in selections if s)
+  return dict(split=first['split'], metric=first['metric'],
+              chosen_step=[s['chosen_step'] if s else None for s in selections],
+              curves=[{int(k): float(v) for k, v in s['curve'].items()} if s else {}
+                      for s in selections])
 
 
 def train_cross_entropy_tail(res: Mapping, steps: int = 100) -> float | None:
@@ -218,21 +242,32 @@ def format_comparison(c: Mapping, metric: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Claims: which comparisons decide each sweep's verdict
 # ------------------------------------------------------------------------------------------------
+# The paper's claims: the sweeps of the under-fit regime, and of a candidate regime as
+# f'{claim}@{candidate}' (`claim_name`).
+CLAIMS = ('c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7')
+
+
+def claim_name(sweep: sweeps_lib.Sweep) -> str:
+  """The claim a sweep tests: its name up to '@' ('c3@data_limited' -> 'c3')."""
+  return sweep.name.split('@')[0]
+
+
 def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, str]]:
   """(A, B) pairs where the paper claims A >= B (c1: higher ranks vs rank 4, which it claims do
   *not* help: 'reproduced' there means the higher rank is *not* better)."""
+  claim = claim_name(sweep)
   pts = [p for p in sweep.points() if p in agg['points']]
   find = lambda prefix: [p for p in pts if p.startswith(prefix)]  # noqa: E731
   sira = [p for p in pts if p.startswith('sira')]
-  if sweep.name == 'c1':
+  if claim == 'c1':
     return [(p, 'lora r4') for p in find('lora r') if p != 'lora r4']
-  if sweep.name in ('c2', 'c3', 'main') and sira:
+  if claim in ('c2', 'c3', 'main') and sira:
     return [(sira[0], p) for p in pts if p.split()[0] in ('lora', 'adamix', 'molora')]
-  if sweep.name == 'c4':
+  if claim == 'c4':
     return [('sira E16 k2', p) for p in find('sira E') if p != 'sira E16 k2']
-  if sweep.name == 'c5':
+  if claim == 'c5':
     return [('sira cf4', p) for p in find('sira cf') if p != 'sira cf4']
-  if sweep.name == 'c6':
+  if claim == 'c6':
     return [('sira E8 k2', 'sira no expert dropout'), ('sira E8 k2', 'smoe_dropout E8')]
   return []
 
@@ -241,7 +276,7 @@ def ablation_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[st
   """(ablation, default) pairs shown beside the claim's comparisons but not read by the verdict:
   in c6 every SiRA point other than the default (rate, placement, k, aux factor, gates) against
   the default SiRA point."""
-  if sweep.name != 'c6':
+  if claim_name(sweep) != 'c6':
     return []
   claimed = {pair for pair in claim_comparisons(sweep, agg)}
   default = 'sira E8 k2'
@@ -273,12 +308,12 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
   UNSPECIALISED_NMI. Unfinished runs and unreadable result files make the verdict partial.
   """
   partial = partial_note(agg)
-  if sweep.name == 'c7':
-    nmis = [v for e in agg['points'].values() for kind in e.get('specialisation', {}).values()
-            for v in kind.values()]
-    if not nmis:
+  claim = claim_name(sweep)
+  if claim == 'c7':
+    largest = largest_specialisation(agg)
+    if largest is None:
       return 'not measured' + partial
-    top = max(nmis)
+    top = largest['nmi']
     word = ('reproduced' if top >= SPECIALISED_NMI else
             'not reproduced' if top <= UNSPECIALISED_NMI else 'inconclusive')
     return f'{word}: largest NMI(expert; family or language) over sites {top:.3f}' + partial
@@ -290,7 +325,7 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
     return 'not measured' + partial
   if any(c['outcome'] == 'fewer than 2 seeds' for c in measured) or len(measured) < len(comps):
     return 'inconclusive: comparisons without 2 seeds per point' + partial
-  if sweep.name == 'c1':
+  if claim == 'c1':
     better = [c['a'] for c in measured if c['outcome'] == 'a higher']
     if better:
       return f'not reproduced: {", ".join(better)} significantly better than lora r4' + partial
@@ -302,6 +337,61 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
     return 'reproduced: significantly better than every comparison point' + partial
   ns = [c['b'] for c in measured if c['outcome'] == 'no significant difference']
   return f'inconclusive: no significant difference to {", ".join(ns)}' + partial
+
+
+def largest_specialisation(agg: Mapping) -> dict[str, Any] | None:
+  """The largest NMI(expert; family or language) over the points' adapted sites (their
+  'specialisation', `specialisation`): {'nmi', 'point', 'kind', 'site'}; None without one."""
+  found = [dict(nmi=v, point=p, kind=kind, site=site) for p, e in agg['points'].items()
+           for kind, sites in e.get('specialisation', {}).items() for site, v in sites.items()]
+  return max(found, key=lambda f: f['nmi']) if found else None
+
+
+def verdict_word(agg: Mapping) -> str:
+  """The verdict without its reasons and partial note: 'reproduced', 'not reproduced',
+  'inconclusive', 'not measured' (or a diagnostic sweep's words)."""
+  verdict, note = agg['verdict'], partial_note(agg)
+  if note and verdict.endswith(note):
+    verdict = verdict[:-len(note)]
+  return verdict.split(':')[0]
+
+
+def headline(sweep: sweeps_lib.Sweep, agg: Mapping) -> dict[str, Any] | None:
+  """The claim's numbers in one line. For c7 the largest NMI (`largest_specialisation`). Else the
+  claim's comparison least favourable to it, the one its verdict turns on: one significantly
+  against the claim first, then one without a significant difference, then one for it; among
+  those the smallest difference in the claim's direction (A - B; B - A for c1, which claims that
+  rank does not help). Returns {'comparison': `compare`'s dict, 'a' / 'b': {'point', 'mean',
+  'sd', 'n'} of `sweep.metric`, 'of': the number of comparisons}; None when none is measured."""
+  if claim_name(sweep) == 'c7':
+    return largest_specialisation(agg)
+  comps = agg.get('comparisons') or []
+  measured = [c for c in comps if 'diff' in c]
+  if not measured:
+    return None
+  sign, against, for_ = ((-1, 'a higher', 'b higher') if claim_name(sweep) == 'c1'
+                         else (1, 'b higher', 'a higher'))
+  order = {against: 0, for_: 2}
+  c = min(measured, key=lambda c: (order.get(c['outcome'], 1), sign * c['diff']))
+  side = lambda p: dict(point=p, mean=agg['points'][p]['mean'][sweep.metric],  # noqa: E731
+                        sd=agg['points'][p]['std'][sweep.metric],
+                        n=len(agg['points'][p]['per_seed'][sweep.metric]))
+  return dict(comparison=c, a=side(c['a']), b=side(c['b']), of=len(comps))
+
+
+def format_headline(h: Mapping | None) -> str:
+  """`headline` in one line: 'A mean ± sd (n=k) vs B mean ± sd (n=k): difference, 95% CI [low,
+  high]' (the interval Welch's, `compare`); '-' for None."""
+  if h is None:
+    return '-'
+  if 'nmi' in h:
+    return f'largest NMI(expert; {h["kind"]}) {h["nmi"]:.3f} ({h["point"]}, {h["site"]})'
+  c = h['comparison']
+  side = lambda s: f'{s["point"]} {s["mean"]:.2f} ± {s["sd"]:.2f} (n={s["n"]})'  # noqa: E731
+  ci = ('no interval (fewer than 2 seeds)' if math.isnan(c['low']) else
+        f'95% CI [{c["low"]:+.2f}, {c["high"]:+.2f}]')
+  of = f' (least favourable of {h["of"]})' if h['of'] > 1 else ''
+  return f'{side(h["a"])} vs {side(h["b"])}: {c["diff"]:+.2f}, {ci}{of}'
 
 
 # The dropped fraction result files before the training-batch analysis hold: training mode on
@@ -430,6 +520,34 @@ def plot_groups(agg, sweep, metric, idx, path) -> dict | None:
   return groups
 
 
+def plot_validation_curves(sweep: sweeps_lib.Sweep, point: str, e: Mapping, path: str
+                           ) -> dict[str, list[list[float]]]:
+  """One point's checkpoint-selection curves (`checkpoint_choices`): the select split's metric
+  against the training step, one line per seed, its chosen step ringed. Returns {seed: [[step,
+  score], ...]} as plotted."""
+  plt = _plt()
+  sel = e['checkpoint_selection']
+  data = {}
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for seed, curve, chosen in zip(e['seeds'], sel['curves'], sel['chosen_step']):
+    if not curve:
+      continue
+    steps = sorted(curve)
+    line, = ax.plot(steps, [curve[s_] for s_ in steps], marker='.', label=f'seed {seed}')
+    ax.plot([chosen], [curve[chosen]], marker='o', ms=10, mfc='none', color=line.get_color())
+    data[str(seed)] = [[s_, curve[s_]] for s_ in steps]
+  ax.set_xlabel('training step')
+  ax.set_ylabel(f'{sel["split"]} {LABELS.get(sel["metric"], sel["metric"])}')
+  lr = '' if e['learning_rate'] is None else f', LR {e["learning_rate"]:g}'
+  ax.set_title(f'{sweep.name} / {point}{lr}: checkpoint selection (ringed: chosen)', fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return data
+
+
 def load_imbalance(routing: Mapping) -> dict[str, float]:
   """Per site: KL(evaluation load over all tasks || uniform) in nats (0 at balance, log E when
   one expert takes everything)."""
@@ -548,15 +666,14 @@ def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str
                     plots: dict) -> list[str]:
   """Markdown of one point's routing analysis: its figure (`plot_routing`), per site the NMI, the
   evaluation-mode statistics and the training-batch ones, each column saying where it was
-  measured. Sets e['specialisation'] and plots[<figure>]."""
+  measured. Sets e['specialisation'] (unless `analyse` did) and plots[<figure>]."""
   r = routing_view(e['routing'])
   ev, tr = r['eval'], r.get('train_batches')
   old = r.get('old_train_mode_on_eval_batches')
   path = os.path.join(plots_dir, f'{sweep.name}_routing_{_slug(point)}.png')
-  spec = specialisation(r)
+  spec = e['specialisation'] = e.get('specialisation') or specialisation(r)
   shown = plot_routing(r, spec, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing',
                        path)
-  e['specialisation'] = spec
   rel = os.path.relpath(path, out_dir)
   plots[rel] = dict(usage=ev['usage'], specialisation=spec, heatmap_sites=shown)
   md = ['', f'Routing of {point} (seed {e["routing_seed"]}): ![routing]({rel})', '']
@@ -594,6 +711,34 @@ def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str
   return md
 
 
+def checkpoint_selection_section(sweep: sweeps_lib.Sweep, agg: dict, plots_dir: str,
+                                 out_dir: str) -> list[str]:
+  """Markdown of a sweep with checkpoint selection (`Sweep.select_checkpoint_every`): per point
+  the step chosen for each seed out of the run's steps, and a figure of its validation curves
+  (`plot_validation_curves`, added to agg['plots']); [] for a sweep without selection."""
+  pts = {p: e for p, e in agg['points'].items() if 'checkpoint_selection' in e}
+  if not pts:
+    return []
+  first = next(iter(pts.values()))['checkpoint_selection']
+  seeds = sorted({s_ for e in pts.values() for s_ in e['seeds']})
+  md = ['', f'Checkpoints chosen on {first["split"]} (the best '
+        f'{LABELS.get(first["metric"], first["metric"])} among those kept at every '
+        f'{sweep.select_checkpoint_every:.0%} of the run; ties: the earlier step), per seed: '
+        'chosen step / the run\'s steps:', '',
+        '| point | ' + ' | '.join(f'seed {s_}' for s_ in seeds) + ' |',
+        '|---|' + '---|' * len(seeds)]
+  figures = []
+  for p, e in pts.items():
+    sel = e['checkpoint_selection']
+    by_seed = {seed: ('-' if chosen is None else f'{chosen} / {steps}')
+               for seed, chosen, steps in zip(e['seeds'], sel['chosen_step'], e['train_steps'])}
+    md.append(f'| {p} | ' + ' | '.join(by_seed.get(s_, '') for s_ in seeds) + ' |')
+    path = os.path.join(plots_dir, f'{sweep.name}_validation_curve_{_slug(p)}.png')
+    agg['plots'][os.path.relpath(path, out_dir)] = plot_validation_curves(sweep, p, e, path)
+    figures.append(f'![{p}: validation curves]({os.path.relpath(path, out_dir)})')
+  return md + [''] + figures
+
+
 def training_evidence_section(sweep: sweeps_lib.Sweep, agg: dict) -> list[str]:
   """A diagnostic sweep's evidence (`Sweep.training_evidence`, then the select split's sequence
   and token accuracy) per point, and each point against the sweep's first (the unchanged method):
@@ -624,8 +769,36 @@ def training_evidence_section(sweep: sweeps_lib.Sweep, agg: dict) -> list[str]:
   return md + ['']
 
 
-def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tuple[str, dict]:
+def analyse(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
+  """Every number the report shows of `sweep` (no plot, no file written): `aggregate`, then the
+  claim's comparisons on `sweep.metric` and the secondary metrics, c6's ablations, each routing
+  point's specialisation, the verdict (`claim_verdict`; 'verdict_word': `verdict_word`) and its
+  `headline`."""
   agg = aggregate(sweep, results_dir)
+  pairs = claim_comparisons(sweep, agg)
+  agg['comparisons'] = [compare(agg, a, b, sweep.metric) for a, b in pairs]
+  if pairs:
+    # The same pairs on the secondary metrics (the verdict reads only sweep.metric): exact match
+    # is a steep function of per-token quality, so these show effects it may hide in seed noise.
+    agg['secondary_comparisons'] = {
+        m: [compare(agg, a, b, m) for a, b in pairs
+            if all(m in agg['points'][p]['per_seed'] for p in (a, b) if p in agg['points'])]
+        for m in ('token_accuracy', 'chrf') if m != sweep.metric}
+  ablations = [compare(agg, a, b, sweep.metric) for a, b in ablation_comparisons(sweep, agg)]
+  if ablations:
+    agg['ablation_comparisons'] = ablations
+  for e in agg['points'].values():
+    if 'routing' in e:
+      e['specialisation'] = specialisation(e['routing'])
+  agg['verdict'] = claim_verdict(sweep, agg, agg['comparisons'])
+  agg['verdict_word'] = verdict_word(agg)
+  agg['headline'] = headline(sweep, agg)
+  return agg
+
+
+def sweep_section(sweep: sweeps_lib.Sweep, agg: dict, out_dir: str) -> str:
+  """The markdown of one sweep from its `analyse`d numbers, its plots written to
+  <out_dir>/plots/ (their data added to agg['plots'])."""
   plots_dir = os.path.join(out_dir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)
   md = [f'## {sweep.name}: {sweep.claim}', '',
@@ -637,31 +810,21 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
     unreadable += [f'- `{path}`: {error}' for path, error in agg['unreadable'].items()] + ['']
   if not agg['points']:
     md += ['', '**Verdict at this scale: not measured** (no results yet).', ''] + unreadable
-    return '\n'.join(md) + '\n', agg
-  md += ['', points_table(agg, sweep), ''] + unreadable
+    return '\n'.join(md) + '\n'
+  md += [f'**Verdict at this scale: {agg["verdict"]}.**', '', points_table(agg, sweep), '']
+  md += unreadable
   if sweep.training_evidence:
     md += training_evidence_section(sweep, agg)
-  comps = [compare(agg, a, b, sweep.metric) for a, b in claim_comparisons(sweep, agg)]
-  agg['comparisons'] = comps
-  if comps:
+  if agg['comparisons']:
     md.append('Comparisons (test, at each point\'s chosen learning rate):')
-    md += [f'- {format_comparison(c, sweep.metric)}' for c in comps]
-    # The same pairs on the secondary metrics (the verdict reads only sweep.metric): exact match
-    # is a steep function of per-token quality, so these show effects it may hide in seed noise.
-    secondary = [m for m in ('token_accuracy', 'chrf') if m != sweep.metric]
-    agg['secondary_comparisons'] = {
-        m: [compare(agg, a, b, m) for a, b in claim_comparisons(sweep, agg)
-            if all(m in agg['points'][p]['per_seed'] for p in (a, b) if p in agg['points'])]
-        for m in secondary}
+    md += [f'- {format_comparison(c, sweep.metric)}' for c in agg['comparisons']]
     for m, cs in agg['secondary_comparisons'].items():
       md += [f'- ({LABELS[m]}) {format_comparison(c, m)}' for c in cs]
     md.append('')
-  ablations = [compare(agg, a, b, sweep.metric) for a, b in ablation_comparisons(sweep, agg)]
-  if ablations:
-    agg['ablation_comparisons'] = ablations
+  if agg.get('ablation_comparisons'):
     md.append('Ablations against the default (test, at the default\'s learning rate; not read by '
               'the verdict):')
-    md += [f'- {format_comparison(c, sweep.metric)}' for c in ablations]
+    md += [f'- {format_comparison(c, sweep.metric)}' for c in agg['ablation_comparisons']]
     md.append('')
   agg['plots'] = {}
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
@@ -677,38 +840,74 @@ def sweep_section(sweep: sweeps_lib.Sweep, results_dir: str, out_dir: str) -> tu
     if data is not None:
       agg['plots'][rel(path)] = data
       md.append(f'![per {kind}]({rel(path)})')
+  md += checkpoint_selection_section(sweep, agg, plots_dir, out_dir)
   for point, e in agg['points'].items():
     if 'routing' not in e:
       continue
     md += routing_section(sweep, point, e, plots_dir, out_dir, agg['plots'])
-  agg['verdict'] = claim_verdict(sweep, agg, comps)
-  md.insert(3, f'**Verdict at this scale: {agg["verdict"]}.**')
   if agg['missing']:
     md += ['', f'Unfinished runs ({len(agg["missing"])}): ' + ', '.join(agg['missing'][:20]) +
            (' ...' if len(agg['missing']) > 20 else '')]
-  return '\n'.join(md) + '\n', agg
+  return '\n'.join(md) + '\n'
+
+
+README = os.path.join(runner.REPO, 'README.md')
 
 
 def write_report(sweep_names: Sequence[str] | None = None, *,
                  results_dir: str = runner.DEFAULT_RESULTS_DIR, out_dir: str | None = None,
-                 title: str = 'SiRA reproduction on the bundled benchmark') -> str:
-  """Writes <out_dir>/REPORT.md (+ plots/ and <sweep>.json); returns the report path."""
+                 title: str = 'SiRA reproduction on the bundled benchmark',
+                 regimes: Mapping[str, sweeps_lib.Sweep] | None = None,
+                 readme: str | None = None) -> str:
+  """Writes <out_dir>/REPORT.md (+ plots/ and <sweep>.json); returns the report path.
+
+  regimes: the sweeps by name to put the claims of both regimes side by side from, at the top
+  (`claims_table.regimes_section`; None: no such section). readme: a README whose reproduction
+  summary is rewritten from the claims' analyses (`claims_table.readme_block`; every claim must
+  be among the sweeps)."""
+  from experiments import claims_table
   out_dir = out_dir or results_dir
-  os.makedirs(out_dir, exist_ok=True)
   chosen = [sweeps_lib.get_sweep(n) if isinstance(n, str) else n
             for n in (sweep_names or sweeps_lib.SWEEPS)]
+  missing = [c for c in CLAIMS if c not in {s.name for s in chosen}]
+  if readme and missing:
+    raise ValueError(f'the README summary needs every claim; the report lacks {missing} (report '
+                     "every sweep, or pass --readme='')")
+  if readme:
+    with open(readme) as f:
+      claims_table.check_markers(f.read())
+  os.makedirs(out_dir, exist_ok=True)
+  analyses = {s.name: analyse(s, results_dir) for s in chosen}
   parts = [f'# {title}', '', 'Generated by `python -m experiments.report` from the result files '
            f'in `{os.path.relpath(results_dir, out_dir)}/runs/`; see the module docstring for '
            'how points, learning rates and verdicts are chosen.', '']
+  if regimes is not None:
+    parts.append(claims_table.regimes_section(regimes, dict(analyses), results_dir,
+                                              claims_table.read_selection(results_dir)))
   for sweep in chosen:
-    md, agg = sweep_section(sweep, results_dir, out_dir)
-    parts.append(md)
+    parts.append(sweep_section(sweep, analyses[sweep.name], out_dir))
     with open(os.path.join(out_dir, f'{sweep.name}.json'), 'w') as f:
-      json.dump(agg, f, indent=1, sort_keys=True, default=runner.json_default)
+      json.dump(analyses[sweep.name], f, indent=1, sort_keys=True, default=runner.json_default)
   path = os.path.join(out_dir, 'REPORT.md')
   with open(path, 'w') as f:
     f.write('\n'.join(parts))
+  if readme:
+    link = os.path.relpath(path, os.path.dirname(os.path.abspath(readme)))
+    claims_table.write_readme(readme, claims_table.readme_block(
+        analyses, {s.name: s for s in chosen}, link))
   return path
+
+
+def default_readme(*, results_dir: str, out_dir: str | None, bindings: Sequence[str],
+                   eval_examples: int | None, sweep_names: Sequence[str]) -> str:
+  """The README `--readme` rewrites when not given: `README` when the report is the default one
+  (the default results and out dir, no --binding or --eval_examples, every claim among
+  `sweep_names`), else '' (none)."""
+  default = os.path.abspath(runner.DEFAULT_RESULTS_DIR)
+  is_default = (os.path.abspath(results_dir) == default and
+                os.path.abspath(out_dir or results_dir) == default and not bindings and
+                eval_examples is None and set(CLAIMS) <= set(sweep_names))
+  return README if is_default else ''
 
 
 def define_flags() -> None:
@@ -723,6 +922,9 @@ def define_flags() -> None:
       'binding', [], 'the extra bindings the sweep was run with (experiments.runner --binding)')
   flags.DEFINE_integer('eval_examples', None, 'the --eval_examples the sweep was run with',
                        lower_bound=1)
+  flags.DEFINE_string(
+      'readme', None, 'the README whose reproduction summary (between its markers) is rewritten; '
+      "'' for none (default: README.md when writing the default REPORT.md of every claim)")
 
 
 def main(argv):
@@ -734,15 +936,32 @@ def main(argv):
     runner.usage_error(f'unexpected argument {argv[1]!r} (flags are --name=value)')
   from experiments import benchmarks
   spec = benchmarks.read_spec(FLAGS.results_dir)  # a T5X sweep's results: its spec
+  names = FLAGS.sweep or (list(benchmarks.CLAIMS) if spec else list(sweeps_lib.SWEEPS))
   try:
-    chosen = ([benchmarks.pod_sweep(n, spec) for n in FLAGS.sweep or benchmarks.CLAIMS] if spec
-              else runner.chosen_sweeps(FLAGS.sweep or list(sweeps_lib.SWEEPS), FLAGS.binding,
-                                        FLAGS.eval_examples))
+    chosen = ([benchmarks.pod_sweep(n, spec) for n in names] if spec
+              else runner.chosen_sweeps(names, FLAGS.binding, FLAGS.eval_examples))
+    # Both regimes' claims (the bundled benchmark's only), with the same overrides.
+    regimes = None if spec else dict(zip(sweeps_lib.SWEEPS, runner.chosen_sweeps(
+        list(sweeps_lib.SWEEPS), FLAGS.binding, FLAGS.eval_examples)))
   except (runner.UsageError, benchmarks.SpecError) as e:
     runner.usage_error(str(e))
+  readme = FLAGS.readme
+  if readme is None:
+    readme = '' if spec else default_readme(
+        results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir, bindings=FLAGS.binding,
+        eval_examples=FLAGS.eval_examples, sweep_names=names)
+  if readme and not os.path.isfile(readme):
+    runner.usage_error(f'--readme={readme}: no such file')
   title = (f'SiRA reproduction with T5X: {spec.benchmark}, {spec.model_size}' if spec else
            'SiRA reproduction on the bundled benchmark')
-  print(write_report(chosen, results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir, title=title))
+  try:
+    path = write_report(chosen, results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir, title=title,
+                        regimes=regimes, readme=readme)
+  except ValueError as e:  # a README summary without every claim, or without its markers
+    runner.usage_error(f'--readme={readme}: {e}')
+  print(path)
+  if readme:
+    print(f'reproduction summary rewritten: {readme}')
   return 0
 
 
