@@ -248,8 +248,8 @@ CLAIMS = ('c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7')
 
 
 def claim_name(sweep: sweeps_lib.Sweep) -> str:
-  """The claim a sweep tests: its name up to '@' ('c3@data_limited' -> 'c3')."""
-  return sweep.name.split('@')[0]
+  """The claim a sweep tests (`Sweep.claim_id`: 'c3' for 'c3@data_limited')."""
+  return sweep.claim_id
 
 
 def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, str]]:

@@ -138,7 +138,7 @@ class Sweep:
   (`Run.evaluation`), so their keys differ from runs scored the default way.
   claim_id: which claim's comparisons and verdict the sweep's results answer (`experiments.report`
   reads it): 'c1' .. 'c7' for the claim sweeps, also in a regime ('c3' for 'c3@data_limited');
-  default: the sweep's name.
+  default: the sweep's name up to '@'.
   """
   name: str
   claim: str
@@ -161,7 +161,7 @@ class Sweep:
 
   def __post_init__(self):
     if not self.claim_id:
-      object.__setattr__(self, 'claim_id', self.name)
+      object.__setattr__(self, 'claim_id', self.name.split('@')[0])
     object.__setattr__(self, 'split_num_examples', tuple(map(tuple, self.split_num_examples)))
     unknown = [s for s, _ in self.split_num_examples if s not in self.eval_splits]
     if unknown:
