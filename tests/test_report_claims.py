@@ -359,3 +359,13 @@ def test_no_checkpoint_section_without_selection(tmp_path):
   agg = report_lib.analyse(sweep, results)
   assert 'checkpoint_selection' not in agg['points']['lora r4']
   assert report_lib.checkpoint_selection_section(sweep, agg, str(tmp_path), str(tmp_path)) == []
+
+
+def test_every_sweep_report_names_the_claims_in_a_regime_not_started_without_sections(tmp_path):
+  results = str(tmp_path / 'results')  # nothing finished
+  text = open(report_lib.write_report(results_dir=results, out_dir=str(tmp_path / 'out'))).read()
+  assert '## c1: ' in text and '## regime_data_limited: ' in text   # the first regime; the next step
+  unstarted = [n for n in sweeps_lib.SWEEPS if '@' in n]
+  assert unstarted and not any(f'## {n}:' in text for n in unstarted)
+  assert all(f'`{n}`' in text[text.index('## Not started'):] for n in unstarted)
+  assert not any(os.path.exists(tmp_path / 'out' / f'{n}.json') for n in unstarted)
