@@ -17,3 +17,16 @@ def clean_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+  """`-n 2` (CI, the README) schedules by work stealing instead of xdist's default `load`: a
+  worker that runs out of tests takes half of the other's queue, so the long tests queued on one
+  worker near the end do not leave the other core idle. An explicit --dist is left as given."""
+  if config.getvalue('dist') != 'load' or any(
+      a == '-d' or a.startswith('--dist') for a in config.invocation_params.args):
+    return None
+  from xdist.scheduler import WorkStealingScheduling
+  return WorkStealingScheduling(config, log)
+

@@ -85,6 +85,13 @@ def _loss_and_grads(model, params, enable_dropout=True):
   return loss, metrics, logits, grads
 
 
+@functools.lru_cache(maxsize=None)
+def _unscanned_loss_and_grads(kind):
+  """`_loss_and_grads` of the unrolled model (no remat) on the reference params, numpy: the one
+  reference the scan and remat tests compare with, compiled once per kind."""
+  return jax.tree.map(np.asarray, _loss_and_grads(_models(kind)[0], _unscanned_params(kind)))
+
+
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
@@ -144,9 +151,9 @@ def test_layout_round_trip_is_exact_and_refuses_bad_trees():
 @pytest.mark.parametrize('kind', ['sira', 'lora'])
 @pytest.mark.slow
 def test_scanned_equals_unscanned_logits_loss_grads_and_routing_statistics(kind):
-  unrolled, scanned = _models(kind)
+  _, scanned = _models(kind)
   params = _unscanned_params(kind)
-  loss0, metrics0, logits0, grads0 = _loss_and_grads(unrolled, params)
+  loss0, metrics0, logits0, grads0 = _unscanned_loss_and_grads(kind)
   loss1, metrics1, logits1, grads1 = _loss_and_grads(
       scanned, scan_layout.to_layout(params, scanned=True))
   np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
@@ -184,7 +191,7 @@ def test_scanned_routing_statistics_come_out_per_layer():
 @pytest.mark.parametrize('policy,scan', [('minimal', True), ('full', True), ('full', False)])
 def test_remat_policies_leave_loss_and_gradients_unchanged(policy, scan):
   params = _unscanned_params('sira')
-  loss0, _, _, grads0 = _loss_and_grads(_models('sira')[0], params)
+  loss0, _, _, grads0 = _unscanned_loss_and_grads('sira')
   model = _models('sira', remat_policy=policy)[int(scan)]
   loss1, _, _, grads1 = _loss_and_grads(model, scan_layout.to_layout(params, scan))
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
