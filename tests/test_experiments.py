@@ -54,9 +54,12 @@ def test_runner_and_report_on_a_two_run_sweep(tmp_path):
   assert 'offline_currency_en' in floor['metrics']['test']['tasks']
   tuning = sweep.tuning_runs('sira E2')
   assert [(r.seed, r.learning_rate) for r in tuning] == [(0, 1e-2), (0, 3e-2)]
-  val = {r.learning_rate: [runner.load_result(results, r)['metrics']['validation']['summary'][
-      'sequence_accuracy']] for r in tuning}
-  chosen = sweeps_lib.choose_learning_rate(val)
+  summaries = {r.learning_rate: runner.load_result(results, r)['metrics']['validation']['summary']
+               for r in tuning}
+  # The best validation sequence accuracy; a tie (likely after 2 steps): token accuracy decides.
+  chosen = sweeps_lib.choose_learning_rate(
+      {lr: [m['sequence_accuracy']] for lr, m in summaries.items()},
+      {lr: [m['token_accuracy']] for lr, m in summaries.items()})
   seed1, = [r for r in sweep.runs if r.seed == 1]
   assert not seed1.resolved and runner.load_result(results, seed1) is None
   seed1, res1 = runner.resolved_result(results, seed1, sweep)
