@@ -243,19 +243,14 @@ def format_comparison(c: Mapping, metric: str) -> str:
 # Claims: which comparisons decide each sweep's verdict
 # ------------------------------------------------------------------------------------------------
 # The paper's claims: the sweeps of the under-fit regime, and of a candidate regime as
-# f'{claim}@{candidate}' (`claim_name`).
+# f'{claim}@{candidate}' (`Sweep.claim_id` names the claim).
 CLAIMS = ('c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7')
-
-
-def claim_name(sweep: sweeps_lib.Sweep) -> str:
-  """The claim a sweep tests (`Sweep.claim_id`: 'c3' for 'c3@data_limited')."""
-  return sweep.claim_id
 
 
 def claim_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[str, str]]:
   """(A, B) pairs where the paper claims A >= B (c1: higher ranks vs rank 4, which it claims do
   *not* help: 'reproduced' there means the higher rank is *not* better)."""
-  claim = claim_name(sweep)
+  claim = sweep.claim_id
   pts = [p for p in sweep.points() if p in agg['points']]
   find = lambda prefix: [p for p in pts if p.startswith(prefix)]  # noqa: E731
   sira = [p for p in pts if p.startswith('sira')]
@@ -276,7 +271,7 @@ def ablation_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[st
   """(ablation, default) pairs shown beside the claim's comparisons but not read by the verdict:
   in c6 every SiRA point other than the default (rate, placement, k, aux factor, gates) against
   the default SiRA point."""
-  if claim_name(sweep) != 'c6':
+  if sweep.claim_id != 'c6':
     return []
   claimed = {pair for pair in claim_comparisons(sweep, agg)}
   default = 'sira E8 k2'
@@ -308,7 +303,7 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
   UNSPECIALISED_NMI. Unfinished runs and unreadable result files make the verdict partial.
   """
   partial = partial_note(agg)
-  claim = claim_name(sweep)
+  claim = sweep.claim_id
   if claim == 'c7':
     largest = largest_specialisation(agg)
     if largest is None:
@@ -363,13 +358,13 @@ def headline(sweep: sweeps_lib.Sweep, agg: Mapping) -> dict[str, Any] | None:
   those the smallest difference in the claim's direction (A - B; B - A for c1, which claims that
   rank does not help). Returns {'comparison': `compare`'s dict, 'a' / 'b': {'point', 'mean',
   'sd', 'n'} of `sweep.metric`, 'of': the number of comparisons}; None when none is measured."""
-  if claim_name(sweep) == 'c7':
+  if sweep.claim_id == 'c7':
     return largest_specialisation(agg)
   comps = agg.get('comparisons') or []
   measured = [c for c in comps if 'diff' in c]
   if not measured:
     return None
-  sign, against, for_ = ((-1, 'a higher', 'b higher') if claim_name(sweep) == 'c1'
+  sign, against, for_ = ((-1, 'a higher', 'b higher') if sweep.claim_id == 'c1'
                          else (1, 'b higher', 'a higher'))
   order = {against: 0, for_: 2}
   c = min(measured, key=lambda c: (order.get(c['outcome'], 1), sign * c['diff']))

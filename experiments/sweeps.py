@@ -439,8 +439,9 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
                             f'regime_{candidate}]' if in_regime else '')
     return Sweep(claim + suffix, text, tuple(runs), claim_id=claim, **scoring, **kw)
 
-  base = _sira(SIRA, sira_extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25, 'dropout': 'sira',
-                                  'expert_dropout_rate': 0.1, 'top_k': 2, 'aux_factor': 0.01},
+  base = _sira(SIRA, sira_extra, axes={'experts': SIRA_E, 'capacity_factor': 1.25,
+                                       'dropout': 'sira', 'expert_dropout_rate': 0.1, 'top_k': 2,
+                                       'aux_factor': 0.01},
                seeds=headline)
   c1 = floor_run(extra)
   for rank in C1_RANKS:
@@ -454,12 +455,11 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
   c4 = list(base)
   for e in (2, 4, 16):
     c4 += method_runs('sira', f'sira E{e} k2', (f'NUM_EXPERTS={e}', *sira_extra),
-                      axes={'experts': e},
-                      lr_from=SIRA, seeds=ablation)
+                      axes={'experts': e}, lr_from=SIRA, seeds=ablation)
   c5 = list(base)
   for cf in (0.5, 1.0, 2.0, 4.0):
-    c5 += _sira(f'sira cf{cf:g}', (*sira_extra, f'CAPACITY_FACTOR={cf}'), axes={'capacity_factor': cf},
-                seeds=ablation)
+    c5 += _sira(f'sira cf{cf:g}', (*sira_extra, f'CAPACITY_FACTOR={cf}'),
+                axes={'capacity_factor': cf}, seeds=ablation)
   c6 = list(base)
   c6 += _sira('sira no expert dropout', (*sira_extra, 'EXPERT_DROPOUT_RATE=0.0'),
               axes={'dropout': 'none', 'expert_dropout_rate': 0.0}, seeds=ablation)
