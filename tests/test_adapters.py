@@ -145,7 +145,8 @@ def directional_check(f_np, f_jax_grad, params, x, rng, keys):
                                err_msg=f'gradient along {key}')
 
 
-@hypothesis.settings(max_examples=20, deadline=None, phases=(hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate),
+@hypothesis.settings(max_examples=10, deadline=None,
+                     phases=(hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate),
                      suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(
     num_experts=st.integers(1, 5),
