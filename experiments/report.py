@@ -19,7 +19,7 @@ chose (best mean validation metric over the tuning seeds, `sweeps.choose_learnin
 runner chose it), and the test metrics at that rate are reported as mean +- standard deviation over
 seeds (n shown); the claim's comparisons are repeated on token accuracy and chrF. Plots (PNG, in <out_dir>/plots/): the metric against each numeric
 axis of the sweep (rank, experts, capacity factor, k, ...), per-family and per-language bars, and
-the routing of the sweep's routing points (`plot_routing`: NMI(expert; family / language) per
+the routing of the sweep's routing points (`report_plots.plot_routing`: NMI(expert; family / language) per
 adapted site as bars, the expert load per task of the most specialised sites as heatmaps), with a
 table per site of the evaluation-mode statistics and the training-mode ones measured on the run's
 own training batches (`experiments.evaluation`; older result files' drops, measured in training
@@ -50,7 +50,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-import tasks as tasks_lib
+from experiments import report_plots
+from experiments import routing_stats
 from experiments import runner
 from experiments import sweeps as sweeps_lib
 
@@ -280,10 +281,6 @@ def ablation_comparisons(sweep: sweeps_lib.Sweep, agg: Mapping) -> list[tuple[st
           and (default, p) not in claimed]
 
 
-SPECIALISED_NMI = 0.10   # max over sites of NMI(expert; family or language) that counts as specialised
-UNSPECIALISED_NMI = 0.02
-
-
 def partial_note(agg: Mapping) -> str:
   """' (partial: ...)' while runs are unfinished or skipped for unreadable result files, else ''."""
   if not agg['missing'] and not agg.get('unreadable_runs'):
@@ -299,8 +296,8 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
   c1 (higher ranks do not help): reproduced when no higher rank is significantly better than r4
   and every comparison has >= 2 seeds. Others (A beats B): reproduced when every A - B interval is
   above 0, not reproduced when one is below 0. c7: reproduced when some adapted site's NMI between
-  expert and family or language reaches SPECIALISED_NMI, not reproduced when none exceeds
-  UNSPECIALISED_NMI. Unfinished runs and unreadable result files make the verdict partial.
+  expert and family or language reaches `routing_stats.SPECIALISED_NMI`, not reproduced when none exceeds
+  `routing_stats.UNSPECIALISED_NMI`. Unfinished runs and unreadable result files make the verdict partial.
   """
   partial = partial_note(agg)
   claim = sweep.claim_id
@@ -309,8 +306,8 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
     if largest is None:
       return 'not measured' + partial
     top = largest['nmi']
-    word = ('reproduced' if top >= SPECIALISED_NMI else
-            'not reproduced' if top <= UNSPECIALISED_NMI else 'inconclusive')
+    word = ('reproduced' if top >= routing_stats.SPECIALISED_NMI else
+            'not reproduced' if top <= routing_stats.UNSPECIALISED_NMI else 'inconclusive')
     return f'{word}: largest NMI(expert; family or language) over sites {top:.3f}' + partial
   measured = [c for c in comps if 'diff' in c]
   if sweep.training_evidence and not comps:
@@ -336,7 +333,7 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
 
 def largest_specialisation(agg: Mapping) -> dict[str, Any] | None:
   """The largest NMI(expert; family or language) over the points' adapted sites (their
-  'specialisation', `specialisation`): {'nmi', 'point', 'kind', 'site'}; None without one."""
+  'specialisation', `routing_stats.specialisation`): {'nmi', 'point', 'kind', 'site'}; None without one."""
   found = [dict(nmi=v, point=p, kind=kind, site=site) for p, e in agg['points'].items()
            for kind, sites in e.get('specialisation', {}).items() for site, v in sites.items()]
   return max(found, key=lambda f: f['nmi']) if found else None
@@ -389,240 +386,6 @@ def format_headline(h: Mapping | None) -> str:
   return f'{side(h["a"])} vs {side(h["b"])}: {c["diff"]:+.2f}, {ci}{of}'
 
 
-# The dropped fraction result files before the training-batch analysis hold: training mode on
-# shuffled, padded evaluation batches. Shown under this label, apart from the training-batch one.
-OLD_DROP_LABEL = 'dropped (train mode on padded eval batches: old measurement)'
-
-
-def routing_view(routing: Mapping) -> dict[str, Any]:
-  """A result's routing analysis in the current layout (`experiments.evaluation.routing_analysis`:
-  'sites', 'tasks', 'num_experts', 'eval', 'train_batches'). An older file (eval statistics and
-  'usage' at the top, 'router_confidence' for the gate mass, 'dropped_fraction_train') maps to
-  'eval', and its drops to 'old_train_mode_on_eval_batches' (`OLD_DROP_LABEL`), never to
-  'train_batches'."""
-  if 'eval' in routing:
-    return dict(routing)
-  ev = dict(mode='eval', usage=routing['usage'], summary={})
-  for old, new in (('gate_entropy', 'gate_entropy'), ('router_confidence', 'gate_mass')):
-    if old in routing:
-      ev[new] = routing[old]
-      ev['summary'][new] = float(np.mean(list(routing[old].values())))
-  out = {k: routing[k] for k in ('sites', 'tasks', 'num_experts') if k in routing}
-  out['eval'] = ev
-  if 'dropped_fraction_train' in routing:
-    out['old_train_mode_on_eval_batches'] = dict(dropped_fraction=routing['dropped_fraction_train'])
-  return out
-
-
-def specialisation(routing: Mapping) -> dict[str, dict[str, float]]:
-  """Normalised mutual information between routed expert and task family / language, per site.
-
-  I(G; X) / H(X) for a uniform choice of task within the group, X the expert a routed choice goes
-  to (shares from `usage`); 0 when every group routes alike, 1 when the expert identifies the group.
-  """
-  routing = routing_view(routing)
-  usage = routing['eval']['usage']
-  out: dict[str, dict[str, float]] = {'family': {}, 'language': {}}
-  tasks = routing['tasks']
-  for kind, idx in (('family', 0), ('language', 1)):
-    groups: dict[str, list[str]] = {}
-    for t in tasks:
-      groups.setdefault(tasks_lib.family_and_language(t)[idx], []).append(t)
-    if len(groups) < 2:
-      continue
-    for site in routing['sites']:
-      rows = np.array([np.mean([usage[t][site] for t in g], axis=0)
-                       for g in groups.values()])  # [groups, E]
-      px = rows.mean(0)
-      h = lambda p: -float(np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)))  # noqa
-      hx = h(px)
-      mi = hx - float(np.mean([h(r) for r in rows]))
-      out[kind][site] = mi / hx if hx > 0 else 0.0
-  return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Plots
-# ------------------------------------------------------------------------------------------------
-def _plt():
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def plot_axis(agg, sweep, x_axis, series, metric, path) -> dict | None:
-  pts = {p: e for p, e in agg['points'].items() if x_axis in e['axes']}
-  if not pts:
-    return None
-  plt = _plt()
-  data: dict[str, list] = {}
-  for p, e in pts.items():
-    data.setdefault(str(e['axes'].get(series, '')), []).append(
-        (e['axes'][x_axis], e['mean'].get(metric), e['std'].get(metric), p))
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for s, rows in sorted(data.items()):
-    rows.sort(key=lambda r: r[0])
-    xs = [r[0] for r in rows]
-    ax.errorbar(range(len(xs)) if not all(isinstance(x, (int, float)) for x in xs) else xs,
-                [r[1] for r in rows], yerr=[r[2] for r in rows], marker='o', capsize=3, label=s)
-  if all(isinstance(e['axes'][x_axis], (int, float)) and e['axes'][x_axis] > 0
-         for e in pts.values()) and x_axis in ('rank', 'experts'):
-    ax.set_xscale('log', base=2)
-  ax.set_xlabel(x_axis)
-  ax.set_ylabel(f'{sweep.report_split} {LABELS.get(metric, metric)}')
-  ax.set_title(f'{sweep.name}: {LABELS.get(metric, metric)} vs {x_axis} (mean +- sd over seeds)',
-               fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return {s: [[r[0], r[1], r[2]] for r in rows] for s, rows in data.items()}
-
-
-def plot_groups(agg, sweep, metric, idx, path) -> dict | None:
-  """Bars of the metric per task family (idx 0) or language (idx 1), one bar per point."""
-  pts = agg['points']
-  if not pts:
-    return None
-  groups: dict[str, dict[str, float]] = {}
-  for p, e in pts.items():
-    per: dict[str, list] = {}
-    for t, m in e['per_task'].items():
-      if metric in m:
-        per.setdefault(tasks_lib.family_and_language(t)[idx], []).append(m[metric])
-    for g, v in per.items():
-      groups.setdefault(g, {})[p] = float(np.mean(v))
-  if not groups:
-    return None
-  plt = _plt()
-  names = sorted(groups)
-  width = 0.8 / max(len(pts), 1)
-  fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(names) * len(pts) ** 0.5 + 2), 3.6))
-  for i, p in enumerate(pts):
-    ax.bar(np.arange(len(names)) + i * width, [groups[g].get(p, np.nan) for g in names],
-           width, label=p)
-  ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha='right',
-                fontsize=8)
-  ax.set_ylabel(f'{sweep.report_split} {LABELS.get(metric, metric)}')
-  ax.set_title(f'{sweep.name}: per {"family" if idx == 0 else "language"} (mean over seeds)',
-               fontsize=9)
-  ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return groups
-
-
-def plot_validation_curves(sweep: sweeps_lib.Sweep, point: str, e: Mapping, path: str
-                           ) -> dict[str, list[list[float]]]:
-  """One point's checkpoint-selection curves (`checkpoint_choices`): the select split's metric
-  against the training step, one line per seed, its chosen step ringed. Returns {seed: [[step,
-  score], ...]} as plotted."""
-  plt = _plt()
-  sel = e['checkpoint_selection']
-  data = {}
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for seed, curve, chosen in zip(e['seeds'], sel['curves'], sel['chosen_step']):
-    if not curve:
-      continue
-    steps = sorted(curve)
-    line, = ax.plot(steps, [curve[s_] for s_ in steps], marker='.', label=f'seed {seed}')
-    ax.plot([chosen], [curve[chosen]], marker='o', ms=10, mfc='none', color=line.get_color())
-    data[str(seed)] = [[s_, curve[s_]] for s_ in steps]
-  ax.set_xlabel('training step')
-  ax.set_ylabel(f'{sel["split"]} {LABELS.get(sel["metric"], sel["metric"])}')
-  lr = '' if e['learning_rate'] is None else f', LR {e["learning_rate"]:g}'
-  ax.set_title(f'{sweep.name} / {point}{lr}: checkpoint selection (ringed: chosen)', fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return data
-
-
-def load_imbalance(routing: Mapping) -> dict[str, float]:
-  """Per site: KL(evaluation load over all tasks || uniform) in nats (0 at balance, log E when
-  one expert takes everything)."""
-  routing = routing_view(routing)
-  usage, out = routing['eval']['usage'], {}
-  for site in routing['sites']:
-    load = np.mean([usage[t][site] for t in routing['tasks']], axis=0)
-    load = load / max(float(load.sum()), 1e-12)
-    out[site] = float(np.sum(np.where(load > 0, load * np.log(
-        np.maximum(load, 1e-30) * len(load)), 0.0)))
-  return out
-
-
-def _nmi_defined(spec: Mapping) -> bool:
-  return any(spec.get(k) for k in ('family', 'language'))
-
-
-def most_specialised_sites(routing: Mapping, spec: Mapping, n: int = 4) -> list[str]:
-  """The `n` sites of the largest NMI(expert; family or language); where NMI is undefined (one
-  family and one language, e.g. one task), the `n` of the most uneven load (`load_imbalance`)."""
-  sites = list(routing_view(routing)['sites'])
-  if _nmi_defined(spec):
-    score = {s_: max([spec[k].get(s_, 0.0) for k in ('family', 'language')]) for s_ in sites}
-  else:
-    score = load_imbalance(routing)
-  return sorted(sites, key=lambda s_: -score[s_])[:n]
-
-
-def plot_routing(routing, spec, title, path, num_heatmaps: int = 4) -> list[str]:
-  """NMI(expert; family) and NMI(expert; language) per adapted site as bars (where NMI is
-  undefined, one task: the load imbalance per site), and the expert load per task (evaluation
-  mode) of the `num_heatmaps` most specialised sites (`most_specialised_sites`) as heatmaps.
-  Returns those sites."""
-  plt = _plt()
-  routing = routing_view(routing)
-  sites = routing['sites']
-  shown = most_specialised_sites(routing, spec, num_heatmaps)
-  tasks = sorted(routing['tasks'], key=tasks_lib.family_and_language)
-  usage = routing['eval']['usage']
-  cols = max(len(shown), 1)
-  fig = plt.figure(figsize=(max(9.0, 3.2 * cols), 4.0 + 0.16 * len(tasks) + 1.5))
-  grid = fig.add_gridspec(2, cols, height_ratios=(1.0, max(1.0, 0.06 * len(tasks) + 0.6)))
-  ax = fig.add_subplot(grid[0, :])
-  x = np.arange(len(sites))
-  if _nmi_defined(spec):
-    for j, kind in enumerate(('family', 'language')):
-      vals = [spec.get(kind, {}).get(site, np.nan) for site in sites]
-      ax.bar(x + (j - 0.5) * 0.4, vals, 0.4, label=f'NMI(expert; {kind})')
-    ax.axhline(SPECIALISED_NMI, color='k', lw=0.8, ls='--',
-               label=f'specialised ({SPECIALISED_NMI})')
-    ax.set_ylabel('NMI')
-    ax.set_title('specialisation per adapted site (evaluation mode)', fontsize=8)
-    heading = 'the {} most specialised sites'
-  else:
-    imbalance = load_imbalance(routing)
-    ax.bar(x, [imbalance[site] for site in sites], 0.6, label='KL(load || uniform)')
-    ax.set_ylabel('nats')
-    ax.set_title('load imbalance per adapted site (evaluation mode; NMI is undefined: the routed '
-                 'tasks have one family and one language)', fontsize=8)
-    heading = 'the {} sites of the most uneven load'
-  ax.set_xticks(x, sites, rotation=90, fontsize=5)
-  ax.legend(fontsize=6)
-  for i, site in enumerate(shown):
-    hax = fig.add_subplot(grid[1, i])
-    mat = np.array([usage[t][site] for t in tasks])
-    im = hax.imshow(mat, aspect='auto', cmap='viridis', vmin=0, vmax=max(float(mat.max()), 1e-6))
-    hax.set_yticks(range(len(tasks)), tasks if i == 0 else [], fontsize=5)
-    hax.set_xticks(range(mat.shape[1]), range(mat.shape[1]), fontsize=6)
-    hax.set_xlabel('expert', fontsize=6)
-    nmi = ', '.join(f'{k} {spec[k][site]:.3f}' for k in ('family', 'language')
-                    if site in spec.get(k, {}))
-    hax.set_title(site + (f'\nNMI: {nmi}' if nmi else ''), fontsize=6)
-    fig.colorbar(im, ax=hax, fraction=0.05)
-  fig.suptitle(f'{title}\nexpert load per task: ' + heading.format(len(shown)), fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return shown
-
-
 # ------------------------------------------------------------------------------------------------
 # Markdown
 # ------------------------------------------------------------------------------------------------
@@ -659,15 +422,15 @@ def _fmt(v, digits=3) -> str:
 
 def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str, out_dir: str,
                     plots: dict) -> list[str]:
-  """Markdown of one point's routing analysis: its figure (`plot_routing`), per site the NMI, the
+  """Markdown of one point's routing analysis: its figure (`report_plots.plot_routing`), per site the NMI, the
   evaluation-mode statistics and the training-batch ones, each column saying where it was
   measured. Sets e['specialisation'] (unless `analyse` did) and plots[<figure>]."""
-  r = routing_view(e['routing'])
+  r = routing_stats.routing_view(e['routing'])
   ev, tr = r['eval'], r.get('train_batches')
   old = r.get('old_train_mode_on_eval_batches')
   path = os.path.join(plots_dir, f'{sweep.name}_routing_{_slug(point)}.png')
-  spec = e['specialisation'] = e.get('specialisation') or specialisation(r)
-  shown = plot_routing(r, spec, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing',
+  spec = e['specialisation'] = e.get('specialisation') or routing_stats.specialisation(r)
+  shown = report_plots.plot_routing(r, spec, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing',
                        path)
   rel = os.path.relpath(path, out_dir)
   plots[rel] = dict(usage=ev['usage'], specialisation=spec, heatmap_sites=shown)
@@ -685,7 +448,7 @@ def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str
             ', '.join(summary) + '.')
   if old is not None:
     md.append('This result file predates the training-batch analysis: its drops are the old '
-              f'measurement ({OLD_DROP_LABEL}). Padded evaluation batches hold fewer real tokens '
+              f'measurement ({routing_stats.OLD_DROP_LABEL}). Padded evaluation batches hold fewer real tokens '
               'per routing group than the packed training batches, so they understate the drops '
               'training had; rerun the run for the training-batch figures.')
   cols = [('NMI(expert; family)', lambda s_: spec['family'].get(s_)),
@@ -696,7 +459,7 @@ def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str
     cols += [('train-batch dropped', lambda s_: tr['dropped_fraction'].get(s_)),
              ('train-batch gate mass', lambda s_: tr['gate_mass'].get(s_))]
   if old is not None:
-    cols.append((OLD_DROP_LABEL, lambda s_: old['dropped_fraction'].get(s_)))
+    cols.append((routing_stats.OLD_DROP_LABEL, lambda s_: old['dropped_fraction'].get(s_)))
   md += ['', '| site | ' + ' | '.join(c for c, _ in cols) + ' |', '|---|' + '---|' * len(cols)]
   md += [f'| {s_} | ' + ' | '.join(_fmt(f(s_)) for _, f in cols) + ' |' for s_ in r['sites']]
   md.append(f'(log E = {math.log(max(r.get("num_experts", 1), 1)):.3f} nats is the entropy of a '
@@ -710,14 +473,14 @@ def checkpoint_selection_section(sweep: sweeps_lib.Sweep, agg: dict, plots_dir: 
                                  out_dir: str) -> list[str]:
   """Markdown of a sweep with checkpoint selection (`Sweep.select_checkpoint_every`): per point
   the step chosen for each seed out of the run's steps, and a figure of its validation curves
-  (`plot_validation_curves`, added to agg['plots']); [] for a sweep without selection."""
+  (`report_plots.plot_validation_curves`, added to agg['plots']); [] for a sweep without selection."""
   pts = {p: e for p, e in agg['points'].items() if 'checkpoint_selection' in e}
   if not pts:
     return []
   first = next(iter(pts.values()))['checkpoint_selection']
+  label = LABELS.get(first['metric'], first['metric'])
   seeds = sorted({s_ for e in pts.values() for s_ in e['seeds']})
-  md = ['', f'Checkpoints chosen on {first["split"]} (the best '
-        f'{LABELS.get(first["metric"], first["metric"])} among those kept at every '
+  md = ['', f'Checkpoints chosen on {first["split"]} (the best {label} among those kept at every '
         f'{sweep.select_checkpoint_every:.0%} of the run; ties: the earlier step), per seed: '
         'chosen step / the run\'s steps:', '',
         '| point | ' + ' | '.join(f'seed {s_}' for s_ in seeds) + ' |',
@@ -729,7 +492,8 @@ def checkpoint_selection_section(sweep: sweeps_lib.Sweep, agg: dict, plots_dir: 
                for seed, chosen, steps in zip(e['seeds'], sel['chosen_step'], e['train_steps'])}
     md.append(f'| {p} | ' + ' | '.join(by_seed.get(s_, '') for s_ in seeds) + ' |')
     path = os.path.join(plots_dir, f'{sweep.name}_validation_curve_{_slug(p)}.png')
-    agg['plots'][os.path.relpath(path, out_dir)] = plot_validation_curves(sweep, p, e, path)
+    agg['plots'][os.path.relpath(path, out_dir)] = report_plots.plot_validation_curves(
+        sweep, p, e, label, path)
     figures.append(f'![{p}: validation curves]({os.path.relpath(path, out_dir)})')
   return md + [''] + figures
 
@@ -784,7 +548,7 @@ def analyse(sweep: sweeps_lib.Sweep, results_dir: str) -> dict[str, Any]:
     agg['ablation_comparisons'] = ablations
   for e in agg['points'].values():
     if 'routing' in e:
-      e['specialisation'] = specialisation(e['routing'])
+      e['specialisation'] = routing_stats.specialisation(e['routing'])
   agg['verdict'] = claim_verdict(sweep, agg, agg['comparisons'])
   agg['verdict_word'] = verdict_word(agg)
   agg['headline'] = headline(sweep, agg)
@@ -823,15 +587,17 @@ def sweep_section(sweep: sweeps_lib.Sweep, agg: dict, out_dir: str) -> str:
     md.append('')
   agg['plots'] = {}
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+  metric_label = LABELS.get(sweep.metric, sweep.metric)
   for x_axis, series in sweep.plots:
     path = os.path.join(plots_dir, f'{sweep.name}_{sweep.metric}_vs_{x_axis}.png')
-    data = plot_axis(agg, sweep, x_axis, series, sweep.metric, path)
+    data = report_plots.plot_axis(agg, sweep, x_axis, series, sweep.metric, metric_label,
+                                  path)
     if data is not None:
       agg['plots'][rel(path)] = data
       md.append(f'![{sweep.metric} vs {x_axis}]({rel(path)})')
   for idx, kind in ((0, 'family'), (1, 'language')):
     path = os.path.join(plots_dir, f'{sweep.name}_per_{kind}.png')
-    data = plot_groups(agg, sweep, sweep.metric, idx, path)
+    data = report_plots.plot_groups(agg, sweep, sweep.metric, metric_label, idx, path)
     if data is not None:
       agg['plots'][rel(path)] = data
       md.append(f'![per {kind}]({rel(path)})')

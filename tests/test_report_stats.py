@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from experiments import report as report_lib
+from experiments import routing_stats
 from experiments import runner
 from experiments import sweeps as sweeps_lib
 
@@ -63,7 +64,7 @@ def _verdict(sweep_name, per_seed, missing=(), unreadable_runs=(), routing=None)
   sweep = sweeps_lib.get_sweep(sweep_name)
   points = {p: {'per_seed': {'sequence_accuracy': v}} for p, v in per_seed.items()}
   for p, r in (routing or {}).items():
-    points[p]['specialisation'] = report_lib.specialisation(r)
+    points[p]['specialisation'] = routing_stats.specialisation(r)
   total = 10
   agg = dict(points=points, missing=list(missing), unreadable_runs=list(unreadable_runs),
              finished=total - len(missing) - len(unreadable_runs), total=total)
@@ -136,11 +137,11 @@ def test_verdicts_are_marked_partial():
 # ------------------------------------------------------------------------------------------------
 def test_nmi_is_one_for_specialised_and_zero_for_independent_routing():
   site = 'encoder/layers_0/mlp'
-  spec = report_lib.specialisation(SPECIALISED)
+  spec = routing_stats.specialisation(SPECIALISED)
   assert spec['family'][site] == pytest.approx(1.0, abs=1e-12)
   # Each language holds one date and one unit task: its expert shares are (1/2, 1/2) either way.
   assert spec['language'][site] == pytest.approx(0.0, abs=1e-12)
-  spec = report_lib.specialisation(UNIFORM)
+  spec = routing_stats.specialisation(UNIFORM)
   assert spec == {'family': {site: pytest.approx(0.0, abs=1e-12)},
                   'language': {site: pytest.approx(0.0, abs=1e-12)}}
 
@@ -153,13 +154,13 @@ def test_nmi_by_hand_on_an_intermediate_case():
   routing = _routing({'offline_date_en': [1.0, 0.0], 'offline_date_de': [1.0, 0.0],
                       'offline_unit_en': [0.5, 0.5], 'offline_unit_de': [0.5, 0.5]})
   h_x = math.log(4) - 0.75 * math.log(3)
-  spec = report_lib.specialisation(routing)
+  spec = routing_stats.specialisation(routing)
   assert spec['family'][site] == pytest.approx((h_x - math.log(2) / 2) / h_x, rel=1e-12)
   assert spec['family'][site] == pytest.approx(0.38369, abs=1e-5)
   assert spec['language'][site] == pytest.approx(0.0, abs=1e-12)
   # One family only: NMI with the family is undefined and left out.
   one_family = _routing({'offline_date_en': [1.0, 0.0], 'offline_date_de': [0.0, 1.0]})
-  spec = report_lib.specialisation(one_family)
+  spec = routing_stats.specialisation(one_family)
   assert spec['family'] == {} and spec['language'][site] == pytest.approx(1.0)
 
 

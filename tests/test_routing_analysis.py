@@ -119,18 +119,19 @@ OLD = dict(sites=[DATE_SITE, UNIFORM_SITE], tasks=TASKS, num_experts=2, usage=_u
 
 
 def test_old_result_files_keep_their_drops_apart_from_the_training_batch_ones():
-  from experiments import report as report_lib
-  view = report_lib.routing_view(OLD)
+  from experiments import routing_stats
+  view = routing_stats.routing_view(OLD)
   assert 'train_batches' not in view
   assert view['old_train_mode_on_eval_batches']['dropped_fraction'] == OLD['dropped_fraction_train']
   assert view['eval']['usage'] == OLD['usage'] and view['eval']['gate_mass'] == _site_values(0.6)
-  assert report_lib.routing_view(NEW) == NEW
-  assert report_lib.specialisation(OLD) == report_lib.specialisation(NEW)
+  assert routing_stats.routing_view(NEW) == NEW
+  assert routing_stats.specialisation(OLD) == routing_stats.specialisation(NEW)
 
 
 @pytest.mark.parametrize('routing', ['new', 'old'])
 def test_routing_section_figure_and_table(tmp_path, routing):
   from experiments import report as report_lib
+  from experiments import routing_stats
   from experiments import sweeps as sweeps_lib
   r = NEW if routing == 'new' else OLD
   plots = {}
@@ -142,13 +143,13 @@ def test_routing_section_figure_and_table(tmp_path, routing):
   # The most specialised site first: date vs unit is the family.
   assert data['heatmap_sites'] == [DATE_SITE, UNIFORM_SITE]
   assert entry['specialisation']['family'][DATE_SITE] == pytest.approx(1.0)
-  assert report_lib.most_specialised_sites(r, entry['specialisation'], 1) == [DATE_SITE]
+  assert routing_stats.most_specialised_sites(r, entry['specialisation'], 1) == [DATE_SITE]
   row = [line for line in md.splitlines() if line.startswith(f'| {DATE_SITE} |')][0]
   if routing == 'new':
-    assert 'train-batch dropped' in md and report_lib.OLD_DROP_LABEL not in md
+    assert 'train-batch dropped' in md and routing_stats.OLD_DROP_LABEL not in md
     assert row.endswith('| 0.260 | 0.400 |') and 'dropped fraction 0.260' in md
   else:
-    assert 'train-batch dropped' not in md and report_lib.OLD_DROP_LABEL in md
+    assert 'train-batch dropped' not in md and routing_stats.OLD_DROP_LABEL in md
     assert row.endswith('| 0.012 |')
 
 
