@@ -19,12 +19,12 @@ chose (best mean validation metric over the tuning seeds, `sweeps.choose_learnin
 runner chose it), and the test metrics at that rate are reported as mean +- standard deviation over
 seeds (n shown); the claim's comparisons are repeated on token accuracy and chrF. Plots (PNG, in <out_dir>/plots/): the metric against each numeric
 axis of the sweep (rank, experts, capacity factor, k, ...), per-family and per-language bars, and
-the routing of the sweep's routing points (`report_plots.plot_routing`: NMI(expert; family / language) per
-adapted site as bars, the expert load per task of the most specialised sites as heatmaps), with a
-table per site of the evaluation-mode statistics and the training-mode ones measured on the run's
-own training batches (`experiments.evaluation`; older result files' drops, measured in training
-mode on padded evaluation batches, are labelled as that old measurement). A sweep with
-checkpoint selection (`Sweep.select_checkpoint_every`) shows per point the step chosen on
+the routing of the sweep's routing points (`report_plots.plot_routing`: NMI(expert; family /
+language) per adapted site as bars, the expert load per task of the most specialised sites as
+heatmaps), with a table per site of the evaluation-mode statistics and the training-mode ones
+measured on the run's own training batches (`experiments.evaluation`; older result files' drops,
+measured in training mode on padded evaluation batches, are labelled as that old measurement).
+A sweep with checkpoint selection (`Sweep.select_checkpoint_every`) shows per point the step chosen on
 validation for each seed and a plot of the validation curves (`checkpoint_selection_section`). A
 diagnostic sweep (`Sweep.training_evidence`, e.g. sira_defaults) adds a table of its training
 evidence. Every number comes from the `result.json` files of the sweep's runs;
@@ -296,8 +296,9 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
   c1 (higher ranks do not help): reproduced when no higher rank is significantly better than r4
   and every comparison has >= 2 seeds. Others (A beats B): reproduced when every A - B interval is
   above 0, not reproduced when one is below 0. c7: reproduced when some adapted site's NMI between
-  expert and family or language reaches `routing_stats.SPECIALISED_NMI`, not reproduced when none exceeds
-  `routing_stats.UNSPECIALISED_NMI`. Unfinished runs and unreadable result files make the verdict partial.
+  expert and family or language reaches `routing_stats.SPECIALISED_NMI`, not reproduced when none
+  exceeds `routing_stats.UNSPECIALISED_NMI`. Unfinished runs and unreadable result files make the
+  verdict partial.
   """
   partial = partial_note(agg)
   claim = sweep.claim_id
@@ -333,7 +334,8 @@ def claim_verdict(sweep: sweeps_lib.Sweep, agg: Mapping, comps: Sequence[Mapping
 
 def largest_specialisation(agg: Mapping) -> dict[str, Any] | None:
   """The largest NMI(expert; family or language) over the points' adapted sites (their
-  'specialisation', `routing_stats.specialisation`): {'nmi', 'point', 'kind', 'site'}; None without one."""
+  'specialisation', `routing_stats.specialisation`): {'nmi', 'point', 'kind', 'site'}; None
+  without one."""
   found = [dict(nmi=v, point=p, kind=kind, site=site) for p, e in agg['points'].items()
            for kind, sites in e.get('specialisation', {}).items() for site, v in sites.items()]
   return max(found, key=lambda f: f['nmi']) if found else None
@@ -422,16 +424,17 @@ def _fmt(v, digits=3) -> str:
 
 def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str, out_dir: str,
                     plots: dict) -> list[str]:
-  """Markdown of one point's routing analysis: its figure (`report_plots.plot_routing`), per site the NMI, the
-  evaluation-mode statistics and the training-batch ones, each column saying where it was
-  measured. Sets e['specialisation'] (unless `analyse` did) and plots[<figure>]."""
+  """Markdown of one point's routing analysis: its figure (`report_plots.plot_routing`), per site
+  the NMI, the evaluation-mode statistics and the training-batch ones, each column saying where it
+  was measured. Sets e['specialisation'] (unless `analyse` did) and plots[<figure>]."""
   r = routing_stats.routing_view(e['routing'])
   ev, tr = r['eval'], r.get('train_batches')
   old = r.get('old_train_mode_on_eval_batches')
   path = os.path.join(plots_dir, f'{sweep.name}_routing_{_slug(point)}.png')
   spec = e['specialisation'] = e.get('specialisation') or routing_stats.specialisation(r)
-  shown = report_plots.plot_routing(r, spec, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing',
-                       path)
+  shown = report_plots.plot_routing(
+      r, spec, f'{sweep.name} / {point} (seed {e["routing_seed"]}): routing',
+      path)
   rel = os.path.relpath(path, out_dir)
   plots[rel] = dict(usage=ev['usage'], specialisation=spec, heatmap_sites=shown)
   md = ['', f'Routing of {point} (seed {e["routing_seed"]}): ![routing]({rel})', '']
@@ -448,9 +451,9 @@ def routing_section(sweep: sweeps_lib.Sweep, point: str, e: dict, plots_dir: str
             ', '.join(summary) + '.')
   if old is not None:
     md.append('This result file predates the training-batch analysis: its drops are the old '
-              f'measurement ({routing_stats.OLD_DROP_LABEL}). Padded evaluation batches hold fewer real tokens '
-              'per routing group than the packed training batches, so they understate the drops '
-              'training had; rerun the run for the training-batch figures.')
+              f'measurement ({routing_stats.OLD_DROP_LABEL}). Padded evaluation batches hold fewer '
+              'real tokens per routing group than the packed training batches, so they understate '
+              'the drops training had; rerun the run for the training-batch figures.')
   cols = [('NMI(expert; family)', lambda s_: spec['family'].get(s_)),
           ('NMI(expert; language)', lambda s_: spec['language'].get(s_)),
           ('eval gate entropy (nats)', lambda s_: ev.get('gate_entropy', {}).get(s_)),
@@ -473,7 +476,8 @@ def checkpoint_selection_section(sweep: sweeps_lib.Sweep, agg: dict, plots_dir: 
                                  out_dir: str) -> list[str]:
   """Markdown of a sweep with checkpoint selection (`Sweep.select_checkpoint_every`): per point
   the step chosen for each seed out of the run's steps, and a figure of its validation curves
-  (`report_plots.plot_validation_curves`, added to agg['plots']); [] for a sweep without selection."""
+  (`report_plots.plot_validation_curves`, added to agg['plots']); [] for a sweep without
+  selection."""
   pts = {p: e for p, e in agg['points'].items() if 'checkpoint_selection' in e}
   if not pts:
     return []
