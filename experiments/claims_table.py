@@ -73,7 +73,7 @@ def claim_cells(agg: Mapping | None) -> tuple[str, str]:
 
 def _metric_label(sweeps: Mapping[str, sweeps_lib.Sweep]) -> str:
   """The claims' compared metric, e.g. 'test sequence accuracy'."""
-  labels = {f'{s.report_split} {report.LABELS.get(s.metric, s.metric)}'
+  labels = {f'{s.report_split} {report.metric_label(s.metric)}'
             for c, s in sweeps.items() if c in report.CLAIMS}
   return ' / '.join(sorted(labels)) or 'test sequence accuracy'
 

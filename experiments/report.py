@@ -66,6 +66,11 @@ LABELS = {'sequence_accuracy': 'sequence accuracy', 'chrf': 'chrF', 'cer': 'CER'
           sweeps_lib.TRAIN_CE_LAST_100: 'training cross-entropy, last 100 steps (nats/token)'}
 
 
+def metric_label(metric: str) -> str:
+  """A metric's display name (`LABELS`; the metric's own name where it has none)."""
+  return LABELS.get(metric, metric)
+
+
 # ------------------------------------------------------------------------------------------------
 # Aggregation
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +241,7 @@ def format_comparison(c: Mapping, metric: str) -> str:
   ci = '' if math.isnan(c['low']) else f', 95% CI [{c["low"]:+.2f}, {c["high"]:+.2f}]'
   outcome = {'a higher': f'{c["a"]} significantly higher',
              'b higher': f'{c["b"]} significantly higher'}.get(c['outcome'], c['outcome'])
-  return (f'{c["a"]} - {c["b"]}: {c["diff"]:+.2f} {LABELS.get(metric, metric)}{ci} '
+  return (f'{c["a"]} - {c["b"]}: {c["diff"]:+.2f} {metric_label(metric)}{ci} '
           f'(seeds {c["n"][0]}/{c["n"][1]}): {outcome}')
 
 
@@ -482,7 +487,7 @@ def checkpoint_selection_section(sweep: sweeps_lib.Sweep, agg: dict, plots_dir: 
   if not pts:
     return []
   first = next(iter(pts.values()))['checkpoint_selection']
-  label = LABELS.get(first['metric'], first['metric'])
+  label = metric_label(first['metric'])
   seeds = sorted({s_ for e in pts.values() for s_ in e['seeds']})
   md = ['', f'Checkpoints chosen on {first["split"]} (the best {label} among those kept at every '
         f'{sweep.select_checkpoint_every:.0%} of the run; ties: the earlier step), per seed: '
@@ -509,8 +514,8 @@ def training_evidence_section(sweep: sweeps_lib.Sweep, agg: dict) -> list[str]:
   pts = agg['points']
   metrics = [m for m in (*sweep.training_evidence, 'sequence_accuracy', 'token_accuracy')
              if any(m in e['mean'] for e in pts.values())]
-  label = lambda m: (LABELS.get(m, m) if m in sweep.training_evidence  # noqa: E731
-                     else f'{sweep.select_split} {LABELS.get(m, m)}')
+  label = lambda m: (metric_label(m) if m in sweep.training_evidence  # noqa: E731
+                     else f'{sweep.select_split} {metric_label(m)}')
   head = ['point', 'seeds', 'LR (chosen on validation)'] + [label(m) for m in metrics]
   md = ['', 'Training evidence (what this sweep is decided on; no test number is read):', '',
         '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -591,17 +596,16 @@ def sweep_section(sweep: sweeps_lib.Sweep, agg: dict, out_dir: str) -> str:
     md.append('')
   agg['plots'] = {}
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
-  metric_label = LABELS.get(sweep.metric, sweep.metric)
+  label = metric_label(sweep.metric)
   for x_axis, series in sweep.plots:
     path = os.path.join(plots_dir, f'{sweep.name}_{sweep.metric}_vs_{x_axis}.png')
-    data = report_plots.plot_axis(agg, sweep, x_axis, series, sweep.metric, metric_label,
-                                  path)
+    data = report_plots.plot_axis(agg, sweep, x_axis, series, sweep.metric, label, path)
     if data is not None:
       agg['plots'][rel(path)] = data
       md.append(f'![{sweep.metric} vs {x_axis}]({rel(path)})')
   for idx, kind in ((0, 'family'), (1, 'language')):
     path = os.path.join(plots_dir, f'{sweep.name}_per_{kind}.png')
-    data = report_plots.plot_groups(agg, sweep, sweep.metric, metric_label, idx, path)
+    data = report_plots.plot_groups(agg, sweep, sweep.metric, label, idx, path)
     if data is not None:
       agg['plots'][rel(path)] = data
       md.append(f'![per {kind}]({rel(path)})')
