@@ -407,17 +407,18 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
   method), so a run equal to a selection run (point bindings, seed, rate) has its key and its
   result. There:
     - c1: LoRA r4, r8, r16, r32, r64, each at REGIME_SEEDS (the selection's power for r4 and r32,
-      extended to every rank; r4 and r32 are the selection's runs, r8's first SEEDS too);
+      extended to every rank; r4 and r32 are the selection's runs, r8's first SEEDS too), or at
+      SEEDS for all but r4 and r32 in the candidates of REGIME_BUDGET_TRIMMED;
     - c2 and c3, the headline comparisons: every point at HEADLINE_SEEDS, LoRA at SiRA's active
       rank k·r added (`_comparison`); c2 on `C2_TASK` (its test split: every example of it);
     - c4-c6, ablations: ABLATION_SEEDS, each inheriting SiRA's rate (`_sira`; SMoE-Dropout, a
       method of its own, is tuned); SiRA's default point at HEADLINE_SEEDS (c3's runs); the
-      points of REGIME_DROPPED_POINTS left out (the CPU budget);
+      points of `regime_dropped_points(candidate)` left out (the CPU budget);
     - c7: c3's SiRA runs.
   """
   if candidate is None:
     extra, single, suffix, scoring = (), single_task(), '', {}
-    headline = ablation = c1_seeds = SEEDS
+    headline = ablation = SEEDS
   else:
     _, extra, base_gin = REGIME_CANDIDATES[candidate]
     # c2's task replaces the candidate's mixture (near_base's held-out 15 include ru).
@@ -426,7 +427,7 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
     suffix = f'@{candidate}'
     scoring = dict(base_gin=base_gin, split_num_examples=REGIME_SPLIT_EXAMPLES,
                    select_checkpoint_every=REGIME_CHECKPOINT_EVERY)
-    headline, ablation, c1_seeds = HEADLINE_SEEDS, ABLATION_SEEDS, REGIME_SEEDS
+    headline, ablation = HEADLINE_SEEDS, ABLATION_SEEDS
   in_regime = candidate is not None
   # SiRA's runs: the candidate's bindings, then SiRA's frozen defaults (in a regime).
   sira_frozen = SIRA_FROZEN_BINDINGS if in_regime else ()
@@ -434,7 +435,8 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
 
   def sweep(claim, runs, **kw):
     if in_regime:
-      runs = [r for r in runs if r.point not in REGIME_DROPPED_POINTS]
+      dropped = regime_dropped_points(candidate)
+      runs = [r for r in runs if r.point not in dropped]
     text = CLAIMS[claim] + (f' [regime {candidate!r}: the data, steps, base and scoring of '
                             f'regime_{candidate}]' if in_regime else '')
     return Sweep(claim + suffix, text, tuple(runs), claim_id=claim, **scoring, **kw)
@@ -447,7 +449,7 @@ def claim_sweeps(candidate: str | None = None) -> list[Sweep]:
   for rank in C1_RANKS:
     if in_regime:  # the selection's point names and bindings
       c1 += method_runs('lora', f'lora r{rank}', (*extra, f'ADAPTER_RANK={rank}'),
-                        axes={'rank': rank}, seeds=c1_seeds)
+                        axes={'rank': rank}, seeds=c1_regime_seeds(candidate, rank))
     else:
       params = f' (params of E={SIRA_E})' if rank == RANK * SIRA_E else ''
       c1 += method_runs('lora', f'lora r{rank}{params}',
@@ -589,6 +591,31 @@ ABLATION_SEEDS = SEEDS
 REGIME_DROPPED_POINTS = frozenset({
     'sira cf2', 'sira expert dropout 0.05', 'sira expert dropout 0.3',
     'sira expert dropout 0.1 on logits', 'sira aux 0.1'})
+# The costlier candidates' further trim (experiments/REGIME.md, "The budget trim"): fixed on
+# 2026-12-08 from the selection's measured LoRA r4 costs, before either candidate's selection sweep
+# and before any mixture run in a regime. There c1's ranks other than REGIME_POWER_RANKS run SEEDS,
+# and these ablation points are left out: c4's E4 (E2, the default E8 and E16 stay), c5's cf 1
+# (0.5, the default 1.25 and 4 stay), c6's expert-dropout rate 0.2 and k = 4 (none, SMoE-Dropout,
+# k = 1, aux factor 0 and the unrenormalised gates stay).
+REGIME_BUDGET_TRIMMED = frozenset({'data_limited', 'converged'})
+REGIME_BUDGET_DROPPED_POINTS = frozenset({
+    'sira E4 k2', 'sira cf1', 'sira expert dropout 0.2', 'sira E8 k4'})
+# c1's ranks with the rule's REGIME_SEEDS in every candidate (the selection's r4 and r32).
+REGIME_POWER_RANKS = (4, 32)
+
+
+def regime_dropped_points(candidate: str) -> frozenset[str]:
+  """The ablation points the claims in `candidate` leave out (the CPU budget)."""
+  trimmed = REGIME_BUDGET_DROPPED_POINTS if candidate in REGIME_BUDGET_TRIMMED else frozenset()
+  return REGIME_DROPPED_POINTS | trimmed
+
+
+def c1_regime_seeds(candidate: str, rank: int) -> tuple[int, ...]:
+  """Seeds of LoRA at `rank` in c1@candidate: REGIME_SEEDS, or SEEDS for the ranks other than
+  REGIME_POWER_RANKS in a candidate of REGIME_BUDGET_TRIMMED."""
+  if candidate in REGIME_BUDGET_TRIMMED and rank not in REGIME_POWER_RANKS:
+    return SEEDS
+  return REGIME_SEEDS
 # c2's single task in a regime: c2's task as first run ('offline_unit_ru') with 500 test examples
 # (its 200 and 300 more; train and validation its own; tasks/offline_suite.py).
 C2_TASK = 'offline_unit_ru_test500'

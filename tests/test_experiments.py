@@ -179,9 +179,12 @@ def test_sweep_definitions():
 
 def _claim_in_regime_seeds(sweep, point):
   """The seeds of a point of a claim in a regime ('c3@data_limited'): c1's ranks the selection's
-  REGIME_SEEDS; c2, c3 and SiRA's default point HEADLINE_SEEDS; the ablations ABLATION_SEEDS."""
+  REGIME_SEEDS (in a trimmed candidate r4 and r32 only, the others SEEDS); c2, c3 and SiRA's
+  default point HEADLINE_SEEDS; the ablations ABLATION_SEEDS."""
   if sweep.claim_id == 'c1':
-    return sweeps_lib.REGIME_SEEDS
+    trimmed = sweep.name.split('@')[1] in sweeps_lib.REGIME_BUDGET_TRIMMED
+    return (sweeps_lib.SEEDS if trimmed and point not in ('lora r4', 'lora r32')
+            else sweeps_lib.REGIME_SEEDS)
   if sweep.claim_id in ('c2', 'c3') or point == sweeps_lib.SIRA:
     return sweeps_lib.HEADLINE_SEEDS
   return sweeps_lib.ABLATION_SEEDS

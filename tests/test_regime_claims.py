@@ -139,27 +139,42 @@ def test_lora_at_sira_active_rank_joins_the_headline_comparisons_with_five_seeds
 
 
 def test_sweep_sizes():
-  # (runs, distinct points) per claim, the same in every candidate: c1 5 ranks x (4 rates + 5
-  # seeds) + the floor; c2/c3 7 points x (grid + 4 seeds) (the ceiling's grid has 3 rates) +
-  # the floor; c4-c6 SiRA's 8 runs + 3 seeds per ablation (SMoE-Dropout: 4 rates + 2 seeds),
-  # c5 and c6 without the points the budget leaves out.
-  sizes = {'c1': (46, 6), 'c2': (56, 8), 'c3': (56, 8), 'c4': (17, 4), 'c5': (17, 4),
-           'c6': (32, 8), 'c7': (8, 1)}
+  # (runs, distinct points) per claim: c1 5 ranks x (4 rates + 5 seeds) + the floor; c2/c3 7
+  # points x (grid + 4 seeds) (the ceiling's grid has 3 rates) + the floor; c4-c6 SiRA's 8 runs +
+  # 3 seeds per ablation (SMoE-Dropout: 4 rates + 2 seeds), c5 and c6 without the points the
+  # budget leaves out. The trimmed candidates: c1's r8, r16 and r64 at 3 seeds (4 rates + 2), and
+  # c4's E4, c5's cf1, c6's dropout 0.2 and k4 left out too.
+  full = {'c1': (46, 6), 'c2': (56, 8), 'c3': (56, 8), 'c4': (17, 4), 'c5': (17, 4),
+          'c6': (32, 8), 'c7': (8, 1)}
+  trimmed = dict(full, c1=(37, 6), c4=(14, 3), c5=(14, 3), c6=(26, 6))
+  assert sweeps_lib.REGIME_BUDGET_TRIMMED == {'data_limited', 'converged'}
   for candidate in CANDIDATES:
+    sizes = trimmed if candidate in sweeps_lib.REGIME_BUDGET_TRIMMED else full
+    dropped = sweeps_lib.regime_dropped_points(candidate)
     for claim, (runs, points) in sizes.items():
       sweep = _sweep(claim, candidate)
       assert (len(sweep.runs), len(sweep.points())) == (runs, points), sweep.name
       assert len({r.key for r in sweep.runs}) == runs
-      assert not set(sweep.points()) & sweeps_lib.REGIME_DROPPED_POINTS
-  # Left out in a regime only, and every one a point of c5 or c6 as first run.
-  first = {p for c in ('c5', 'c6') for p in sweeps_lib.get_sweep(c).points()}
+      assert not set(sweep.points()) & dropped
+    c1 = _sweep('c1', candidate)
+    for rank in sweeps_lib.C1_RANKS:
+      seeds = {r.seed for r in _runs(c1, f'lora r{rank}')}
+      assert seeds == set(sweeps_lib.c1_regime_seeds(candidate, rank))
+      assert (seeds == set(sweeps_lib.REGIME_SEEDS)) == (
+          rank in sweeps_lib.REGIME_POWER_RANKS or candidate not in sweeps_lib.REGIME_BUDGET_TRIMMED)
+  # Left out in a regime only, and every one a point of c4, c5 or c6 as first run.
+  first = {p for c in ('c4', 'c5', 'c6') for p in sweeps_lib.get_sweep(c).points()}
   assert sweeps_lib.REGIME_DROPPED_POINTS < first
-  # What the report compares stays: c5's cf4 and c6's claim pairs, k, the gate normalisation
-  # (in a regime the ablation is the unrenormalised gates: SiRA's frozen default renormalises).
+  assert sweeps_lib.REGIME_BUDGET_DROPPED_POINTS < first
+  # What the report compares stays: c4's E16 and E2, c5's cf4 and cf0.5, c6's claim pairs, k = 1,
+  # aux 0, the gate normalisation (in a regime the ablation is the unrenormalised gates: SiRA's
+  # frozen default renormalises).
   for candidate in CANDIDATES:
+    assert {'sira E2 k2', 'sira E16 k2'} <= set(_sweep('c4', candidate).points())
     assert {'sira cf4', 'sira cf0.5'} <= set(_sweep('c5', candidate).points())
-    assert {'sira no expert dropout', 'smoe_dropout E8', 'sira E8 k1', 'sira E8 k4',
+    assert {'sira no expert dropout', 'smoe_dropout E8', 'sira E8 k1', 'sira aux 0',
             'sira gates not renormalised'} <= set(_sweep('c6', candidate).points())
+  assert {'sira E8 k4', 'sira expert dropout 0.2'} <= set(_sweep('c6', 'near_base').points())
 
 
 @pytest.mark.parametrize('candidate', CANDIDATES)
@@ -243,8 +258,14 @@ def test_the_estimate_counts_each_new_run_once_and_prices_what_it_scores():
     new = {s.name.split('@')[0]: s.new_runs for s in e.sweeps}
     # c1: r16, r64 (4 rates + 5 seeds each) and r8's seeds 3-5; c3: SiRA, MoLoRA, AdaMix (8 each)
     # and the ceiling's seeds 3, 4 (LoRA r8's are c1's); c4-c6 the ablations; c7: c3's SiRA.
-    assert new == {'c1': 21, 'c2': 56, 'c3': 26, 'c4': 9, 'c5': 9, 'c6': 24, 'c7': 0}
-    assert e.distinct_new_runs == 145
+    # Trimmed: c1's r16, r64 (4 rates + 2 seeds), so c3 runs r8's seeds 3, 4; 2 ablation points
+    # fewer in c4-c6 each.
+    if candidate in sweeps_lib.REGIME_BUDGET_TRIMMED:
+      assert new == {'c1': 12, 'c2': 56, 'c3': 28, 'c4': 6, 'c5': 6, 'c6': 18, 'c7': 0}
+      assert e.distinct_new_runs == 126
+    else:
+      assert new == {'c1': 21, 'c2': 56, 'c3': 26, 'c4': 9, 'c5': 9, 'c6': 24, 'c7': 0}
+      assert e.distinct_new_runs == 145
   data_limited = sweeps_lib.get_sweep('regime_data_limited')
   r4 = next(r for r in data_limited.runs if r.point == 'lora r4')
   assert claims_cost.examples_scored(r4, data_limited) == 30 * (50 * 10 + 200)
