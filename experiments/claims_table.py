@@ -83,11 +83,37 @@ HEADLINE = ('{metric}: the comparison least favourable to the claim, mean ± sd 
             'language) over adapted sites')
 
 
+# The rule's checks as REPORT.md's selection table heads them (`regime_selection.CHECKS` order).
+CHECK_HEADS = {'c1_equivalence': 'c1 holds: r32 - r4 within +-2 (TOST, 95%)',
+               'headroom': 'headroom: ceiling - r4 >= 5', 'floor': 'floor < 5',
+               'seeds': 'seeds: r4, r32 >= 6'}
+
+
+def selection_table(selection: Mapping[str, Any]) -> str:
+  """The pre-registered selection as `regime_selection.json` records it: per candidate in cost
+  order its cost, finished runs, each check of the rule (its numbers, pass or FAIL; '-' until
+  the candidate is judged) and its status."""
+  rev = selection.get('git_revision') or '?'
+  md = [f'**The regime selection** (experiments/PREREGISTRATION.md; `regime_selection.json`, '
+        f'written at {rev[:7]}), candidates in cost order; scores are {selection["metric"]}:', '',
+        '| candidate | one LoRA r4 run (CPU s, median) | runs finished | '
+        + ' | '.join(CHECK_HEADS[c] for c in regime_selection.CHECKS) + ' | status |',
+        '|---|---|---|' + '---|' * len(regime_selection.CHECKS) + '---|']
+  for c in selection['candidates']:
+    cost = '-' if c['cost_cpu_s'] is None else f'{c["cost_cpu_s"]:,.0f} (n={c["cost_runs"]})'
+    checks = [c.get('checks', {}).get(name, {}).get('numbers', '-')
+              for name in regime_selection.CHECKS]
+    md.append(f'| {c["name"]} | {cost} | {c["finished_runs"]}/{c["total_runs"]} | '
+              + ' | '.join(checks) + f' | {c["status"]} |')
+  return '\n'.join(md) + '\n'
+
+
 def regimes_section(sweeps: Mapping[str, sweeps_lib.Sweep], analyses: dict[str, dict],
                     results_dir: str, selection: Mapping[str, Any] | None) -> str:
-  """REPORT.md's first section: per claim (`report.CLAIMS`) the verdict and headline numbers in
-  the under-fit regime (sweep `claim`) and in the chosen regime (sweep f'{claim}@{regime}',
-  `chosen_regime` of `selection`). A sweep missing from `sweeps` is 'not run'. `analyses` holds
+  """REPORT.md's first section: the regime selection's checks per candidate (`selection_table`),
+  then per claim (`report.CLAIMS`) the verdict and headline numbers in the under-fit regime
+  (sweep `claim`) and in the chosen regime (sweep f'{claim}@{regime}', `chosen_regime` of
+  `selection`). A sweep missing from `sweeps` is 'not run'. `analyses` holds
   the sweeps' `report.analyse` by name; those missing are analysed from `results_dir` and added."""
   def analysis(name: str) -> dict | None:
     if name not in sweeps:
@@ -111,6 +137,7 @@ def regimes_section(sweeps: Mapping[str, sweeps_lib.Sweep], analyses: dict[str, 
   md = ['## The claims in both regimes', '',
         f'**Under-fit regime** ({underfit_description(under)}): sweeps {report.CLAIMS[0]} to '
         f'{report.CLAIMS[-1]}. ' + described, '',
+        *([selection_table(selection)] if selection and selection.get('candidates') else []),
         'Numbers: ' + HEADLINE.format(metric=metric) + '.', '',
         f'| claim | {UNDERFIT}: verdict | {UNDERFIT}: numbers | {chosen_head}: verdict | '
         f'{chosen_head}: numbers |', '|---|---|---|---|---|']

@@ -8,7 +8,8 @@ A results dir of T5X runs (`experiments.t5x_backend`) holds the spec its sweeps 
 (`benchmarks.read_spec`); its `--sweep`s are the claims c1-c7.
 
 On the bundled benchmark REPORT.md opens with the claims of both regimes side by side
-(`claims_table.regimes_section`): per claim c1-c7 the verdict and headline numbers (`headline`)
+(`claims_table.regimes_section`): the regime selection's checks per candidate
+(`claims_table.selection_table`), then per claim c1-c7 the verdict and headline numbers (`headline`)
 in the under-fit regime (sweeps c1-c7) and in the regime `experiments.regime_selection` chose
 (sweeps f'{claim}@{regime}'). Writing the default REPORT.md of every claim also rewrites
 README.md's reproduction summary from the same numbers (`--readme`, `claims_table.readme_block`;

@@ -77,6 +77,31 @@ def test_the_cheapest_passing_candidate_wins(tmp_path):
   assert sel['rule']['equivalence_margin'] == regime_rule.EQUIVALENCE_MARGIN
 
 
+def test_the_report_tables_each_candidates_checks_in_cost_order(tmp_path):
+  from experiments import claims_table
+  results = str(tmp_path)
+  _write_candidate(results, 'near_base', cost=50.0, r32=28.0)             # rank helps: c1 fails
+  _write_candidate(results, 'data_limited', cost=100.0, only=5)           # unfinished
+  sel = sel_lib.selection(results)
+  table = claims_table.selection_table(sel)
+  rows = [line.split(' | ') for line in table.splitlines() if line.startswith('| ')][1:]
+  # Measured candidates in cost order, then the one without a measured cost.
+  assert [r[0] for r in rows] == ['| near_base', '| data_limited', '| converged']
+  near, limited, converged = rows
+  checks = sel['candidates'][0]['checks']
+  assert near[1:3] == ['50 (n=9)', '30/30']
+  assert near[3:7] == [checks[c]['numbers'] for c in sel_lib.CHECKS]
+  assert near[3].endswith(': FAIL') and near[5] == '1.00 vs < 5: pass'
+  assert near[7] == 'fails |'
+  assert limited[1:] == ['100 (n=4)', '5/30', '-', '-', '-', '-', 'unfinished |']
+  assert converged[1:3] == ['-', '0/30'] and converged[7] == 'not yet run |'
+  assert table.startswith('**The regime selection**') and f'written at {sel["git_revision"][:7]}' in table
+  # In the report's first section, above the claims' table.
+  section = claims_table.regimes_section({}, {}, results, sel)
+  assert section.index('**The regime selection**') < section.index('| claim |')
+  assert '**The regime selection**' not in claims_table.regimes_section({}, {}, results, None)
+
+
 @pytest.mark.slow
 def test_the_command_prints_and_writes_the_selection(tmp_path):
   results = str(tmp_path)
