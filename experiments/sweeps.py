@@ -616,6 +616,8 @@ def c1_regime_seeds(candidate: str, rank: int) -> tuple[int, ...]:
   if candidate in REGIME_BUDGET_TRIMMED and rank not in REGIME_POWER_RANKS:
     return SEEDS
   return REGIME_SEEDS
+
+
 # c2's single task in a regime: c2's task as first run ('offline_unit_ru') with 500 test examples
 # (its 200 and 300 more; train and validation its own; tasks/offline_suite.py).
 C2_TASK = 'offline_unit_ru_test500'
