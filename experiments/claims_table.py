@@ -83,10 +83,14 @@ HEADLINE = ('{metric}: the comparison least favourable to the claim, mean ± sd 
             'language) over adapted sites')
 
 
-# The rule's checks as REPORT.md's selection table heads them (`regime_selection.CHECKS` order).
-CHECK_HEADS = {'c1_equivalence': 'c1 holds: r32 - r4 within +-2 (TOST, 95%)',
-               'headroom': 'headroom: ceiling - r4 >= 5', 'floor': 'floor < 5',
-               'seeds': 'seeds: r4, r32 >= 6'}
+def check_heads(rule: Mapping[str, Any]) -> dict[str, str]:
+  """The rule's checks as REPORT.md's selection table heads them, with the constants `rule`
+  records (`regime_selection.json`'s 'rule')."""
+  return {'c1_equivalence': f'c1 holds: r32 - r4 within +-{rule["equivalence_margin"]:g} '
+                            f'(TOST, {1 - rule["alpha"]:.0%})',
+          'headroom': f'headroom: ceiling - r4 >= {rule["min_headroom"]:g}',
+          'floor': f'floor < {rule["max_floor"]:g}',
+          'seeds': f'seeds: r4, r32 >= {rule["min_seeds"]}'}
 
 
 def selection_table(selection: Mapping[str, Any]) -> str:
@@ -94,10 +98,11 @@ def selection_table(selection: Mapping[str, Any]) -> str:
   order its cost, finished runs, each check of the rule (its numbers, pass or FAIL; '-' until
   the candidate is judged) and its status."""
   rev = selection.get('git_revision') or '?'
+  heads = check_heads(selection['rule'])
   md = [f'**The regime selection** (experiments/PREREGISTRATION.md; `regime_selection.json`, '
         f'written at {rev[:7]}), candidates in cost order; scores are {selection["metric"]}:', '',
         '| candidate | one LoRA r4 run (CPU s, median) | runs finished | '
-        + ' | '.join(CHECK_HEADS[c] for c in regime_selection.CHECKS) + ' | status |',
+        + ' | '.join(heads[c] for c in regime_selection.CHECKS) + ' | status |',
         '|---|---|---|' + '---|' * len(regime_selection.CHECKS) + '---|']
   for c in selection['candidates']:
     cost = '-' if c['cost_cpu_s'] is None else f'{c["cost_cpu_s"]:,.0f} (n={c["cost_runs"]})'

@@ -95,6 +95,9 @@ def test_the_report_tables_each_candidates_checks_in_cost_order(tmp_path):
   assert near[7] == 'fails |'
   assert limited[1:] == ['100 (n=4)', '5/30', '-', '-', '-', '-', 'unfinished |']
   assert converged[1:3] == ['-', '0/30'] and converged[7] == 'not yet run |'
+  # The heads carry the rule's constants as the selection recorded them.
+  assert ('| c1 holds: r32 - r4 within +-2 (TOST, 95%) | headroom: ceiling - r4 >= 5 | floor < 5 | '
+          'seeds: r4, r32 >= 6 | status |') in table
   assert table.startswith('**The regime selection**') and f'written at {sel["git_revision"][:7]}' in table
   # In the report's first section, above the claims' table.
   section = claims_table.regimes_section({}, {}, results, sel)
